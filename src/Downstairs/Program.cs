@@ -1,0 +1,2 @@
+Console.Error.WriteLine("nbd-downstairs: not implemented yet");
+return 2;

@@ -1,0 +1,155 @@
+using System.Globalization;
+using System.Net;
+using NbdServer.Common.Text;
+using NbdServer.Frontend.Server;
+
+namespace NbdServer.Frontend;
+
+/// <summary>The command line of <c>nbd-server</c>, parsed into settings (or a clear error).</summary>
+internal sealed record ServeCommand
+{
+    public const string DefaultExportName = "vol0";
+    public const long DefaultMemorySize = 1L << 30;
+
+    public const string Usage = """
+        nbd-server - a network block device server (NBD protocol, fixed newstyle)
+
+        SYNOPSIS
+            nbd-server [OPTIONS]
+            nbd-server --file PATH [--size SIZE] [OPTIONS]
+
+        DESCRIPTION
+            Serves one export over NBD. Clients: nbd-client (Linux kernel), nbdinfo, nbdsh,
+            nbdcopy, nbdfuse, qemu-img, qemu-io, fio --ioengine=nbd. The export is also served
+            under the empty name, so `nbdinfo nbd://127.0.0.1` needs no export name.
+
+        BACKEND (one of)
+            --memory SIZE            a sparse in-memory volume (default, 1GiB)
+            --file PATH              a file or block device; created sparse when --size is given
+            --size SIZE              size of a file to create (an existing file must match)
+
+        OPTIONS
+            --listen ADDR:PORT       where to listen (default 127.0.0.1:10809)
+            --export NAME            export name (default vol0)
+            --description TEXT       description shown by `nbdinfo --list`
+            --read-only              refuse writes (EPERM), advertise READ_ONLY
+            --max-payload SIZE       largest READ/WRITE accepted (default 32MiB)
+            --max-inflight-bytes-per-connection SIZE
+                                     payload bytes one connection may hold (default 64MiB)
+            --max-inflight-bytes SIZE
+                                     payload bytes all connections may hold (default 512MiB)
+            --max-requests-per-connection N
+                                     requests in flight per connection (default 256)
+            --max-connections N      concurrent clients (default 256)
+            --verbose                log every connection and option at debug level
+            -h, --help               this text
+
+        SIZES
+            Plain bytes or with a suffix: 4096, 64K, 512MiB, 8GiB.
+        """;
+
+    public FrontendOptions Frontend { get; init; } = new();
+
+    public string ExportName { get; init; } = DefaultExportName;
+
+    public string Description { get; init; } = "";
+
+    public string? FilePath { get; init; }
+
+    public long? Size { get; init; }
+
+    public bool ReadOnly { get; init; }
+
+    public bool Verbose { get; init; }
+
+    public bool Help { get; init; }
+
+    public static ServeCommand Parse(IReadOnlyList<string> args)
+    {
+        var command = new ServeCommand();
+        var frontend = new FrontendOptions();
+        for (int i = 0; i < args.Count; i++)
+        {
+            string arg = args[i];
+            string Value()
+            {
+                if (i + 1 >= args.Count)
+                {
+                    throw new ArgumentException($"{arg} needs a value.");
+                }
+                return args[++i];
+            }
+            switch (arg)
+            {
+                case "-h" or "--help":
+                    command = command with { Help = true };
+                    break;
+                case "--listen":
+                    frontend = frontend with { Listen = ParseEndPoint(Value(), arg) };
+                    break;
+                case "--export":
+                    command = command with { ExportName = Value() };
+                    break;
+                case "--description":
+                    command = command with { Description = Value() };
+                    break;
+                case "--memory":
+                    command = command with { Size = ByteSize.Parse(Value(), arg), FilePath = null };
+                    break;
+                case "--file":
+                    command = command with { FilePath = Value() };
+                    break;
+                case "--size":
+                    command = command with { Size = ByteSize.Parse(Value(), arg) };
+                    break;
+                case "--read-only":
+                    command = command with { ReadOnly = true };
+                    break;
+                case "--max-payload":
+                    frontend = frontend with { MaxPayloadBytes = checked((int)ByteSize.Parse(Value(), arg)) };
+                    break;
+                case "--max-inflight-bytes-per-connection":
+                    frontend = frontend with { MaxInFlightBytesPerConnection = ByteSize.Parse(Value(), arg) };
+                    break;
+                case "--max-inflight-bytes":
+                    frontend = frontend with { MaxInFlightBytesTotal = ByteSize.Parse(Value(), arg) };
+                    break;
+                case "--max-requests-per-connection":
+                    frontend = frontend with { MaxInFlightRequestsPerConnection = ParseInt(Value(), arg) };
+                    break;
+                case "--max-connections":
+                    frontend = frontend with { MaxConnections = ParseInt(Value(), arg) };
+                    break;
+                case "--verbose":
+                    command = command with { Verbose = true };
+                    break;
+                default:
+                    throw new ArgumentException($"unknown option '{arg}' (see --help).");
+            }
+        }
+        if (command.ExportName.Length == 0)
+        {
+            throw new ArgumentException("--export: the name must not be empty (the first export is served under the empty name anyway).");
+        }
+        frontend.Validate();
+        return command with { Frontend = frontend };
+    }
+
+    private static int ParseInt(string text, string setting) =>
+        int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int value) && value > 0
+            ? value
+            : throw new ArgumentException($"{setting}: '{text}' is not a positive integer.");
+
+    internal static IPEndPoint ParseEndPoint(string text, string setting)
+    {
+        if (IPEndPoint.TryParse(text, out IPEndPoint? endPoint))
+        {
+            if (endPoint.Port == 0 && !text.EndsWith(":0", StringComparison.Ordinal))
+            {
+                endPoint.Port = FrontendOptions.DefaultPort;
+            }
+            return endPoint;
+        }
+        throw new ArgumentException($"{setting}: '{text}' is not ADDRESS:PORT (example: 127.0.0.1:10809).");
+    }
+}

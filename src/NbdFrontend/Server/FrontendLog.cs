@@ -1,0 +1,37 @@
+using Microsoft.Extensions.Logging;
+
+namespace NbdServer.Frontend.Server;
+
+/// <summary>Source-generated log lines of the NBD frontend (stable event ids: 1xxx).</summary>
+internal static partial class FrontendLog
+{
+    [LoggerMessage(EventId = 1000, Level = LogLevel.Information, Message = "Serving NBD on {EndPoint}: {Exports}")]
+    public static partial void Listening(ILogger logger, string endPoint, string exports);
+
+    [LoggerMessage(EventId = 1001, Level = LogLevel.Debug, Message = "Connection {Id} from {Remote} opened")]
+    public static partial void ConnectionOpened(ILogger logger, long id, string remote);
+
+    [LoggerMessage(EventId = 1002, Level = LogLevel.Information, Message = "Connection {Id} from {Remote} attached to export '{Export}' (structured replies: {Structured}, block status: {BlockStatus})")]
+    public static partial void Attached(ILogger logger, long id, string remote, string export, bool structured, bool blockStatus);
+
+    [LoggerMessage(EventId = 1003, Level = LogLevel.Information, Message = "Connection {Id} closed: {Reason}")]
+    public static partial void ConnectionClosed(ILogger logger, long id, string reason);
+
+    [LoggerMessage(EventId = 1004, Level = LogLevel.Warning, Message = "Connection {Id} from {Remote} dropped: {Reason}")]
+    public static partial void ProtocolViolation(ILogger logger, long id, string remote, string reason);
+
+    [LoggerMessage(EventId = 1005, Level = LogLevel.Warning, Message = "Connection {Id}: too many connections ({Max}); refusing {Remote}")]
+    public static partial void TooManyConnections(ILogger logger, long id, int max, string remote);
+
+    [LoggerMessage(EventId = 1006, Level = LogLevel.Information, Message = "Shutting down: draining {Connections} connection(s)")]
+    public static partial void ShuttingDown(ILogger logger, int connections);
+
+    [LoggerMessage(EventId = 1007, Level = LogLevel.Warning, Message = "Connection {Id}: {Command} at offset {Offset} length {Length} failed: {Error} ({Message})")]
+    public static partial void CommandFailed(ILogger logger, long id, string command, ulong offset, uint length, string error, string message);
+
+    [LoggerMessage(EventId = 1008, Level = LogLevel.Error, Message = "Connection {Id}: unexpected failure")]
+    public static partial void Unexpected(ILogger logger, long id, Exception exception);
+
+    [LoggerMessage(EventId = 1009, Level = LogLevel.Debug, Message = "Connection {Id}: option {Option} -> {Reply}")]
+    public static partial void OptionHandled(ILogger logger, long id, string option, string reply);
+}
