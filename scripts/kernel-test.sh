@@ -24,7 +24,7 @@ port=${1:-}
 say() { echo "kernel-test: $*" >&2; }
 die() { say "$*"; exit 2; }
 
-for tool in qemu-system-x86_64 busybox cpio gzip dpkg-deb apt-get nbd-client mke2fs e2fsck ldd; do
+for tool in qemu-system-x86_64 busybox cpio gzip dpkg-deb apt-get nbd-client mke2fs e2fsck ldd flock timeout; do
     command -v "$tool" >/dev/null || die "missing $tool (Debian: qemu-system-x86 busybox-static cpio nbd-client e2fsprogs)"
 done
 mkdir -p "$cache/debs"
@@ -38,6 +38,10 @@ apt_download() {
     (cd "$cache/debs" && apt-get download "$@" >/dev/null 2>"$cache/apt.err") || {
         cat "$cache/apt.err" >&2; die "cannot download $*"; }
 }
+
+# Concurrent runs share the cache: prepare it under a lock (released before booting).
+exec 9>"$cache/.lock"
+flock 9
 
 kernel_dir="$cache/kernel"
 if [ ! -e "$kernel_dir/.complete" ]; then
@@ -137,6 +141,8 @@ if [ ! -e "$initramfs" ] || [ "$(cat "$initramfs.key" 2>/dev/null)" != "$key" ];
     rm -rf "$staging"
     say "modules: ${load_order[*]}"
 fi
+
+flock -u 9
 
 # ---------------------------------------------------------------- server (only without PORT)
 server_pid=""
