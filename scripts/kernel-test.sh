@@ -202,4 +202,6 @@ else
 fi
 say "--- last console lines ($log) ---"
 tail -n 60 "$log" | tr -d '\r' >&2
+say "--- steps ---"
+grep -a '^kt: \(===\|FAILED\)' <(tr -d '\r' <"$log") >&2 || say "(the guest never reached its init script)"
 exit 1
