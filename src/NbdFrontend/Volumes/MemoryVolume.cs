@@ -88,13 +88,18 @@ internal sealed class MemoryVolume : IBlockVolume
     {
         var extents = new List<AllocationExtent>();
         long end = offset + length;
-        while (offset < end && extents.Count < maxExtents)
+        while (offset < end)
         {
             (long page, int inPage, int count) = Locate(offset, (int)Math.Min(end - offset, PageSize));
             AllocationState state = _pages.ContainsKey(page) ? AllocationState.Data : AllocationState.Hole | AllocationState.Zero;
             if (extents.Count > 0 && extents[^1].State == state)
             {
+                // Keep growing the last extent even at the cap: REQ_ONE (qemu) wants it as long as possible.
                 extents[^1] = extents[^1] with { Length = extents[^1].Length + count };
+            }
+            else if (extents.Count == maxExtents)
+            {
+                break;
             }
             else
             {
