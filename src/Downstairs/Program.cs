@@ -1,2 +1,132 @@
-Console.Error.WriteLine("nbd-downstairs: not implemented yet");
-return 2;
+using System.Runtime.InteropServices;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using NbdServer.Common.Posix;
+using NbdServer.Downstairs.Cli;
+using NbdServer.Downstairs.Server;
+using NbdServer.Downstairs.Storage;
+using Serilog;
+using Serilog.Events;
+
+// libc calls of NbdServer.Common resolve through the process' global symbol scope (as a C program's
+// would) instead of a private dlopen("libc.so.6") handle, so an LD_PRELOAD fault injector sees our
+// fsync exactly as it sees the runtime's pwrite. Without this, dlsym on the libc handle bypasses
+// LD_PRELOAD and the fsync-error test could not exist.
+NativeLibrary.SetDllImportResolver(typeof(PosixFile).Assembly, static (name, _, _) =>
+    name == "libc" ? NativeLibrary.GetMainProgramHandle() : IntPtr.Zero);
+
+string command = args.Length == 0 ? "--help" : args[0];
+string[] rest = args.Length == 0 ? [] : args[1..];
+var flags = new HashSet<string>(StringComparer.Ordinal) { "--preallocate", "--verbose" };
+try
+{
+    switch (command)
+    {
+        case "-h" or "--help" or "help":
+            Console.WriteLine(Usage.Main);
+            return 0;
+        case "create":
+        {
+            var a = new CommandArgs(rest, flags);
+            return a.Help ? PrintHelp(Usage.Create) : Commands.Create(a);
+        }
+        case "info":
+        {
+            var a = new CommandArgs(rest, flags);
+            return a.Help ? PrintHelp(Usage.Info) : Commands.Info(a);
+        }
+        case "bench":
+        {
+            var a = new CommandArgs(rest, flags);
+            return a.Help ? PrintHelp(Usage.Bench) : await Commands.BenchAsync(a);
+        }
+        case "run":
+        {
+            var a = new CommandArgs(rest, flags);
+            if (a.Help)
+            {
+                return PrintHelp(Usage.Run);
+            }
+            bool verbose = a.Flag("--verbose");
+            DownstairsOptions options = Commands.RunOptions(a);
+            a.RejectUnknown();
+            return await RunAsync(options, verbose);
+        }
+        default:
+            Console.Error.WriteLine($"nbd-downstairs: unknown command '{command}' (create, run, info; see --help)");
+            return 2;
+    }
+}
+catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
+{
+    Console.Error.WriteLine($"nbd-downstairs: {e.Message}");
+    return 2;
+}
+catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Net.Sockets.SocketException)
+{
+    Console.Error.WriteLine($"nbd-downstairs: {e.Message}");
+    return 1;
+}
+
+static int PrintHelp(string text)
+{
+    Console.WriteLine(text);
+    return 0;
+}
+
+static async Task<int> RunAsync(DownstairsOptions options, bool verbose)
+{
+    Log.Logger = new LoggerConfiguration()
+        .MinimumLevel.Is(verbose ? LogEventLevel.Debug : LogEventLevel.Information)
+        .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
+        .WriteTo.Console(outputTemplate: "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose)
+        .CreateLogger();
+    try
+    {
+        Region region = Region.Open(options.DataDir);
+        HostApplicationBuilder builder = Host.CreateApplicationBuilder();
+        builder.Services.AddSerilog();
+        builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton(region);
+        builder.Services.AddHostedService<DownstairsService>();
+        using IHost host = builder.Build();
+        await host.RunAsync();
+        return 0;
+    }
+    catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Net.Sockets.SocketException)
+    {
+        Log.Fatal("nbd-downstairs: {Message}", e.Message);
+        return 1;
+    }
+    finally
+    {
+        await Log.CloseAndFlushAsync();
+    }
+}
+
+/// <summary>Serves the region for the lifetime of the host (SIGINT/SIGTERM stop it).</summary>
+internal sealed class DownstairsService(Region region, DownstairsOptions options, ILogger<DownstairsService> logger) : IHostedService
+{
+    private RegionHost? _host;
+    private DownstairsServer? _server;
+
+    public Task StartAsync(CancellationToken cancellationToken)
+    {
+        _host = new RegionHost(region, options, logger);
+        RegionGeometry g = region.Geometry;
+        DownstairsLog.RegionOpened(logger, Path.GetFullPath(options.DataDir), region.Uuid, g.SizeBytes, g.BlockCount, g.BlockSize, g.ExtentCount, region.HighestGeneration);
+        _server = new DownstairsServer(_host);
+        _server.Start();
+        return Task.CompletedTask;
+    }
+
+    public async Task StopAsync(CancellationToken cancellationToken)
+    {
+        if (_server is not null)
+        {
+            await _server.DisposeAsync();
+        }
+        _host?.Dispose();
+    }
+}

@@ -1,0 +1,104 @@
+namespace NbdServer.Downstairs.Cli;
+
+/// <summary>Help texts, written like man pages.</summary>
+internal static class Usage
+{
+    public const string Main = """
+NAME
+    nbd-downstairs - durable block storage server (one replica of an nbd-server volume)
+
+SYNOPSIS
+    nbd-downstairs create --data DIR --size SIZE [--block-size 512|4096] [--extent-size BLOCKS] [--preallocate]
+    nbd-downstairs run    --data DIR --listen ADDRESS:PORT [OPTIONS]
+    nbd-downstairs info   --data DIR
+    nbd-downstairs COMMAND --help
+
+DESCRIPTION
+    A downstairs keeps one region (a block device image split into extent files) on local disk and
+    serves it to the replica engine over TCP. Every write is checked against its hash, every IO
+    error is reported in the reply of the job that hit it, and a flush makes the written data
+    durable (fdatasync) before it is acknowledged. See docs/downstairs.md.
+
+EXIT STATUS
+    0 success, 1 runtime error (damaged region, IO error, address in use), 2 usage error.
+""";
+
+    public const string Create = """
+NAME
+    nbd-downstairs create - make a new, empty region
+
+SYNOPSIS
+    nbd-downstairs create --data DIR --size SIZE [--block-size 512|4096] [--extent-size BLOCKS] [--preallocate]
+
+OPTIONS
+    --data DIR             Directory for the region (created if missing; must not hold a region).
+    --size SIZE            Region size: 512, 64K, 1.5MiB, 8GiB... A whole number of extents.
+    --block-size N         512 or 4096 (default 4096).
+    --extent-size BLOCKS   Blocks per extent (default: 32 MiB worth, or the whole region if smaller).
+                           An extent is the unit of flush bookkeeping and of live repair.
+    --preallocate          Allocate every extent file now (fallocate) instead of leaving them
+                           sparse. Overwrites then cannot hit ENOSPC, at the cost of the full size
+                           on disk up front. Default: sparse (thin), see docs/downstairs.md.
+
+FILES
+    DIR/region.meta, DIR/region.lock, DIR/extents/eNNNNNN.dat
+""";
+
+    public const string Run = """
+NAME
+    nbd-downstairs run - serve a region to the replica engine
+
+SYNOPSIS
+    nbd-downstairs run --data DIR --listen ADDRESS:PORT [OPTIONS]
+
+DESCRIPTION
+    Opens the region (refusing a damaged one with the name of the file at fault, changing
+    nothing), logs "Listening on ADDRESS:PORT" (port 0 picks a free port and logs the real one),
+    and serves until SIGINT/SIGTERM.
+
+OPTIONS
+    --data DIR                 Region directory (from `create`).
+    --listen ADDRESS:PORT      Address to listen on (default 127.0.0.1:3810).
+    --io-threads N             Threads doing blocking file IO (default 4).
+    --max-jobs N               Jobs per connection admitted but not yet answered (default 1024).
+    --max-bytes SIZE           Payload bytes per connection held in memory (default 64MiB).
+                               When either limit is reached the downstairs stops reading that
+                               connection until replies have been sent: memory stays flat.
+    --max-frame SIZE           Largest frame body (default 33MiB: a 32 MiB write plus hashes).
+    --max-connections N        Concurrent connections (default 16).
+    --hello-timeout SECONDS    Drop a peer that has not negotiated by then (default 10).
+    --log-interval SECONDS     Repeated errors are summarised once per interval (default 5).
+    --receive-buffer SIZE      Socket read size per connection (default 64K).
+    --verbose                  Debug logging.
+
+TEST OPTIONS
+    --fail-writes-when FILE    While FILE exists, writes fail with the errno named in it
+                               (ENOSPC, EDQUOT, else EIO).
+    --fail-flushes-when FILE   Same for flushes (fdatasync).
+""";
+
+    public const string Info = """
+NAME
+    nbd-downstairs info - print a region's geometry and per-extent state
+
+SYNOPSIS
+    nbd-downstairs info --data DIR
+
+DESCRIPTION
+    Reads the region without changing it (works while it is being served) and prints its uuid,
+    geometry, highest generation, and per extent: generation, flush number, dirty bit.
+""";
+
+    public const string Bench = """
+NAME
+    nbd-downstairs bench - load client for scripts/bench-downstairs.sh (not for production)
+
+SYNOPSIS
+    nbd-downstairs bench --target ADDRESS:PORT --pattern randwrite|seqwrite|randread
+                         [--io-size SIZE] [--depth N] [--seconds S] [--flush-every N] [--span SIZE]
+
+DESCRIPTION
+    Drives one downstairs with a fixed queue depth and prints one line:
+    "pattern=... io=... depth=... ops=... seconds=... iops=... mibps=...".
+""";
+}

@@ -1,0 +1,237 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Text;
+
+namespace NbdServer.Downstairs.Protocol;
+
+/// <summary>Per-extent state the engine compares replicas by (DESIGN §3 "Flush numbers").</summary>
+internal readonly record struct ExtentMeta(ulong Generation, ulong FlushNumber, bool Dirty)
+{
+    public const int WireSize = 24;
+    public const uint DirtyFlag = 1;
+
+    public void Write(Span<byte> d)
+    {
+        BinaryPrimitives.WriteUInt64LittleEndian(d, Generation);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[8..], FlushNumber);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[16..], Dirty ? DirtyFlag : 0);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[20..], 0);
+    }
+
+    public static ExtentMeta Read(ref BodyReader r)
+    {
+        ulong gen = r.ReadUInt64();
+        ulong flush = r.ReadUInt64();
+        uint flags = r.ReadUInt32();
+        r.ReadUInt32();
+        return new ExtentMeta(gen, flush, (flags & DirtyFlag) != 0);
+    }
+}
+
+/// <summary>
+/// Hello (client → downstairs), job id 0, body 64 bytes:
+/// <code>
+///  version u32 | flags u32 (bit 0 read-only) | region uuid [16] (all zero: any region)
+///  upstairs id [16] | session id [16] | generation u64
+/// </code>
+/// </summary>
+internal readonly record struct HelloRequest(uint Version, bool ReadOnly, Guid RegionId, Guid UpstairsId, Guid SessionId, ulong Generation)
+{
+    public const int BodySize = 64;
+    public const uint ReadOnlyFlag = 1;
+
+    public OutgoingFrame Encode() => OutgoingFrame.Create(MessageType.Hello, ResultCode.Ok, 0, BodySize, this, static (d, h) =>
+    {
+        BinaryPrimitives.WriteUInt32LittleEndian(d, h.Version);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[4..], h.ReadOnly ? ReadOnlyFlag : 0);
+        h.RegionId.TryWriteBytes(d[8..], bigEndian: true, out _);
+        h.UpstairsId.TryWriteBytes(d[24..], bigEndian: true, out _);
+        h.SessionId.TryWriteBytes(d[40..], bigEndian: true, out _);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[56..], h.Generation);
+    });
+
+    public static HelloRequest Parse(ReadOnlySequence<byte> body)
+    {
+        Messages.ExpectLength(body, BodySize, "Hello");
+        var r = new BodyReader(body);
+        uint version = r.ReadUInt32();
+        uint flags = r.ReadUInt32();
+        return new HelloRequest(version, (flags & ReadOnlyFlag) != 0, r.ReadGuid(), r.ReadGuid(), r.ReadGuid(), r.ReadUInt64());
+    }
+}
+
+/// <summary>
+/// Hello reply, body 56 + 24 × extent count bytes:
+/// <code>
+///  version u32 | flags u32 | region uuid [16] | block size u32 | blocks per extent u32
+///  extent count u32 | max frame body u32 | max jobs in flight u32 | reserved u32
+///  highest generation seen u64 | extent count × (generation u64, flush u64, flags u32, rsvd u32)
+/// </code>
+/// </summary>
+internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, int BlockSize, int ExtentBlocks, int ExtentCount,
+    int MaxFrameBytes, int MaxJobs, ulong HighestGeneration, ExtentMeta[] Extents)
+{
+    public const int FixedSize = 56;
+
+    public long RegionBytes => (long)BlockSize * ExtentBlocks * ExtentCount;
+
+    public long BlockCount => (long)ExtentBlocks * ExtentCount;
+
+    public OutgoingFrame Encode() => OutgoingFrame.Create(MessageType.HelloReply, ResultCode.Ok, 0, FixedSize + (ExtentMeta.WireSize * Extents.Length), this, static (d, h) =>
+    {
+        BinaryPrimitives.WriteUInt32LittleEndian(d, h.Version);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[4..], h.ReadOnly ? HelloRequest.ReadOnlyFlag : 0);
+        h.RegionId.TryWriteBytes(d[8..], bigEndian: true, out _);
+        BinaryPrimitives.WriteInt32LittleEndian(d[24..], h.BlockSize);
+        BinaryPrimitives.WriteInt32LittleEndian(d[28..], h.ExtentBlocks);
+        BinaryPrimitives.WriteInt32LittleEndian(d[32..], h.ExtentCount);
+        BinaryPrimitives.WriteInt32LittleEndian(d[36..], h.MaxFrameBytes);
+        BinaryPrimitives.WriteInt32LittleEndian(d[40..], h.MaxJobs);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[44..], 0);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[48..], h.HighestGeneration);
+        for (int i = 0; i < h.Extents.Length; i++)
+        {
+            h.Extents[i].Write(d[(FixedSize + (i * ExtentMeta.WireSize))..]);
+        }
+    });
+
+    public static HelloReply Parse(ReadOnlySequence<byte> body)
+    {
+        var r = new BodyReader(body);
+        uint version = r.ReadUInt32();
+        uint flags = r.ReadUInt32();
+        Guid region = r.ReadGuid();
+        int blockSize = r.ReadInt32();
+        int extentBlocks = r.ReadInt32();
+        int extentCount = r.ReadInt32();
+        int maxFrame = r.ReadInt32();
+        int maxJobs = r.ReadInt32();
+        r.ReadUInt32();
+        ulong highest = r.ReadUInt64();
+        if (extentCount < 0 || r.Remaining != (long)extentCount * ExtentMeta.WireSize)
+        {
+            throw new DownstairsProtocolException($"Hello reply announces {extentCount} extents but carries {r.Remaining} bytes of extent state");
+        }
+        var extents = new ExtentMeta[extentCount];
+        for (int i = 0; i < extentCount; i++)
+        {
+            extents[i] = ExtentMeta.Read(ref r);
+        }
+        return new HelloReply(version, (flags & HelloRequest.ReadOnlyFlag) != 0, region, blockSize, extentBlocks, extentCount, maxFrame, maxJobs, highest, extents);
+    }
+}
+
+/// <summary>
+/// Write: <c>first block u64 | block count u32 | reserved u32 | count × hash u64 | count × block</c>.
+/// Read: <c>first block u64 | block count u32 | reserved u32</c> (no payload).
+/// </summary>
+internal readonly record struct BlockRange(long FirstBlock, int BlockCount)
+{
+    public const int FixedSize = 16;
+
+    public long EndBlock => FirstBlock + BlockCount;
+
+    public void Write(Span<byte> d)
+    {
+        BinaryPrimitives.WriteInt64LittleEndian(d, FirstBlock);
+        BinaryPrimitives.WriteInt32LittleEndian(d[8..], BlockCount);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[12..], 0);
+    }
+
+    public static BlockRange Read(ref BodyReader r, string what)
+    {
+        long first = (long)r.ReadUInt64();
+        int count = r.ReadInt32();
+        r.ReadUInt32();
+        if (first < 0 || count <= 0)
+        {
+            throw new DownstairsProtocolException($"{what}: block range (first {first}, count {count}) is not a range");
+        }
+        return new BlockRange(first, count);
+    }
+}
+
+/// <summary>Flush: <c>flush number u64 | generation u64</c>.</summary>
+internal readonly record struct FlushRequest(ulong FlushNumber, ulong Generation)
+{
+    public const int BodySize = 16;
+}
+
+/// <summary>
+/// Repair ops address blocks inside one extent: <c>extent u32 | first block in extent u32 | count u32 | flags u32</c>.
+/// ExtentRead reply: <c>generation u64 | flush u64 | flags u32 | count u32 | count × context(16) | count × block</c>.
+/// ExtentWrite: the range, then <c>count × context(16) | count × block</c>; flag bit 0 ("begin") discards any earlier staging copy.
+/// ExtentCommit: <c>extent u32 | flags u32 (bit 0 dirty) | generation u64 | flush u64</c>.
+/// </summary>
+internal readonly record struct ExtentRange(int Extent, int FirstBlock, int BlockCount, uint Flags = 0)
+{
+    public const int FixedSize = 16;
+    public const uint BeginFlag = 1;
+
+    public bool Begin => (Flags & BeginFlag) != 0;
+
+    public void Write(Span<byte> d)
+    {
+        BinaryPrimitives.WriteInt32LittleEndian(d, Extent);
+        BinaryPrimitives.WriteInt32LittleEndian(d[4..], FirstBlock);
+        BinaryPrimitives.WriteInt32LittleEndian(d[8..], BlockCount);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[12..], Flags);
+    }
+
+    public static ExtentRange Read(ref BodyReader r, string what)
+    {
+        int extent = r.ReadInt32();
+        int first = r.ReadInt32();
+        int count = r.ReadInt32();
+        uint flags = r.ReadUInt32();
+        if (extent < 0 || first < 0 || count <= 0)
+        {
+            throw new DownstairsProtocolException($"{what}: extent range (extent {extent}, first {first}, count {count}) is not a range");
+        }
+        return new ExtentRange(extent, first, count, flags);
+    }
+}
+
+internal readonly record struct ExtentCommitRequest(int Extent, ExtentMeta Meta)
+{
+    public const int BodySize = 24;
+}
+
+/// <summary>Body of every reply whose result is not Ok: <c>errno i32 | message UTF-8</c>.</summary>
+internal readonly record struct ErrorBody(int Errno, string Message)
+{
+    public static OutgoingFrame Encode(MessageType replyType, ulong jobId, ResultCode code, int errno, string message)
+    {
+        byte[] text = Encoding.UTF8.GetBytes(message.Length > Wire.MaxErrorMessageBytes / 4 * 3 ? message[..(Wire.MaxErrorMessageBytes / 4 * 3)] : message);
+        int length = Math.Min(text.Length, Wire.MaxErrorMessageBytes);
+        return OutgoingFrame.Create(replyType, code, jobId, 4 + length, (errno, text, length), static (d, s) =>
+        {
+            BinaryPrimitives.WriteInt32LittleEndian(d, s.errno);
+            s.text.AsSpan(0, s.length).CopyTo(d[4..]);
+        });
+    }
+
+    public static ErrorBody Parse(ReadOnlySequence<byte> body)
+    {
+        if (body.Length < 4 || body.Length > 4 + Wire.MaxErrorMessageBytes)
+        {
+            throw new DownstairsProtocolException($"error reply body of {body.Length} bytes (expected 4 to {4 + Wire.MaxErrorMessageBytes})");
+        }
+        var r = new BodyReader(body);
+        int errno = r.ReadInt32();
+        return new ErrorBody(errno, Encoding.UTF8.GetString(r.Rest));
+    }
+}
+
+internal static class Messages
+{
+    public static void ExpectLength(ReadOnlySequence<byte> body, long expected, string what)
+    {
+        if (body.Length != expected)
+        {
+            throw new DownstairsProtocolException($"{what} body is {body.Length} bytes, expected {expected}");
+        }
+    }
+
+    public static MessageType ReplyTo(MessageType request) => (MessageType)((ushort)request | Wire.ReplyFlag);
+}

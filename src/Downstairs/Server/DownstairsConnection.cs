@@ -1,0 +1,359 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.IO.Pipelines;
+using System.Net;
+using System.Net.Sockets;
+using Microsoft.Extensions.Logging;
+using NbdServer.Downstairs.Protocol;
+using NbdServer.Downstairs.Storage;
+
+namespace NbdServer.Downstairs.Server;
+
+/// <summary>
+/// One engine connection: Hello, then a loop that admits frames against the in-flight budget, copies
+/// each payload once (socket buffer → pooled job buffer → pwrite), and hands jobs to the scheduler.
+/// Replies leave through the connection's single <see cref="FrameSender"/>.
+/// </summary>
+internal sealed partial class DownstairsConnection
+{
+    private readonly RegionHost _host;
+    private readonly Stream _stream;
+    private readonly DownstairsOptions _options;
+    private readonly ILogger _logger;
+    private readonly InFlightBudget _budget;
+    private readonly FrameSender _sender;
+    private volatile bool _fenced;
+    private int _shutdown;
+
+    public DownstairsConnection(RegionHost host, Stream stream, EndPoint? remote)
+    {
+        _host = host;
+        _stream = stream;
+        Remote = remote;
+        _options = host.Options;
+        _logger = host.Logger;
+        _budget = new InFlightBudget(_options.MaxJobsPerConnection, _options.MaxBytesPerConnection);
+        _sender = new FrameSender(stream);
+    }
+
+    public EndPoint? Remote { get; }
+
+    public Guid UpstairsId { get; private set; }
+
+    public ulong Generation { get; private set; }
+
+    public bool ReadOnly { get; private set; }
+
+    public bool IsFenced => _fenced;
+
+    private Storage.Region Region => _host.Region;
+
+    /// <summary>A newer generation took over: from now on every IO job is answered "fenced".</summary>
+    public void Fence(ulong newGeneration)
+    {
+        _fenced = true;
+        DownstairsLog.Fenced(_logger, Remote, Generation, newGeneration);
+    }
+
+    /// <summary>Closes the transport once; pending sends fail and their frames are dropped.</summary>
+    public void Shutdown()
+    {
+        if (Interlocked.Exchange(ref _shutdown, 1) == 0)
+        {
+            _sender.Complete();
+            _stream.Dispose();
+        }
+    }
+
+    public async Task RunAsync(CancellationToken cancellationToken)
+    {
+        var reader = PipeReader.Create(_stream, new StreamPipeReaderOptions(bufferSize: _options.ReceiveBufferBytes, minimumReadSize: 4096, leaveOpen: true));
+        string reason = "peer closed the connection";
+        try
+        {
+            if (await NegotiateAsync(reader, cancellationToken).ConfigureAwait(false))
+            {
+                await ReceiveLoopAsync(reader, cancellationToken).ConfigureAwait(false);
+            }
+            else
+            {
+                reason = "Hello refused";
+            }
+        }
+        catch (DownstairsProtocolException e)
+        {
+            DownstairsLog.InvalidFrame(_logger, Remote, e.Message);
+            reason = "invalid frame";
+        }
+        catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
+        {
+            reason = "downstairs stopping";
+        }
+        catch (TimeoutException e)
+        {
+            reason = e.Message;
+        }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+        {
+            reason = e.InnerException?.Message ?? e.Message;
+        }
+        finally
+        {
+            _host.Unregister(this);
+            await reader.CompleteAsync().ConfigureAwait(false);
+            Shutdown();
+            DownstairsLog.Closed(_logger, Remote, reason);
+        }
+    }
+
+    private async Task<bool> NegotiateAsync(PipeReader reader, CancellationToken cancellationToken)
+    {
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        timeout.CancelAfter(_options.HelloTimeout);
+        HelloRequest hello;
+        while (true)
+        {
+            ReadResult result;
+            try
+            {
+                result = await reader.ReadAsync(timeout.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                throw new TimeoutException($"no Hello within {_options.HelloTimeout.TotalSeconds:0.#} s");
+            }
+            ReadOnlySequence<byte> buffer = result.Buffer;
+            // Before Hello the peer has not agreed to a frame size; a Hello is tiny, so cap it hard.
+            if (FrameReader.TryRead(ref buffer, Wire.MinMaxFrameBytes, out FrameHeader header, out ReadOnlySequence<byte> body))
+            {
+                if (header.Type != MessageType.Hello)
+                {
+                    throw new DownstairsProtocolException($"expected Hello, got {header.Type}");
+                }
+                hello = HelloRequest.Parse(body);
+                reader.AdvanceTo(buffer.Start);
+                break;
+            }
+            if (result.IsCompleted)
+            {
+                throw new IOException("peer closed before Hello");
+            }
+            reader.AdvanceTo(buffer.Start, buffer.End);
+        }
+
+        UpstairsId = hello.UpstairsId;
+        Generation = hello.Generation;
+        ReadOnly = hello.ReadOnly;
+        if (_host.Negotiate(hello, this) is { } refusal)
+        {
+            DownstairsLog.Refused(_logger, Remote, ResultCodes.Name(refusal.Code), refusal.Message);
+            _sender.Enqueue(ErrorBody.Encode(MessageType.HelloReply, 0, refusal.Code, refusal.Errno, refusal.Message));
+            _sender.Complete();
+            // Let the refusal reach the peer, but never wait on a peer that does not read.
+            await Task.WhenAny(_sender.Completion, Task.Delay(TimeSpan.FromSeconds(2), CancellationToken.None)).ConfigureAwait(false);
+            return false;
+        }
+        DownstairsLog.Negotiated(_logger, Remote, hello.UpstairsId, hello.SessionId, hello.Generation, hello.ReadOnly ? "read-only" : "read-write");
+        var reply = new HelloReply(Wire.ProtocolVersion, hello.ReadOnly, Region.Uuid, Region.Geometry.BlockSize, Region.Geometry.ExtentBlocks,
+            Region.Geometry.ExtentCount, _options.MaxFrameBytes, _options.MaxJobsPerConnection, Region.HighestGeneration, Region.GetAllExtentMeta());
+        _sender.Enqueue(reply.Encode());
+        return true;
+    }
+
+    private async Task ReceiveLoopAsync(PipeReader reader, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            ReadResult result = await reader.ReadAsync(cancellationToken).ConfigureAwait(false);
+            ReadOnlySequence<byte> buffer = result.Buffer;
+            while (FrameReader.TryRead(ref buffer, _options.MaxFrameBytes, out FrameHeader header, out ReadOnlySequence<byte> body))
+            {
+                await HandleAsync(header, body, cancellationToken).ConfigureAwait(false);
+            }
+            reader.AdvanceTo(buffer.Start, buffer.End);
+            if (result.IsCompleted)
+            {
+                if (!buffer.IsEmpty)
+                {
+                    throw new DownstairsProtocolException($"connection ended inside a frame ({buffer.Length} bytes left over)");
+                }
+                return;
+            }
+        }
+    }
+
+    private async ValueTask HandleAsync(FrameHeader header, ReadOnlySequence<byte> body, CancellationToken cancellationToken)
+    {
+        if (header.IsReply)
+        {
+            throw new DownstairsProtocolException($"{header.Type} is a reply; a downstairs only takes requests");
+        }
+        int bs = Region.Geometry.BlockSize;
+        switch (header.Type)
+        {
+            case MessageType.Hello:
+                throw new DownstairsProtocolException("second Hello on a negotiated connection");
+
+            case MessageType.Ping:
+            {
+                Messages.ExpectLength(body, 8, "Ping");
+                ulong nonce = new BodyReader(body).ReadUInt64();
+                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
+                Send(OutgoingFrame.Create(MessageType.PingReply, ResultCode.Ok, header.JobId, 8, nonce, static (d, n) => BinaryPrimitives.WriteUInt64LittleEndian(d, n)), 0, null);
+                return;
+            }
+
+            case MessageType.Write:
+            {
+                BlockRange range = ParseRange(body, "Write");
+                long payload = (long)range.BlockCount * (Wire.HashSize + bs);
+                Messages.ExpectLength(body, BlockRange.FixedSize + payload, "Write");
+                ReadOnlySequence<byte> data = body.Slice(BlockRange.FixedSize);
+                if (await RefuseOutOfRangeAsync(header, range, cancellationToken).ConfigureAwait(false))
+                {
+                    return;
+                }
+                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
+                data.CopyTo(buffer);
+                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, range.FirstBlock, range.EndBlock) { Range = range, Buffer = buffer, BudgetBytes = payload });
+                return;
+            }
+
+            case MessageType.Read:
+            {
+                Messages.ExpectLength(body, BlockRange.FixedSize, "Read");
+                var r = new BodyReader(body);
+                BlockRange range = BlockRange.Read(ref r, "Read");
+                long payload = (long)range.BlockCount * (Wire.HashSize + bs);
+                if (await RefuseOutOfRangeAsync(header, range, cancellationToken).ConfigureAwait(false) || await RefuseTooLargeAsync(header, payload + 8, cancellationToken).ConfigureAwait(false))
+                {
+                    return;
+                }
+                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Read, range.FirstBlock, range.EndBlock) { Range = range, BudgetBytes = payload });
+                return;
+            }
+
+            case MessageType.Flush:
+            {
+                Messages.ExpectLength(body, FlushRequest.BodySize, "Flush");
+                var r = new BodyReader(body);
+                var flush = new FlushRequest(r.ReadUInt64(), r.ReadUInt64());
+                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
+                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { Flush = flush });
+                return;
+            }
+
+            case MessageType.ExtentRead:
+            {
+                Messages.ExpectLength(body, ExtentRange.FixedSize, "ExtentRead");
+                var r = new BodyReader(body);
+                ExtentRange range = ExtentRange.Read(ref r, "ExtentRead");
+                long payload = (long)range.BlockCount * (BlockContext.Size + bs);
+                if (await RefuseOutOfRangeAsync(header, range, cancellationToken).ConfigureAwait(false) || await RefuseTooLargeAsync(header, payload + 24, cancellationToken).ConfigureAwait(false))
+                {
+                    return;
+                }
+                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                (long first, long end) = ExtentBlocks(range.Extent);
+                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Read, first, end) { Extent = range, BudgetBytes = payload });
+                return;
+            }
+
+            case MessageType.ExtentWrite:
+            {
+                ExtentRange range = ParseExtentRange(body, "ExtentWrite");
+                long payload = (long)range.BlockCount * (BlockContext.Size + bs);
+                Messages.ExpectLength(body, ExtentRange.FixedSize + payload, "ExtentWrite");
+                ReadOnlySequence<byte> data = body.Slice(ExtentRange.FixedSize);
+                if (await RefuseOutOfRangeAsync(header, range, cancellationToken).ConfigureAwait(false))
+                {
+                    return;
+                }
+                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
+                data.CopyTo(buffer);
+                (long first, long end) = ExtentBlocks(range.Extent);
+                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, first, end) { Extent = range, Buffer = buffer, BudgetBytes = payload });
+                return;
+            }
+
+            case MessageType.ExtentCommit:
+            {
+                Messages.ExpectLength(body, ExtentCommitRequest.BodySize, "ExtentCommit");
+                var r = new BodyReader(body);
+                int extent = r.ReadInt32();
+                uint flags = r.ReadUInt32();
+                var commit = new ExtentCommitRequest(extent, new ExtentMeta(r.ReadUInt64(), r.ReadUInt64(), (flags & ExtentMeta.DirtyFlag) != 0));
+                if (await RefuseOutOfRangeAsync(header, new ExtentRange(extent, 0, 1), cancellationToken).ConfigureAwait(false))
+                {
+                    return;
+                }
+                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
+                (long first, long end) = ExtentBlocks(extent);
+                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, first, end) { Commit = commit });
+                return;
+            }
+
+            default:
+                throw new DownstairsProtocolException($"{header.Type} is not a request");
+        }
+    }
+
+    private static BlockRange ParseRange(ReadOnlySequence<byte> body, string what)
+    {
+        var r = new BodyReader(body);
+        return BlockRange.Read(ref r, what);
+    }
+
+    private static ExtentRange ParseExtentRange(ReadOnlySequence<byte> body, string what)
+    {
+        var r = new BodyReader(body);
+        return ExtentRange.Read(ref r, what);
+    }
+
+    private (long First, long End) ExtentBlocks(int extent) =>
+        ((long)extent * Region.Geometry.ExtentBlocks, (long)(extent + 1) * Region.Geometry.ExtentBlocks);
+
+    private ValueTask<bool> RefuseOutOfRangeAsync(FrameHeader header, BlockRange range, CancellationToken ct) =>
+        range.EndBlock > Region.Geometry.BlockCount
+            ? RefuseAsync(header, ResultCode.OutOfRange, $"blocks {range.FirstBlock}..{range.EndBlock} are beyond the region's {Region.Geometry.BlockCount} blocks", ct)
+            : ValueTask.FromResult(false);
+
+    private ValueTask<bool> RefuseOutOfRangeAsync(FrameHeader header, ExtentRange range, CancellationToken ct) =>
+        range.Extent >= Region.Geometry.ExtentCount || (long)range.FirstBlock + range.BlockCount > Region.Geometry.ExtentBlocks
+            ? RefuseAsync(header, ResultCode.OutOfRange, $"extent {range.Extent} blocks {range.FirstBlock}+{range.BlockCount} are beyond the region ({Region.Geometry.ExtentCount} extents of {Region.Geometry.ExtentBlocks} blocks)", ct)
+            : ValueTask.FromResult(false);
+
+    private ValueTask<bool> RefuseTooLargeAsync(FrameHeader header, long replyBody, CancellationToken ct) =>
+        replyBody > _options.MaxFrameBytes
+            ? RefuseAsync(header, ResultCode.Invalid, $"reply of {replyBody:N0} bytes would exceed the maximum frame of {_options.MaxFrameBytes:N0}", ct)
+            : ValueTask.FromResult(false);
+
+    private async ValueTask<bool> RefuseAsync(FrameHeader header, ResultCode code, string message, CancellationToken ct)
+    {
+        await _budget.TakeAsync(0, ct).ConfigureAwait(false);
+        SendError(header, code, 0, message);
+        return true;
+    }
+
+    private void SendError(FrameHeader header, ResultCode code, int errno, string message) =>
+        Send(ErrorBody.Encode(Messages.ReplyTo(header.Type), header.JobId, code, errno, message), 0, null);
+
+    /// <summary>Queues a reply; its budget (and pooled buffer) is released once it is sent or dropped.</summary>
+    private void Send(OutgoingFrame frame, long budgetBytes, byte[]? buffer)
+    {
+        frame.State = (budgetBytes, buffer);
+        frame.Completed = (f, _) =>
+        {
+            (long bytes, byte[]? pooled) = ((long, byte[]?))f.State!;
+            if (pooled is not null)
+            {
+                ArrayPool<byte>.Shared.Return(pooled);
+            }
+            _budget.Release(bytes);
+        };
+        _sender.Enqueue(frame);
+    }
+}

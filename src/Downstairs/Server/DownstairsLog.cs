@@ -1,0 +1,38 @@
+using System.Net;
+using Microsoft.Extensions.Logging;
+
+namespace NbdServer.Downstairs.Server;
+
+/// <summary>Downstairs log lines; event ids 2000–2099 are stable (operators grep them).</summary>
+internal static partial class DownstairsLog
+{
+    [LoggerMessage(EventId = 2000, Level = LogLevel.Information, Message = "Listening on {Endpoint}")]
+    public static partial void Listening(ILogger logger, EndPoint endpoint);
+
+    [LoggerMessage(EventId = 2001, Level = LogLevel.Information, Message = "Region {Dir}: uuid {Uuid}, {Size} bytes ({Blocks} blocks of {BlockSize}), {Extents} extents, highest generation {Generation}")]
+    public static partial void RegionOpened(ILogger logger, string dir, Guid uuid, long size, long blocks, int blockSize, int extents, ulong generation);
+
+    [LoggerMessage(EventId = 2003, Level = LogLevel.Information, Message = "{Remote}: upstairs {Upstairs} session {Session} generation {Generation} connected ({Mode})")]
+    public static partial void Negotiated(ILogger logger, EndPoint? remote, Guid upstairs, Guid session, ulong generation, string mode);
+
+    [LoggerMessage(EventId = 2004, Level = LogLevel.Warning, Message = "{Remote}: refused: {Result}: {Reason}")]
+    public static partial void Refused(ILogger logger, EndPoint? remote, string result, string reason);
+
+    [LoggerMessage(EventId = 2005, Level = LogLevel.Warning, Message = "{Remote}: closing connection: invalid frame: {Reason}")]
+    public static partial void InvalidFrame(ILogger logger, EndPoint? remote, string reason);
+
+    [LoggerMessage(EventId = 2006, Level = LogLevel.Information, Message = "{Remote}: connection closed ({Reason})")]
+    public static partial void Closed(ILogger logger, EndPoint? remote, string reason);
+
+    [LoggerMessage(EventId = 2007, Level = LogLevel.Warning, Message = "{Remote}: fenced: generation {Old} superseded by generation {New}")]
+    public static partial void Fenced(ILogger logger, EndPoint? remote, ulong old, ulong @new);
+
+    [LoggerMessage(EventId = 2008, Level = LogLevel.Warning, Message = "{Remote}: refused: already {Count} connections (--max-connections)")]
+    public static partial void TooManyConnections(ILogger logger, EndPoint? remote, int count);
+
+    [LoggerMessage(EventId = 2009, Level = LogLevel.Information, Message = "Stopped")]
+    public static partial void Stopped(ILogger logger);
+
+    [LoggerMessage(EventId = 2010, Level = LogLevel.Warning, Message = "Fault injection enabled: writes fail while {Writes} exists, flushes fail while {Flushes} exists")]
+    public static partial void FaultInjection(ILogger logger, string writes, string flushes);
+}

@@ -1,0 +1,66 @@
+using System.Net;
+using NbdServer.Downstairs.Protocol;
+
+namespace NbdServer.Downstairs.Server;
+
+/// <summary>
+/// Every limit of a running downstairs, with its default. Each is settable on the command line
+/// (see <c>nbd-downstairs run --help</c>); the defaults are sized so that one stalled engine
+/// connection pins at most ~100 MiB (jobs + bytes + one frame in the receive buffer).
+/// </summary>
+internal sealed record DownstairsOptions
+{
+    public required string DataDir { get; init; }
+
+    public IPEndPoint Listen { get; init; } = new(IPAddress.Loopback, 3810);
+
+    /// <summary>Dedicated threads doing blocking pread/pwrite/fsync. Writes queue behind slow IO, never behind the network.</summary>
+    public int IoThreads { get; init; } = 4;
+
+    /// <summary>Jobs a connection may have admitted but not yet answered; past it we stop reading its socket.</summary>
+    public int MaxJobsPerConnection { get; init; } = 1024;
+
+    /// <summary>Payload bytes (requests + replies) a connection may hold in memory; 64 MiB ≈ Crucible's 50 MiB fault limit.</summary>
+    public long MaxBytesPerConnection { get; init; } = 64L << 20;
+
+    /// <summary>Largest frame body accepted or sent (a 32 MiB NBD write plus its hashes).</summary>
+    public int MaxFrameBytes { get; init; } = Wire.DefaultMaxFrameBytes;
+
+    /// <summary>Concurrent connections (three is normal: the engine, a repair peer, a reader).</summary>
+    public int MaxConnections { get; init; } = 16;
+
+    /// <summary>A peer that has not said Hello by then is dropped (it holds a connection slot).</summary>
+    public TimeSpan HelloTimeout { get; init; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>Repeated errors are summarised once per this interval (DESIGN §4).</summary>
+    public TimeSpan LogSummaryInterval { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>Socket receive buffer handed to the frame reader per read.</summary>
+    public int ReceiveBufferBytes { get; init; } = 64 << 10;
+
+    /// <summary>Test only: while this file exists, writes fail with the errno named in it.</summary>
+    public string? FailWritesWhen { get; init; }
+
+    /// <summary>Test only: while this file exists, flushes fail with the errno named in it.</summary>
+    public string? FailFlushesWhen { get; init; }
+
+    public void Validate()
+    {
+        Check(IoThreads is >= 1 and <= 256, "--io-threads must be 1 to 256");
+        Check(MaxJobsPerConnection is >= 1 and <= 1 << 20, "--max-jobs must be 1 to 1048576");
+        Check(MaxFrameBytes is >= Wire.MinMaxFrameBytes and <= 1 << 30, $"--max-frame must be {Wire.MinMaxFrameBytes} bytes to 1 GiB");
+        Check(MaxBytesPerConnection >= MaxFrameBytes, "--max-bytes must be at least --max-frame");
+        Check(MaxConnections >= 1, "--max-connections must be at least 1");
+        Check(HelloTimeout > TimeSpan.Zero, "--hello-timeout must be positive");
+        Check(LogSummaryInterval > TimeSpan.Zero, "--log-interval must be positive");
+        Check(ReceiveBufferBytes is >= 4096 and <= 16 << 20, "--receive-buffer must be 4 KiB to 16 MiB");
+    }
+
+    private static void Check(bool ok, string message)
+    {
+        if (!ok)
+        {
+            throw new ArgumentException(message);
+        }
+    }
+}

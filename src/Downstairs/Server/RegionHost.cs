@@ -1,0 +1,104 @@
+using Microsoft.Extensions.Logging;
+using NbdServer.Common.Logging;
+using NbdServer.Downstairs.Protocol;
+using NbdServer.Downstairs.Storage;
+
+namespace NbdServer.Downstairs.Server;
+
+/// <summary>
+/// What all connections to one region share: the region, the IO scheduler, the error throttle and
+/// the generation fence (DESIGN §3: only the highest generation seen may do IO).
+/// </summary>
+internal sealed class RegionHost : IDisposable
+{
+    private readonly Lock _fenceLock = new();
+    private DownstairsConnection? _writer;
+
+    public RegionHost(Region region, DownstairsOptions options, ILogger logger)
+    {
+        Region = region;
+        Options = options;
+        Logger = logger;
+        Scheduler = new JobScheduler(options.IoThreads);
+        Throttle = new LogThrottle(logger, options.LogSummaryInterval);
+        if (options.FailWritesWhen is not null || options.FailFlushesWhen is not null)
+        {
+            region.Faults = new FaultInjection(options.FailWritesWhen, options.FailFlushesWhen);
+            DownstairsLog.FaultInjection(logger, options.FailWritesWhen ?? "(never)", options.FailFlushesWhen ?? "(never)");
+        }
+    }
+
+    public Region Region { get; }
+
+    public DownstairsOptions Options { get; }
+
+    public ILogger Logger { get; }
+
+    public JobScheduler Scheduler { get; }
+
+    public LogThrottle Throttle { get; }
+
+    /// <summary>Decides a Hello. Null: accepted (and, for a writer, the fence now belongs to it).</summary>
+    public (ResultCode Code, int Errno, string Message)? Negotiate(HelloRequest hello, DownstairsConnection connection)
+    {
+        if (hello.Version != Wire.ProtocolVersion)
+        {
+            return (ResultCode.VersionMismatch, 0, $"protocol version {hello.Version} requested; this downstairs speaks version {Wire.ProtocolVersion}");
+        }
+        if (hello.RegionId != Guid.Empty && hello.RegionId != Region.Uuid)
+        {
+            return (ResultCode.WrongRegion, 0, $"region {hello.RegionId} requested; this downstairs serves region {Region.Uuid}");
+        }
+        if (hello.ReadOnly)
+        {
+            return null;
+        }
+        DownstairsConnection? previous;
+        lock (_fenceLock)
+        {
+            ulong highest = Region.HighestGeneration;
+            if (hello.Generation < highest)
+            {
+                return (ResultCode.Fenced, 0, $"generation {hello.Generation} is older than generation {highest}, which has already taken over this region");
+            }
+            if (hello.Generation == highest && _writer is { } w && w.UpstairsId != hello.UpstairsId)
+            {
+                return (ResultCode.Fenced, 0, $"generation {hello.Generation} is held by upstairs {w.UpstairsId}; a new activation needs a higher generation");
+            }
+            try
+            {
+                Region.RecordGeneration(hello.Generation);
+            }
+            catch (IOException e)
+            {
+                int errno = IoErrors.Errno(e);
+                return (IoErrors.Result(errno), errno, $"cannot record generation {hello.Generation}: {e.Message}");
+            }
+            previous = _writer;
+            _writer = connection;
+        }
+        if (previous is not null && previous != connection)
+        {
+            previous.Fence(hello.Generation);
+        }
+        return null;
+    }
+
+    public void Unregister(DownstairsConnection connection)
+    {
+        lock (_fenceLock)
+        {
+            if (_writer == connection)
+            {
+                _writer = null;
+            }
+        }
+    }
+
+    public void Dispose()
+    {
+        Scheduler.Dispose();
+        Throttle.Dispose();
+        Region.Dispose();
+    }
+}

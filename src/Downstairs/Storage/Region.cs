@@ -1,0 +1,717 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.IO.Hashing;
+using Microsoft.Win32.SafeHandles;
+using NbdServer.Common.Posix;
+using NbdServer.Downstairs.Protocol;
+
+namespace NbdServer.Downstairs.Storage;
+
+/// <summary>
+/// One region on local disk (layout: <see cref="RegionLayout"/>). All IO methods are synchronous and
+/// meant for the dedicated IO threads; the scheduler guarantees that overlapping jobs never run at
+/// the same time and that a flush or repair commit runs alone.
+/// </summary>
+/// <remarks>
+/// Durability rules, in the order they happen:
+/// <list type="number">
+/// <item>Before the first write to a clean extent reaches the file, the extent's dirty bit is made
+/// durable (record write + fdatasync of region.meta, batched across concurrent writers). Otherwise
+/// a crash could leave new data on disk under a "clean, flush N" record that matches the other
+/// replicas, and reconciliation would never notice the replicas differ.</item>
+/// <item>Data then context are written with pwrite; a crash between them is caught by the hash.</item>
+/// <item>Flush fdatasyncs every dirty extent file, then writes (generation, flush number, clean)
+/// records and fdatasyncs region.meta. A failed fdatasync leaves the extent dirty and
+/// <em>poisoned</em>: Linux drops the failed pages, so a later fsync could succeed without the data;
+/// every later flush fails until live repair replaces the extent.</item>
+/// </list>
+/// </remarks>
+internal sealed class Region : IDisposable
+{
+    private readonly string _dir;
+    private readonly SafeFileHandle _meta;
+    private readonly FileStream? _lock;
+    private readonly Extent[] _extents;
+    private readonly object _dirtyLock = new(); // Monitor: writers wait for the running dirty-marking commit
+    private readonly Lock _recordLock = new();
+    private DirtyBatch? _collecting;
+    private bool _commitRunning;
+    private ulong _stateSeq;
+    private int _stateSlot;
+
+    private Region(string dir, Guid uuid, RegionGeometry geometry, bool preallocated, bool readOnly, SafeFileHandle meta, FileStream? lockFile, Extent[] extents, ulong stateSeq, int stateSlot, ulong highestGeneration)
+    {
+        _dir = dir;
+        Uuid = uuid;
+        Geometry = geometry;
+        Preallocated = preallocated;
+        ReadOnly = readOnly;
+        _meta = meta;
+        _lock = lockFile;
+        _extents = extents;
+        _stateSeq = stateSeq;
+        _stateSlot = stateSlot;
+        HighestGeneration = highestGeneration;
+    }
+
+    public Guid Uuid { get; }
+
+    public RegionGeometry Geometry { get; }
+
+    public bool Preallocated { get; }
+
+    public bool ReadOnly { get; }
+
+    public string Directory => _dir;
+
+    /// <summary>The highest upstairs generation ever accepted (durable: the fence survives restarts).</summary>
+    public ulong HighestGeneration { get; private set; }
+
+    public FaultInjection? Faults { get; set; }
+
+    public ExtentMeta GetExtentMeta(int extent)
+    {
+        Extent e = _extents[extent];
+        lock (_recordLock)
+        {
+            return new ExtentMeta(e.Generation, e.Flush, e.Dirty);
+        }
+    }
+
+    public ExtentMeta[] GetAllExtentMeta()
+    {
+        var all = new ExtentMeta[_extents.Length];
+        for (int i = 0; i < all.Length; i++)
+        {
+            all[i] = GetExtentMeta(i);
+        }
+        return all;
+    }
+
+    public bool IsPoisoned(int extent) => _extents[extent].Poisoned;
+
+    // ---------------------------------------------------------------- create / open
+
+    public static Region Create(string dir, long sizeBytes, int blockSize, int? extentBlocks, bool preallocate)
+    {
+        if (blockSize is not (512 or 4096))
+        {
+            throw new ArgumentException($"--block-size must be 512 or 4096, not {blockSize}");
+        }
+        if (sizeBytes <= 0 || sizeBytes % blockSize != 0)
+        {
+            throw new ArgumentException($"--size {sizeBytes} is not a positive multiple of the block size {blockSize}");
+        }
+        long blocks = sizeBytes / blockSize;
+        int perExtent = extentBlocks ?? (int)Math.Min(DefaultExtentBytes / blockSize, blocks);
+        if (perExtent <= 0 || perExtent > RegionLayout.MaxExtentBlocks)
+        {
+            throw new ArgumentException($"--extent-size must be 1 to {RegionLayout.MaxExtentBlocks} blocks, not {perExtent}");
+        }
+        if (blocks % perExtent != 0)
+        {
+            throw new ArgumentException($"--size {sizeBytes} is not a whole number of extents ({perExtent} blocks × {blockSize} bytes = {(long)perExtent * blockSize} bytes each)");
+        }
+        if (blocks / perExtent > RegionLayout.MaxExtentCount)
+        {
+            throw new ArgumentException($"{blocks / perExtent} extents is more than the limit of {RegionLayout.MaxExtentCount}; use a larger --extent-size");
+        }
+        var geometry = new RegionGeometry(blockSize, perExtent, (int)(blocks / perExtent));
+        string metaPath = RegionLayout.MetaPath(dir);
+        if (File.Exists(metaPath))
+        {
+            throw new IOException($"{metaPath}: a region already exists here; refusing to overwrite it");
+        }
+        string extentDir = Path.Combine(dir, RegionLayout.ExtentDirName);
+        System.IO.Directory.CreateDirectory(extentDir);
+        for (int i = 0; i < geometry.ExtentCount; i++)
+        {
+            string path = RegionLayout.ExtentPath(dir, i);
+            using SafeFileHandle h = File.OpenHandle(path, FileMode.Create, FileAccess.ReadWrite);
+            if (preallocate)
+            {
+                PosixFile.Allocate(h, 0, geometry.ExtentFileBytes, path);
+            }
+            else
+            {
+                RandomAccess.SetLength(h, geometry.ExtentFileBytes);
+            }
+            PosixFile.FlushToDisk(h, dataOnly: false, path);
+        }
+        PosixDirectory.FlushToDisk(extentDir);
+
+        // region.meta appears last, by rename: a half-created region has no metadata and cannot be opened.
+        Guid uuid = Guid.NewGuid();
+        string tmp = metaPath + ".tmp";
+        using (SafeFileHandle h = File.OpenHandle(tmp, FileMode.Create, FileAccess.ReadWrite))
+        {
+            byte[] header = RegionLayout.BuildHeader(uuid, geometry, preallocate);
+            RandomAccess.Write(h, header, 0);
+            byte[] records = new byte[RegionLayout.MetaFileBytes(geometry.ExtentCount) - RegionLayout.HeaderSize];
+            for (int i = 0; i < geometry.ExtentCount; i++)
+            {
+                RegionLayout.WriteRecord(records.AsSpan(i * RegionLayout.RecordsPerExtent * RegionLayout.RecordSlotSize, RegionLayout.RecordSlotSize), 1, 0, 0, false);
+            }
+            RandomAccess.Write(h, records, RegionLayout.HeaderSize);
+            PosixFile.FlushToDisk(h, dataOnly: false, tmp);
+        }
+        File.Move(tmp, metaPath);
+        File.WriteAllBytes(Path.Combine(dir, RegionLayout.LockFileName), []);
+        PosixDirectory.FlushToDisk(dir);
+        return Open(dir);
+    }
+
+    /// <summary>Default extent: 32 MiB of blocks (fsync granularity vs. file count; 8 GiB = 256 files).</summary>
+    public const long DefaultExtentBytes = 32L << 20;
+
+    /// <summary>
+    /// Opens a region. Everything is validated read-only first; only a region that passed is locked
+    /// and has its stale repair staging files removed, so a damaged region is left exactly as found.
+    /// </summary>
+    public static Region Open(string dir, bool readOnly = false)
+    {
+        string metaPath = RegionLayout.MetaPath(dir);
+        if (!File.Exists(metaPath))
+        {
+            throw new RegionDamagedException(metaPath, System.IO.Directory.Exists(dir) ? "missing: this directory holds no region (create one with `nbd-downstairs create`)" : "missing: no such directory");
+        }
+        byte[] header = new byte[RegionLayout.HeaderSize];
+        RegionGeometry geometry;
+        Guid uuid;
+        bool preallocated;
+        byte[] records;
+        using (SafeFileHandle h = File.OpenHandle(metaPath, FileMode.Open, FileAccess.Read))
+        {
+            long length = RandomAccess.GetLength(h);
+            if (length < RegionLayout.HeaderSize)
+            {
+                throw new RegionDamagedException(metaPath, $"truncated: {length} bytes, shorter than the {RegionLayout.HeaderSize}-byte header");
+            }
+            ReadExactly(h, header, 0, metaPath);
+            (uuid, geometry, preallocated) = ParseHeader(header, metaPath);
+            long expected = RegionLayout.MetaFileBytes(geometry.ExtentCount);
+            if (length != expected)
+            {
+                throw new RegionDamagedException(metaPath, $"{length} bytes, expected {expected} for {geometry.ExtentCount} extents ({(length < expected ? "truncated" : "trailing garbage")})");
+            }
+            records = new byte[expected - RegionLayout.HeaderSize];
+            ReadExactly(h, records, RegionLayout.HeaderSize, metaPath);
+        }
+        var extents = new Extent[geometry.ExtentCount];
+        ulong highest = 0;
+        for (int i = 0; i < extents.Length; i++)
+        {
+            var e = new Extent(i, RegionLayout.ExtentPath(dir, i));
+            int best = -1;
+            for (int s = 0; s < RegionLayout.RecordsPerExtent; s++)
+            {
+                var rec = RegionLayout.ReadRecord(records.AsSpan((i * RegionLayout.RecordsPerExtent * RegionLayout.RecordSlotSize) + (s * RegionLayout.RecordSlotSize), RegionLayout.RecordSlotSize));
+                if (rec is { } r && (best < 0 || r.Seq > e.Seq))
+                {
+                    best = s;
+                    (e.Seq, e.Generation, e.Flush, e.Dirty) = r;
+                }
+            }
+            if (best < 0)
+            {
+                throw new RegionDamagedException(metaPath, $"extent {i} has no valid metadata record (both slots fail their checksum)");
+            }
+            e.Slot = best;
+            highest = Math.Max(highest, e.Generation);
+            extents[i] = e;
+            FileInfo info = new(e.Path);
+            if (!info.Exists)
+            {
+                throw new RegionDamagedException(e.Path, "missing extent file");
+            }
+            if (info.Length != geometry.ExtentFileBytes)
+            {
+                throw new RegionDamagedException(e.Path, $"{info.Length} bytes, expected {geometry.ExtentFileBytes} ({(info.Length < geometry.ExtentFileBytes ? "truncated" : "too long")})");
+            }
+        }
+        ulong stateSeq = 0;
+        int stateSlot = 0;
+        foreach ((int slot, int offset) in new[] { (0, RegionLayout.StateSlotOffsetA), (1, RegionLayout.StateSlotOffsetB) })
+        {
+            if (RegionLayout.ReadStateSlot(header.AsSpan(offset, RegionLayout.StateSlotSize)) is { } st && st.Seq > stateSeq)
+            {
+                (stateSeq, stateSlot) = (st.Seq, slot);
+                highest = Math.Max(highest, st.HighestGeneration);
+            }
+        }
+        if (stateSeq == 0)
+        {
+            throw new RegionDamagedException(metaPath, "no valid generation record (both slots fail their checksum)");
+        }
+
+        // Validation passed: from here on we may touch the disk.
+        FileStream? lockFile = null;
+        SafeFileHandle? meta = null;
+        try
+        {
+            if (!readOnly)
+            {
+                string lockPath = Path.Combine(dir, RegionLayout.LockFileName);
+                try
+                {
+                    lockFile = new FileStream(lockPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+                }
+                catch (IOException e) when (File.Exists(lockPath))
+                {
+                    throw new IOException($"{lockPath}: region is in use by another nbd-downstairs ({e.Message})", e);
+                }
+                foreach (string stale in System.IO.Directory.EnumerateFiles(Path.Combine(dir, RegionLayout.ExtentDirName), "*" + RegionLayout.StagingSuffix))
+                {
+                    File.Delete(stale);
+                }
+            }
+            FileAccess access = readOnly ? FileAccess.Read : FileAccess.ReadWrite;
+            meta = File.OpenHandle(metaPath, FileMode.Open, access);
+            foreach (Extent e in extents)
+            {
+                e.Handle = File.OpenHandle(e.Path, FileMode.Open, access);
+            }
+            return new Region(dir, uuid, geometry, preallocated, readOnly, meta, lockFile, extents, stateSeq, stateSlot, highest);
+        }
+        catch
+        {
+            foreach (Extent e in extents)
+            {
+                e.Handle?.Dispose();
+            }
+            meta?.Dispose();
+            lockFile?.Dispose();
+            throw;
+        }
+    }
+
+    private static (Guid, RegionGeometry, bool) ParseHeader(byte[] h, string path)
+    {
+        ulong magic = BinaryPrimitives.ReadUInt64LittleEndian(h);
+        if (magic != RegionLayout.Magic)
+        {
+            throw new RegionDamagedException(path, "bad magic: not an nbd-downstairs region metadata file");
+        }
+        uint version = BinaryPrimitives.ReadUInt32LittleEndian(h.AsSpan(8));
+        if (version != RegionLayout.FormatVersion)
+        {
+            throw new RegionDamagedException(path, $"format version {version}; this nbd-downstairs reads version {RegionLayout.FormatVersion} only");
+        }
+        if (BinaryPrimitives.ReadUInt64LittleEndian(h.AsSpan(56)) != XxHash64.HashToUInt64(h.AsSpan(0, RegionLayout.HeaderChecksummedBytes)))
+        {
+            throw new RegionDamagedException(path, "header checksum mismatch (the header is corrupt)");
+        }
+        uint headerSize = BinaryPrimitives.ReadUInt32LittleEndian(h.AsSpan(12));
+        int blockSize = BinaryPrimitives.ReadInt32LittleEndian(h.AsSpan(32));
+        int extentBlocks = BinaryPrimitives.ReadInt32LittleEndian(h.AsSpan(36));
+        int extentCount = BinaryPrimitives.ReadInt32LittleEndian(h.AsSpan(40));
+        if (headerSize != RegionLayout.HeaderSize || blockSize is not (512 or 4096) || extentBlocks is <= 0 or > RegionLayout.MaxExtentBlocks || extentCount is <= 0 or > RegionLayout.MaxExtentCount)
+        {
+            throw new RegionDamagedException(path, $"impossible geometry (header {headerSize}, block size {blockSize}, {extentBlocks} blocks per extent, {extentCount} extents)");
+        }
+        uint flags = BinaryPrimitives.ReadUInt32LittleEndian(h.AsSpan(44));
+        return (new Guid(h.AsSpan(16, 16), bigEndian: true), new RegionGeometry(blockSize, extentBlocks, extentCount), (flags & RegionLayout.PreallocatedFlag) != 0);
+    }
+
+    // ---------------------------------------------------------------- generation fence
+
+    /// <summary>Durably raises the highest generation seen (before the new upstairs is told it may do IO).</summary>
+    public void RecordGeneration(ulong generation)
+    {
+        lock (_recordLock)
+        {
+            if (generation <= HighestGeneration)
+            {
+                return;
+            }
+            Span<byte> slot = stackalloc byte[RegionLayout.StateSlotSize];
+            int next = 1 - _stateSlot;
+            RegionLayout.WriteStateSlot(slot, _stateSeq + 1, generation);
+            RandomAccess.Write(_meta, slot, next == 0 ? RegionLayout.StateSlotOffsetA : RegionLayout.StateSlotOffsetB);
+            PosixFile.FlushToDisk(_meta, dataOnly: true, RegionLayout.MetaPath(_dir));
+            (_stateSeq, _stateSlot, HighestGeneration) = (_stateSeq + 1, next, generation);
+        }
+    }
+
+    // ---------------------------------------------------------------- block IO
+
+    /// <summary>Writes whole blocks; <paramref name="hashes"/> holds one 8-byte hash per block (already verified).</summary>
+    public void Write(BlockRange range, ReadOnlySpan<byte> hashes, ReadOnlyMemory<byte> data, ulong writeId)
+    {
+        CheckRange(range);
+        int bs = Geometry.BlockSize;
+        MarkDirty(range);
+        byte[] contexts = ArrayPool<byte>.Shared.Rent(range.BlockCount * BlockContext.Size);
+        try
+        {
+            for (int i = 0; i < range.BlockCount; i++)
+            {
+                Span<byte> c = contexts.AsSpan(i * BlockContext.Size, BlockContext.Size);
+                hashes.Slice(i * Wire.HashSize, Wire.HashSize).CopyTo(c);
+                BinaryPrimitives.WriteUInt64LittleEndian(c[8..], writeId);
+            }
+            ForEachPiece(range, (extent, inExtent, index, count) =>
+            {
+                Faults?.BeforeWrite(extent.Path);
+                RandomAccess.Write(extent.Handle!, data.Slice(index * bs, count * bs).Span, (long)inExtent * bs);
+                RandomAccess.Write(extent.Handle!, contexts.AsSpan(index * BlockContext.Size, count * BlockContext.Size), Geometry.ContextOffset(inExtent));
+            });
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(contexts);
+        }
+    }
+
+    /// <summary>Reads blocks and their stored hashes (8 bytes per block; 0 = never written).</summary>
+    public void Read(BlockRange range, Span<byte> hashes, Span<byte> data)
+    {
+        CheckRange(range);
+        int bs = Geometry.BlockSize;
+        byte[] contexts = ArrayPool<byte>.Shared.Rent(range.BlockCount * BlockContext.Size);
+        try
+        {
+            int index = 0;
+            long block = range.FirstBlock;
+            while (index < range.BlockCount)
+            {
+                Extent extent = _extents[block / Geometry.ExtentBlocks];
+                int inExtent = (int)(block % Geometry.ExtentBlocks);
+                int count = Math.Min(range.BlockCount - index, Geometry.ExtentBlocks - inExtent);
+                ReadExactly(extent.Handle!, data.Slice(index * bs, count * bs), (long)inExtent * bs, extent.Path);
+                ReadExactly(extent.Handle!, contexts.AsSpan(index * BlockContext.Size, count * BlockContext.Size), Geometry.ContextOffset(inExtent), extent.Path);
+                index += count;
+                block += count;
+            }
+            for (int i = 0; i < range.BlockCount; i++)
+            {
+                contexts.AsSpan(i * BlockContext.Size, Wire.HashSize).CopyTo(hashes[(i * Wire.HashSize)..]);
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(contexts);
+        }
+    }
+
+    /// <summary>
+    /// Makes every dirty extent durable and records (generation, flush number, clean) for each.
+    /// Runs alone (the scheduler treats it as a barrier).
+    /// </summary>
+    public void Flush(ulong flushNumber, ulong generation)
+    {
+        foreach (Extent e in _extents)
+        {
+            if (e.Poisoned)
+            {
+                throw new PosixIOException(Errnos.EIO, $"flush refused: an earlier fdatasync failed ({e.PoisonReason}); the extent needs repair", e.Path);
+            }
+        }
+        List<Extent> dirty = [.. _extents.Where(e => e.Dirty)];
+        if (dirty.Count == 0)
+        {
+            return;
+        }
+        // Group commit: one fdatasync per dirty extent file, a few at a time (the device queues them).
+        Exception? failure = null;
+        Parallel.ForEach(dirty, new ParallelOptions { MaxDegreeOfParallelism = 4 }, e =>
+        {
+            try
+            {
+                Faults?.BeforeFlush(e.Path);
+                PosixFile.FlushToDisk(e.Handle!, dataOnly: true, e.Path);
+            }
+            catch (Exception ex) when (IoErrors.IsIoFailure(ex))
+            {
+                e.Poisoned = true;
+                e.PoisonReason = ex.Message;
+                Interlocked.CompareExchange(ref failure, ex, null);
+            }
+        });
+        if (failure is not null)
+        {
+            throw failure;
+        }
+        WriteRecordsAndSync(dirty, e => (generation, flushNumber, false));
+    }
+
+    // ---------------------------------------------------------------- live repair
+
+    /// <summary>Reads part of an extent as it is on disk: its contexts (16 bytes per block) and blocks.</summary>
+    public ExtentMeta ReadExtent(ExtentRange r, Span<byte> contexts, Span<byte> data)
+    {
+        Extent e = CheckExtentRange(r);
+        ReadExactly(e.Handle!, data[..(r.BlockCount * Geometry.BlockSize)], (long)r.FirstBlock * Geometry.BlockSize, e.Path);
+        ReadExactly(e.Handle!, contexts[..(r.BlockCount * BlockContext.Size)], Geometry.ContextOffset(r.FirstBlock), e.Path);
+        return GetExtentMeta(r.Extent);
+    }
+
+    /// <summary>Writes part of a healthy copy into the extent's staging file (the live extent is untouched).</summary>
+    public void WriteStaging(ExtentRange r, ReadOnlySpan<byte> contexts, ReadOnlySpan<byte> data)
+    {
+        Extent e = CheckExtentRange(r);
+        string staging = e.Path + RegionLayout.StagingSuffix;
+        if (r.Begin || e.Staging is null)
+        {
+            e.Staging?.Dispose();
+            e.Staging = null;
+            e.Staging = CreateStaging(staging);
+        }
+        Faults?.BeforeWrite(staging);
+        RandomAccess.Write(e.Staging, data[..(r.BlockCount * Geometry.BlockSize)], (long)r.FirstBlock * Geometry.BlockSize);
+        RandomAccess.Write(e.Staging, contexts[..(r.BlockCount * BlockContext.Size)], Geometry.ContextOffset(r.FirstBlock));
+    }
+
+    /// <summary>
+    /// Replaces the extent with its staging copy (blocks never sent read as unwritten) and records
+    /// <paramref name="meta"/>. Order: fdatasync staging, rename over the extent, fsync the directory,
+    /// then the record — a crash before the record leaves the old record, which the engine sees as
+    /// still needing repair.
+    /// </summary>
+    public void CommitStaging(int extent, ExtentMeta meta)
+    {
+        if (extent < 0 || extent >= _extents.Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(extent), $"extent {extent} is beyond the region's {_extents.Length} extents");
+        }
+        Extent e = _extents[extent];
+        string staging = e.Path + RegionLayout.StagingSuffix;
+        e.Staging ??= CreateStaging(staging);
+        Faults?.BeforeFlush(staging);
+        PosixFile.FlushToDisk(e.Staging, dataOnly: false, staging);
+        e.Staging.Dispose();
+        e.Staging = null;
+        File.Move(staging, e.Path, overwrite: true);
+        e.Handle!.Dispose();
+        e.Handle = File.OpenHandle(e.Path, FileMode.Open, FileAccess.ReadWrite);
+        PosixDirectory.FlushToDisk(Path.GetDirectoryName(e.Path)!);
+        WriteRecordsAndSync([e], _ => (meta.Generation, meta.FlushNumber, meta.Dirty));
+        e.Poisoned = false;
+        e.PoisonReason = null;
+    }
+
+    private SafeFileHandle CreateStaging(string path)
+    {
+        SafeFileHandle h = File.OpenHandle(path, FileMode.Create, FileAccess.ReadWrite);
+        try
+        {
+            if (Preallocated)
+            {
+                PosixFile.Allocate(h, 0, Geometry.ExtentFileBytes, path);
+            }
+            else
+            {
+                RandomAccess.SetLength(h, Geometry.ExtentFileBytes);
+            }
+            return h;
+        }
+        catch
+        {
+            h.Dispose();
+            throw;
+        }
+    }
+
+    // ---------------------------------------------------------------- dirty marking (group commit)
+
+    private void MarkDirty(BlockRange range)
+    {
+        int first = (int)(range.FirstBlock / Geometry.ExtentBlocks);
+        int last = (int)((range.EndBlock - 1) / Geometry.ExtentBlocks);
+        for (int i = first; i <= last; i++)
+        {
+            Extent e = _extents[i];
+            if (!Volatile.Read(ref e.DirtyVolatile))
+            {
+                MarkDirtySlow(e);
+            }
+        }
+    }
+
+    private void MarkDirtySlow(Extent e)
+    {
+        DirtyBatch batch;
+        bool leader = false;
+        lock (_dirtyLock)
+        {
+            if (e.Dirty)
+            {
+                return;
+            }
+            batch = e.Batch ?? (_collecting ??= new DirtyBatch());
+            if (e.Batch is null)
+            {
+                batch.Extents.Add(e);
+                e.Batch = batch;
+            }
+            // One commit at a time; whoever finds none running commits everything collected so far.
+            while (!batch.Done)
+            {
+                if (!_commitRunning && batch == _collecting)
+                {
+                    _collecting = null;
+                    _commitRunning = true;
+                    leader = true;
+                    break;
+                }
+                Monitor.Wait(_dirtyLock);
+            }
+        }
+        if (leader)
+        {
+            Exception? error = null;
+            try
+            {
+                WriteRecordsAndSync(batch.Extents, x => (x.Generation, x.Flush, true));
+            }
+            catch (Exception ex) when (IoErrors.IsIoFailure(ex))
+            {
+                error = ex;
+            }
+            lock (_dirtyLock)
+            {
+                batch.Error = error;
+                batch.Done = true;
+                foreach (Extent x in batch.Extents)
+                {
+                    x.Batch = null;
+                }
+                _commitRunning = false;
+                Monitor.PulseAll(_dirtyLock);
+            }
+        }
+        if (batch.Error is { } failed)
+        {
+            throw new PosixIOException(IoErrors.Errno(failed), "marking extent dirty in region.meta", RegionLayout.MetaPath(_dir));
+        }
+    }
+
+    private void WriteRecordsAndSync(IReadOnlyList<Extent> extents, Func<Extent, (ulong Generation, ulong Flush, bool Dirty)> next)
+    {
+        Span<byte> slot = stackalloc byte[RegionLayout.RecordSlotSize];
+        var written = new (Extent E, ulong Seq, int Slot, ulong Gen, ulong Flush, bool Dirty)[extents.Count];
+        for (int i = 0; i < extents.Count; i++)
+        {
+            Extent e = extents[i];
+            (ulong gen, ulong flush, bool dirty) = next(e);
+            int s = 1 - e.Slot;
+            RegionLayout.WriteRecord(slot, e.Seq + 1, gen, flush, dirty);
+            RandomAccess.Write(_meta, slot, RegionLayout.RecordOffset(e.Index, s));
+            written[i] = (e, e.Seq + 1, s, gen, flush, dirty);
+        }
+        PosixFile.FlushToDisk(_meta, dataOnly: true, RegionLayout.MetaPath(_dir));
+        // Only now does the new slot become current: if the sync failed, the next update rewrites the
+        // same slot and the last durable one stays intact.
+        lock (_recordLock)
+        {
+            foreach ((Extent e, ulong seq, int s, ulong gen, ulong flush, bool dirty) in written)
+            {
+                (e.Seq, e.Slot, e.Generation, e.Flush) = (seq, s, gen, flush);
+                e.Dirty = dirty;
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    private void CheckRange(BlockRange range)
+    {
+        if (range.FirstBlock < 0 || range.BlockCount <= 0 || range.EndBlock > Geometry.BlockCount)
+        {
+            throw new ArgumentOutOfRangeException(nameof(range), $"blocks {range.FirstBlock}..{range.EndBlock} are beyond the region's {Geometry.BlockCount} blocks");
+        }
+    }
+
+    private Extent CheckExtentRange(ExtentRange r)
+    {
+        if (r.Extent < 0 || r.Extent >= _extents.Length || r.FirstBlock < 0 || r.BlockCount <= 0 || (long)r.FirstBlock + r.BlockCount > Geometry.ExtentBlocks)
+        {
+            throw new ArgumentOutOfRangeException(nameof(r), $"extent {r.Extent} blocks {r.FirstBlock}+{r.BlockCount} are beyond the region ({_extents.Length} extents of {Geometry.ExtentBlocks} blocks)");
+        }
+        return _extents[r.Extent];
+    }
+
+    private void ForEachPiece(BlockRange range, Action<Extent, int, int, int> piece)
+    {
+        int index = 0;
+        long block = range.FirstBlock;
+        while (index < range.BlockCount)
+        {
+            Extent extent = _extents[block / Geometry.ExtentBlocks];
+            int inExtent = (int)(block % Geometry.ExtentBlocks);
+            int count = Math.Min(range.BlockCount - index, Geometry.ExtentBlocks - inExtent);
+            piece(extent, inExtent, index, count);
+            index += count;
+            block += count;
+        }
+    }
+
+    private static void ReadExactly(SafeFileHandle h, Span<byte> buffer, long offset, string path)
+    {
+        while (!buffer.IsEmpty)
+        {
+            int n = RandomAccess.Read(h, buffer, offset);
+            if (n <= 0)
+            {
+                throw new RegionDamagedException(path, $"unexpected end of file at offset {offset}");
+            }
+            buffer = buffer[n..];
+            offset += n;
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (Extent e in _extents)
+        {
+            e.Staging?.Dispose();
+            e.Handle?.Dispose();
+        }
+        _meta.Dispose();
+        _lock?.Dispose();
+    }
+
+    private sealed class DirtyBatch
+    {
+        public List<Extent> Extents { get; } = [];
+
+        public bool Done { get; set; }
+
+        public Exception? Error { get; set; }
+    }
+
+    private sealed class Extent(int index, string path)
+    {
+        public bool DirtyVolatile;
+
+        public int Index { get; } = index;
+
+        public string Path { get; } = path;
+
+        public SafeFileHandle? Handle { get; set; }
+
+        public SafeFileHandle? Staging { get; set; }
+
+        public ulong Seq { get; set; }
+
+        public int Slot { get; set; }
+
+        public ulong Generation { get; set; }
+
+        public ulong Flush { get; set; }
+
+        /// <summary>Dirty as recorded durably in region.meta.</summary>
+        public bool Dirty
+        {
+            get => Volatile.Read(ref DirtyVolatile);
+            set => Volatile.Write(ref DirtyVolatile, value);
+        }
+
+        public bool Poisoned { get; set; }
+
+        public string? PoisonReason { get; set; }
+
+        /// <summary>The dirty-marking commit that will (or does) cover this extent; guarded by _dirtyLock.</summary>
+        public DirtyBatch? Batch { get; set; }
+    }
+}

@@ -1,0 +1,167 @@
+using System.Buffers.Binary;
+using System.IO.Hashing;
+
+namespace NbdServer.Downstairs.Storage;
+
+/// <summary>Shape of a region: fixed at create time, never changed.</summary>
+internal sealed record RegionGeometry(int BlockSize, int ExtentBlocks, int ExtentCount)
+{
+    public long BlockCount => (long)ExtentBlocks * ExtentCount;
+
+    public long SizeBytes => BlockCount * BlockSize;
+
+    public long ExtentDataBytes => (long)ExtentBlocks * BlockSize;
+
+    /// <summary>Extent file: the blocks, then one 16-byte context per block.</summary>
+    public long ExtentFileBytes => ExtentDataBytes + ((long)ExtentBlocks * BlockContext.Size);
+
+    public long ContextOffset(int blockInExtent) => ExtentDataBytes + ((long)blockInExtent * BlockContext.Size);
+}
+
+/// <summary>
+/// The files of a region directory and the binary layout of <c>region.meta</c>.
+/// </summary>
+/// <remarks>
+/// <code>
+/// DIR/region.meta        header (4096 bytes) + 2 record slots × 32 bytes per extent
+/// DIR/region.lock        held (flock) by the serving process: one downstairs per region
+/// DIR/extents/e000000.dat  blocks (extent blocks × block size), then contexts (16 bytes per block)
+/// DIR/extents/e000000.dat.repair  staging copy during live repair (deleted at open)
+///
+/// header:   0 magic "NBDREGN\0" | 8 format version u32 | 12 header size u32 | 16 uuid[16]
+///          32 block size u32 | 36 blocks per extent u32 | 40 extent count u32 | 44 flags u32
+///          48 reserved u64 | 56 XxHash64 of bytes 0..56
+/// state slots at 512 and 1024 (highest generation seen):
+///           seq u64 | highest generation u64 | reserved u64 | XxHash64 of the first 24 bytes
+/// extent record slot s of extent i at 4096 + 64 i + 32 s:
+///           seq u64 | generation u64 | flush number u64 | flags u32 (bit 0 dirty) | low 32 bits of XxHash64 of the first 28
+/// </code>
+/// Why two slots per record: a record update must be atomic, and a 32-byte write is not promised
+/// to be (torn sectors, a crash mid-write). We write the slot not in use with a higher sequence
+/// number and a checksum; on open the valid slot with the highest sequence wins, so a torn update
+/// leaves the previous state, never garbage. The same trick keeps the generation fence durable.
+/// </remarks>
+internal static class RegionLayout
+{
+    public const string MetaFileName = "region.meta";
+    public const string LockFileName = "region.lock";
+    public const string ExtentDirName = "extents";
+    public const string StagingSuffix = ".repair";
+
+    public const ulong Magic = 0x004E47455244424E; // "NBDREGN\0" as little-endian bytes
+    public const uint FormatVersion = 1;
+    public const int HeaderSize = 4096;
+    public const int HeaderChecksummedBytes = 56;
+    public const int StateSlotOffsetA = 512;
+    public const int StateSlotOffsetB = 1024;
+    public const int StateSlotSize = 32;
+    public const int RecordSlotSize = 32;
+    public const int RecordsPerExtent = 2;
+    public const uint PreallocatedFlag = 1;
+
+    /// <summary>Limits that keep a corrupt header from making us allocate absurd tables.</summary>
+    public const int MaxExtentCount = 1 << 20;
+    public const int MaxExtentBlocks = 1 << 20;
+
+    public static string MetaPath(string dir) => Path.Combine(dir, MetaFileName);
+
+    public static string ExtentPath(string dir, int extent) => Path.Combine(dir, ExtentDirName, $"e{extent:D6}.dat");
+
+    public static long MetaFileBytes(int extentCount) => HeaderSize + ((long)extentCount * RecordsPerExtent * RecordSlotSize);
+
+    public static long RecordOffset(int extent, int slot) => HeaderSize + ((long)extent * RecordsPerExtent * RecordSlotSize) + ((long)slot * RecordSlotSize);
+
+    public static void WriteRecord(Span<byte> d, ulong seq, ulong generation, ulong flush, bool dirty)
+    {
+        BinaryPrimitives.WriteUInt64LittleEndian(d, seq);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[8..], generation);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[16..], flush);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[24..], dirty ? 1u : 0u);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[28..], (uint)XxHash64.HashToUInt64(d[..28]));
+    }
+
+    /// <summary>Null when the slot is empty or torn.</summary>
+    public static (ulong Seq, ulong Generation, ulong Flush, bool Dirty)? ReadRecord(ReadOnlySpan<byte> s)
+    {
+        if (BinaryPrimitives.ReadUInt32LittleEndian(s[28..]) != (uint)XxHash64.HashToUInt64(s[..28]) || BinaryPrimitives.ReadUInt64LittleEndian(s) == 0)
+        {
+            return null;
+        }
+        return (BinaryPrimitives.ReadUInt64LittleEndian(s), BinaryPrimitives.ReadUInt64LittleEndian(s[8..]),
+            BinaryPrimitives.ReadUInt64LittleEndian(s[16..]), (BinaryPrimitives.ReadUInt32LittleEndian(s[24..]) & 1) != 0);
+    }
+
+    public static void WriteStateSlot(Span<byte> d, ulong seq, ulong highestGeneration)
+    {
+        BinaryPrimitives.WriteUInt64LittleEndian(d, seq);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[8..], highestGeneration);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[16..], 0);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[24..], XxHash64.HashToUInt64(d[..24]));
+    }
+
+    public static (ulong Seq, ulong HighestGeneration)? ReadStateSlot(ReadOnlySpan<byte> s)
+    {
+        if (BinaryPrimitives.ReadUInt64LittleEndian(s[24..]) != XxHash64.HashToUInt64(s[..24]) || BinaryPrimitives.ReadUInt64LittleEndian(s) == 0)
+        {
+            return null;
+        }
+        return (BinaryPrimitives.ReadUInt64LittleEndian(s), BinaryPrimitives.ReadUInt64LittleEndian(s[8..]));
+    }
+
+    public static byte[] BuildHeader(Guid uuid, RegionGeometry g, bool preallocated)
+    {
+        byte[] h = new byte[HeaderSize];
+        BinaryPrimitives.WriteUInt64LittleEndian(h, Magic);
+        BinaryPrimitives.WriteUInt32LittleEndian(h.AsSpan(8), FormatVersion);
+        BinaryPrimitives.WriteUInt32LittleEndian(h.AsSpan(12), HeaderSize);
+        uuid.TryWriteBytes(h.AsSpan(16), bigEndian: true, out _);
+        BinaryPrimitives.WriteInt32LittleEndian(h.AsSpan(32), g.BlockSize);
+        BinaryPrimitives.WriteInt32LittleEndian(h.AsSpan(36), g.ExtentBlocks);
+        BinaryPrimitives.WriteInt32LittleEndian(h.AsSpan(40), g.ExtentCount);
+        BinaryPrimitives.WriteUInt32LittleEndian(h.AsSpan(44), preallocated ? PreallocatedFlag : 0);
+        BinaryPrimitives.WriteUInt64LittleEndian(h.AsSpan(56), XxHash64.HashToUInt64(h.AsSpan(0, HeaderChecksummedBytes)));
+        WriteStateSlot(h.AsSpan(StateSlotOffsetA, StateSlotSize), 1, 0);
+        return h;
+    }
+}
+
+/// <summary>
+/// Per-block context, 16 bytes, stored after the extent's blocks and sent by repair ops:
+/// <c>hash u64 (XxHash3 of the block; 0 = never written) | write id u64 (job id of the last write)</c>.
+/// </summary>
+/// <remarks>
+/// The hash is what catches a torn block: data and context are written separately, so a crash
+/// between them leaves a block whose data does not match its hash, which every read reports.
+/// </remarks>
+internal static class BlockContext
+{
+    public const int Size = 16;
+
+    /// <summary>XxHash3 of one block, never 0 (0 marks a block that was never written).</summary>
+    public static ulong Hash(ReadOnlySpan<byte> block)
+    {
+        ulong h = XxHash3.HashToUInt64(block);
+        return h == 0 ? 1 : h;
+    }
+
+    /// <summary>Fills <paramref name="hashes"/> (8 bytes per block, little-endian) for consecutive blocks.</summary>
+    public static void HashBlocks(ReadOnlySpan<byte> data, int blockSize, Span<byte> hashes)
+    {
+        int count = data.Length / blockSize;
+        for (int i = 0; i < count; i++)
+        {
+            BinaryPrimitives.WriteUInt64LittleEndian(hashes[(i * 8)..], Hash(data.Slice(i * blockSize, blockSize)));
+        }
+    }
+
+    /// <summary>True when <paramref name="block"/> matches <paramref name="storedHash"/> (hash 0: must be all zeroes).</summary>
+    public static bool Verify(ReadOnlySpan<byte> block, ulong storedHash) =>
+        storedHash == 0 ? !block.ContainsAnyExcept((byte)0) : Hash(block) == storedHash;
+}
+
+/// <summary>A region that cannot be opened as it is; names the file at fault. Nothing was changed on disk.</summary>
+internal sealed class RegionDamagedException(string path, string problem)
+    : IOException($"{path}: {problem}")
+{
+    public string FilePath { get; } = path;
+}
