@@ -68,7 +68,7 @@ internal sealed partial class DownstairsConnection
     public async Task RunAsync(CancellationToken cancellationToken)
     {
         var reader = PipeReader.Create(_stream, new StreamPipeReaderOptions(bufferSize: _options.ReceiveBufferBytes, minimumReadSize: 4096, leaveOpen: true));
-        string reason = "peer closed the connection";
+        string? reason = "peer closed the connection";
         try
         {
             if (await NegotiateAsync(reader, cancellationToken).ConfigureAwait(false))
@@ -83,7 +83,7 @@ internal sealed partial class DownstairsConnection
         catch (DownstairsProtocolException e)
         {
             DownstairsLog.InvalidFrame(_logger, Remote, e.Message);
-            reason = "invalid frame";
+            reason = null; // the line above is the one line this close gets
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
         {
@@ -102,7 +102,10 @@ internal sealed partial class DownstairsConnection
             _host.Unregister(this);
             await reader.CompleteAsync().ConfigureAwait(false);
             Shutdown();
-            DownstairsLog.Closed(_logger, Remote, reason);
+            if (reason is not null)
+            {
+                DownstairsLog.Closed(_logger, Remote, reason);
+            }
         }
     }
 

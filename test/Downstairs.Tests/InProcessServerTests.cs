@@ -1,0 +1,225 @@
+using System.Buffers.Binary;
+using System.IO.Pipelines;
+using Microsoft.Extensions.Logging;
+using Nerdbank.Streams;
+using NbdServer.Downstairs.Client;
+using NbdServer.Downstairs.Protocol;
+using NbdServer.Downstairs.Server;
+using NbdServer.Downstairs.Storage;
+
+namespace NbdServer.Downstairs.Tests;
+
+/// <summary>Protocol behaviour end to end, server and client in one process over an in-memory duplex pipe.</summary>
+[CancelAfter(30_000)]
+public sealed class InProcessServerTests
+{
+    private TempDir _dir = null!;
+    private ListLogger _log = null!;
+    private RegionHost _host = null!;
+    private DownstairsServer _server = null!;
+
+    [SetUp]
+    public void SetUp()
+    {
+        _dir = new TempDir();
+        _log = new ListLogger();
+        Region region = Region.Create(_dir.Sub("r"), 8 << 20, 4096, 512, preallocate: false);
+        _host = new RegionHost(region, new DownstairsOptions { DataDir = _dir.Sub("r"), MaxFrameBytes = 4 << 20, MaxBytesPerConnection = 8 << 20 }, _log);
+        _server = new DownstairsServer(_host);
+    }
+
+    [TearDown]
+    public async Task TearDown()
+    {
+        await _server.DisposeAsync();
+        _host.Dispose();
+        _dir.Dispose();
+    }
+
+    private (Stream Client, Task Served) Pair()
+    {
+        var options = new PipeOptions(pauseWriterThreshold: 4 << 20, resumeWriterThreshold: 2 << 20);
+        (Stream a, Stream b) = FullDuplexStream.CreatePair(options);
+        return (a, _server.ServeAsync(b));
+    }
+
+    private static HelloRequest Hello(ulong generation = 1, bool readOnly = false) => new(Wire.ProtocolVersion, readOnly, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), generation);
+
+    [Test]
+    public async Task Negotiation_reports_geometry_and_extent_state()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello());
+        Assert.That((c.Region.BlockSize, c.Region.ExtentBlocks, c.Region.ExtentCount, c.Region.RegionBytes), Is.EqualTo((4096, 512, 4, 8L << 20)));
+        Assert.That(c.Region.RegionId, Is.EqualTo(_host.Region.Uuid));
+        Assert.That(c.Region.Extents, Has.All.EqualTo(new ExtentMeta(0, 0, false)));
+    }
+
+    [Test]
+    public async Task Write_read_flush_round_trip_with_hashes()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(3));
+        byte[] data = [.. TestData.Block(4096, 510, 1), .. TestData.Block(4096, 511, 1), .. TestData.Block(4096, 512, 1)];
+        Assert.That((await c.WriteAsync(1, 510, data)).IsOk, Is.True, "a write may span two extents");
+        Assert.That((await c.FlushAsync(2, 1, 3)).IsOk, Is.True);
+        byte[] back = new byte[data.Length];
+        byte[] hashes = new byte[24];
+        Assert.That((await c.ReadAsync(3, 510, back, hashes)).IsOk, Is.True);
+        Assert.That(back, Is.EqualTo(data));
+        Assert.That(BinaryPrimitives.ReadUInt64LittleEndian(hashes), Is.EqualTo(BlockContext.Hash(data.AsSpan(0, 4096))));
+        Assert.That(_host.Region.GetExtentMeta(0), Is.EqualTo(new ExtentMeta(3, 1, false)));
+        Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(new ExtentMeta(0, 0, false)), "untouched extent keeps its state");
+    }
+
+    [Test]
+    public async Task Unwritten_blocks_read_as_zeroes_with_hash_zero()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello());
+        byte[] back = new byte[4096];
+        byte[] hashes = new byte[8];
+        Assert.That((await c.ReadAsync(1, 100, back, hashes)).IsOk, Is.True);
+        Assert.That((back.All(b => b == 0), BinaryPrimitives.ReadUInt64LittleEndian(hashes)), Is.EqualTo((true, 0UL)));
+    }
+
+    [Test]
+    public async Task Write_whose_hash_does_not_match_is_refused_and_not_written()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello());
+        byte[] data = TestData.Block(4096, 5, 1);
+        DownstairsResult r = await c.WriteAsync(1, 5, data, new byte[8] { 1, 2, 3, 4, 5, 6, 7, 8 });
+        Assert.That(r.Code, Is.EqualTo(ResultCode.HashMismatch));
+        byte[] back = new byte[4096];
+        await c.ReadAsync(2, 5, back);
+        Assert.That(back, Is.All.EqualTo((byte)0));
+    }
+
+    [Test]
+    public async Task Out_of_range_is_a_typed_error_and_the_link_stays_up()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello());
+        DownstairsResult r = await c.WriteAsync(1, 2047, new byte[8192]);
+        Assert.That(r.Code, Is.EqualTo(ResultCode.OutOfRange));
+        Assert.That(await c.PingAsync(), Is.LessThan(TimeSpan.FromSeconds(5)));
+    }
+
+    [Test]
+    public async Task Many_pipelined_jobs_complete_and_overlapping_writes_keep_their_order()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello());
+        var tasks = new List<Task<DownstairsResult>>();
+        for (int i = 0; i < 200; i++)
+        {
+            // Every 4th job rewrites block 7: the last one sent must win.
+            long block = i % 4 == 0 ? 7 : i;
+            tasks.Add(c.WriteAsync((ulong)i + 1, block, TestData.Block(4096, block, i)));
+        }
+        DownstairsResult[] results = await Task.WhenAll(tasks);
+        Assert.That(results.Select(r => r.Code), Is.All.EqualTo(ResultCode.Ok));
+        byte[] back = new byte[4096];
+        await c.ReadAsync(1000, 7, back);
+        Assert.That(back, Is.EqualTo(TestData.Block(4096, 7, 196)));
+    }
+
+    [Test]
+    public async Task Read_only_connection_cannot_write()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(readOnly: true));
+        Assert.That((await c.WriteAsync(1, 0, new byte[4096])).Code, Is.EqualTo(ResultCode.ReadOnly));
+        Assert.That((await c.FlushAsync(2, 1, 1)).Code, Is.EqualTo(ResultCode.ReadOnly));
+    }
+
+    [Test]
+    public async Task Wrong_region_and_wrong_version_are_refused()
+    {
+        (Stream s1, _) = Pair();
+        Assert.That(async () => await DownstairsClient.ConnectAsync(s1, Hello() with { RegionId = Guid.NewGuid() }),
+            Throws.TypeOf<DownstairsRefusedException>().With.Property(nameof(DownstairsRefusedException.Result)).Property(nameof(DownstairsResult.Code)).EqualTo(ResultCode.WrongRegion));
+        (Stream s2, _) = Pair();
+        Assert.That(async () => await DownstairsClient.ConnectAsync(s2, Hello() with { Version = 99 }),
+            Throws.TypeOf<DownstairsRefusedException>().With.Property(nameof(DownstairsRefusedException.Result)).Property(nameof(DownstairsResult.Code)).EqualTo(ResultCode.VersionMismatch));
+    }
+
+    [Test]
+    public async Task Malformed_frame_closes_only_that_connection_with_one_log_line()
+    {
+        (Stream bad, Task served) = Pair();
+        await using DownstairsClient good = await DownstairsClient.ConnectAsync(Pair().Client, Hello(readOnly: true));
+        await using (DownstairsClient c = await DownstairsClient.ConnectAsync(bad, Hello(readOnly: true)))
+        {
+            // A Write whose body is shorter than its block count says.
+            byte[] frame = new byte[Wire.HeaderSize + BlockRange.FixedSize];
+            FrameReader.WriteHeader(frame, MessageType.Write, ResultCode.Ok, 1, BlockRange.FixedSize);
+            new BlockRange(0, 4).Write(frame.AsSpan(Wire.HeaderSize));
+            await bad.WriteAsync(frame);
+            await bad.FlushAsync();
+            await served.WaitAsync(TimeSpan.FromSeconds(10));
+            Assert.That(async () => await c.Completion.WaitAsync(TimeSpan.FromSeconds(10)), Throws.Nothing);
+            Assert.That(c.Failure, Is.Not.Null);
+        }
+        Assert.That(_log.Lines.Count(l => l.Contains("invalid frame", StringComparison.Ordinal)), Is.EqualTo(1));
+        Assert.That(await good.PingAsync(), Is.LessThan(TimeSpan.FromSeconds(5)), "other connections are untouched");
+    }
+
+    [Test]
+    public async Task Client_that_stops_reading_makes_the_server_stop_taking_work()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(), new DownstairsClientOptions { MaxInFlightJobs = 100_000 });
+        // Reads of 256 KiB: the 4 MiB budget admits ~16; the rest wait unread in the pipe.
+        var reads = new List<Task<DownstairsResult>>();
+        var buffers = new byte[64][];
+        for (int i = 0; i < buffers.Length; i++)
+        {
+            buffers[i] = new byte[256 << 10];
+            reads.Add(c.ReadAsync((ulong)i + 1, 0, buffers[i]));
+        }
+        DownstairsResult[] done = await Task.WhenAll(reads).WaitAsync(TimeSpan.FromSeconds(20));
+        Assert.That(done.Select(d => d.Code), Is.All.EqualTo(ResultCode.Ok), "bounded, but never deadlocked");
+    }
+
+    [Test]
+    public async Task Repair_ops_copy_an_extent_with_its_contexts()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(2));
+        await c.WriteAsync(1, 512 + 3, TestData.Block(4096, 3, 1));
+        await c.FlushAsync(2, 5, 2);
+        byte[] ctx = new byte[512 * 16];
+        byte[] data = new byte[512 * 4096];
+        ExtentReadResult read = await c.ReadExtentAsync(3, new ExtentRange(1, 0, 512), ctx, data);
+        Assert.That(read.Result.IsOk, Is.True);
+        Assert.That(read.Meta, Is.EqualTo(new ExtentMeta(2, 5, false)));
+        Assert.That(data.AsSpan(3 * 4096, 4096).ToArray(), Is.EqualTo(TestData.Block(4096, 3, 1)));
+        // Copy extent 1 over extent 2 (a stand-in for "from a healthy replica") in two chunks.
+        Assert.That((await c.WriteExtentAsync(4, new ExtentRange(2, 0, 256, ExtentRange.BeginFlag), ctx.AsMemory(0, 256 * 16), data.AsMemory(0, 256 * 4096))).IsOk, Is.True);
+        Assert.That((await c.WriteExtentAsync(5, new ExtentRange(2, 256, 256), ctx.AsMemory(256 * 16), data.AsMemory(256 * 4096))).IsOk, Is.True);
+        Assert.That((await c.CommitExtentAsync(6, 2, new ExtentMeta(2, 5, false))).IsOk, Is.True);
+        byte[] back = new byte[4096];
+        byte[] hash = new byte[8];
+        await c.ReadAsync(7, 1024 + 3, back, hash);
+        Assert.That(back, Is.EqualTo(TestData.Block(4096, 3, 1)));
+        Assert.That(BlockContext.Verify(back, BinaryPrimitives.ReadUInt64LittleEndian(hash)), Is.True);
+        Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(new ExtentMeta(2, 5, false)));
+        Assert.That(Directory.GetFiles(Path.Combine(_dir.Sub("r"), "extents"), "*.repair"), Is.Empty);
+    }
+}
+
+internal sealed class ListLogger : ILogger
+{
+    private readonly System.Collections.Concurrent.ConcurrentQueue<string> _lines = new();
+
+    public IReadOnlyCollection<string> Lines => _lines;
+
+    public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+    public bool IsEnabled(LogLevel logLevel) => true;
+
+    public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+        _lines.Enqueue($"{logLevel} {eventId.Id} {formatter(state, exception)}");
+}
