@@ -12,6 +12,7 @@ internal sealed partial class DownstairsProcess : IAsyncDisposable
 {
     private readonly Process _process;
     private readonly ConcurrentQueue<string> _lines = new();
+    private int _disposed;
 
     private DownstairsProcess(Process process) => _process = process;
 
@@ -92,6 +93,10 @@ internal sealed partial class DownstairsProcess : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
         KillHard();
         await _process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(10));
         _process.Dispose();
