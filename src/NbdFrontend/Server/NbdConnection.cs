@@ -170,10 +170,22 @@ internal sealed class NbdConnection : IAsyncDisposable
             if (payloadLength > 0)
             {
                 payload = ArrayPool<byte>.Shared.Rent((int)payloadLength);
-                if (!await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), cancellationToken))
+                bool complete = false;
+                try
                 {
-                    ArrayPool<byte>.Shared.Return(payload);
-                    Enqueue(ErrorReply(request, NbdError.EIO, "connection closed", charge));
+                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), cancellationToken);
+                }
+                finally
+                {
+                    if (!complete)
+                    {
+                        // A torn write is never applied; give back what it was admitted with.
+                        ArrayPool<byte>.Shared.Return(payload);
+                        Settle(new PendingReply(RentHeader(0), 0, null, 0, charge, HoldsSlot: true));
+                    }
+                }
+                if (!complete)
+                {
                     return "client closed the connection in the middle of a write";
                 }
             }
