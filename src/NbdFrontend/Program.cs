@@ -5,8 +5,14 @@ using NbdServer.Common.Volumes;
 using NbdServer.Frontend;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
+using NbdServer.ReplicaEngine;
 using Serilog;
 using Serilog.Events;
+
+if (args is ["status", .. var statusArgs])
+{
+    return await StatusCommand.RunAsync(statusArgs);
+}
 
 ServeCommand command;
 try
@@ -32,19 +38,12 @@ Log.Logger = new LoggerConfiguration()
 
 try
 {
-    IBlockVolume volume = command.FilePath is { } path
-        ? FileVolume.Open(path, command.Size, command.ReadOnly)
-        : new MemoryVolume(command.Size ?? ServeCommand.DefaultMemorySize, command.ReadOnly);
-    var exports = new ExportRegistry([new NbdExport(command.ExportName, volume, command.Description, command.ReadOnly)]);
-
     HostApplicationBuilder builder = Host.CreateApplicationBuilder();
     builder.Services.AddSerilog();
-    builder.Services.AddSingleton(exports);
-    builder.Services.AddSingleton(command.Frontend);
+    builder.Services.AddSingleton(command);
     builder.Services.AddHostedService<NbdService>();
     using IHost host = builder.Build();
     await host.RunAsync();
-    await volume.DisposeAsync();
     return 0;
 }
 catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException or System.Net.Sockets.SocketException)
@@ -57,19 +56,73 @@ finally
     await Log.CloseAndFlushAsync();
 }
 
-/// <summary>Runs the NBD listener for the lifetime of the host (Ctrl-C / SIGTERM drain it).</summary>
-internal sealed class NbdService(ExportRegistry exports, FrontendOptions options, ILogger<NbdService> logger) : IHostedService, IAsyncDisposable
+/// <summary>
+/// Opens the volume (a replicated one starts only after fencing and reconciliation), then serves it
+/// over NBD for the lifetime of the host. Ctrl-C / SIGTERM drain in-flight requests, flush, and exit.
+/// </summary>
+internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logger, IHostApplicationLifetime lifetime) : IHostedService, IAsyncDisposable
 {
+    private IBlockVolume? _volume;
     private NbdListener? _listener;
+    private ControlServer? _control;
+    private EngineMetrics? _metrics;
 
-    public Task StartAsync(CancellationToken cancellationToken)
+    public async Task StartAsync(CancellationToken cancellationToken)
     {
-        _listener = new NbdListener(exports, options, logger);
+        if (command.Engine is { } engine)
+        {
+            var replicated = await ReplicatedVolume.StartAsync(engine, logger, lifetime.ApplicationStopping);
+            _volume = replicated;
+            _metrics = new EngineMetrics(replicated);
+            _control = new ControlServer(command.Control, replicated.GetStatus);
+            _control.Start();
+            FrontendLog.ControlListening(logger, _control.LocalEndPoint.ToString());
+        }
+        else
+        {
+            _volume = command.FilePath is { } path
+                ? FileVolume.Open(path, command.Size, command.ReadOnly)
+                : new MemoryVolume(command.Size ?? ServeCommand.DefaultMemorySize, command.ReadOnly);
+        }
+        var exports = new ExportRegistry([new NbdExport(command.ExportName, _volume, command.Description, command.ReadOnly)]);
+        _listener = new NbdListener(exports, command.Frontend, logger);
         _listener.Start();
-        return Task.CompletedTask;
     }
 
-    public Task StopAsync(CancellationToken cancellationToken) => _listener?.StopAsync() ?? Task.CompletedTask;
+    public async Task StopAsync(CancellationToken cancellationToken)
+    {
+        if (_listener is not null)
+        {
+            await _listener.StopAsync();
+        }
+        if (_volume is not null && (_volume.Features & VolumeFeatures.ReadOnly) == 0)
+        {
+            try
+            {
+                // Whatever the clients left unflushed is made durable before we go.
+                await _volume.FlushAsync(cancellationToken);
+            }
+            catch (VolumeException e)
+            {
+                FrontendLog.FinalFlushFailed(logger, e.Message);
+            }
+        }
+    }
 
-    public ValueTask DisposeAsync() => _listener?.DisposeAsync() ?? ValueTask.CompletedTask;
+    public async ValueTask DisposeAsync()
+    {
+        if (_listener is not null)
+        {
+            await _listener.DisposeAsync();
+        }
+        if (_control is not null)
+        {
+            await _control.DisposeAsync();
+        }
+        _metrics?.Dispose();
+        if (_volume is not null)
+        {
+            await _volume.DisposeAsync();
+        }
+    }
 }

@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Net;
 using NbdServer.Common.Text;
 using NbdServer.Frontend.Server;
+using NbdServer.ReplicaEngine;
 
 namespace NbdServer.Frontend;
 
@@ -24,9 +25,23 @@ internal sealed record ServeCommand
             under the empty name, so `nbdinfo nbd://127.0.0.1` needs no export name.
 
         BACKEND (one of)
+            --downstairs A:P,B:P,C:P the replicated volume: three nbd-downstairs servers; writes are
+                                     acknowledged once two replicas have them (see README)
             --memory SIZE            a sparse in-memory volume (default, 1GiB)
             --file PATH              a file or block device; created sparse when --size is given
             --size SIZE              size of a file to create (an existing file must match)
+
+        REPLICATION (with --downstairs)
+            --generation N           activation generation (default: one above the highest any
+                                     replica has seen; two upstairs must never share one)
+            --control ADDR:PORT      status endpoint (default 127.0.0.1:10810; see `nbd-server status`)
+            --max-outstanding-jobs N jobs one replica may owe before it is faulted (default 900)
+            --max-outstanding-bytes SIZE
+                                     bytes one replica may owe before it is faulted (default 64MiB)
+            --no-progress-timeout SECONDS
+                                     a replica that completes nothing this long is faulted (default 5)
+            --degraded-write-timeout SECONDS
+                                     with one replica left, writes wait this long then fail EIO (default 3)
 
         OPTIONS
             --listen ADDR:PORT       where to listen (default 127.0.0.1:10809)
@@ -63,6 +78,10 @@ internal sealed record ServeCommand
     public bool Verbose { get; init; }
 
     public bool Help { get; init; }
+
+    public EngineOptions? Engine { get; init; }
+
+    public IPEndPoint Control { get; init; } = new(IPAddress.Loopback, Server.ControlServer.DefaultPort);
 
     public static ServeCommand Parse(IReadOnlyList<string> args)
     {
@@ -120,6 +139,27 @@ internal sealed record ServeCommand
                 case "--max-connections":
                     frontend = frontend with { MaxConnections = ParseInt(Value(), arg) };
                     break;
+                case "--downstairs":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { Downstairs = [.. Value().Split(',').Select(e => ParseEndPoint(e.Trim(), arg))] } };
+                    break;
+                case "--generation":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { Generation = ulong.Parse(Value(), NumberStyles.None, CultureInfo.InvariantCulture) } };
+                    break;
+                case "--control":
+                    command = command with { Control = ParseEndPoint(Value(), arg) };
+                    break;
+                case "--max-outstanding-jobs":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { MaxOutstandingJobs = ParseInt(Value(), arg) } };
+                    break;
+                case "--max-outstanding-bytes":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { MaxOutstandingBytes = ByteSize.Parse(Value(), arg) } };
+                    break;
+                case "--no-progress-timeout":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { NoProgressTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) } };
+                    break;
+                case "--degraded-write-timeout":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DegradedWriteTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) } };
+                    break;
                 case "--verbose":
                     command = command with { Verbose = true };
                     break;
@@ -132,6 +172,11 @@ internal sealed record ServeCommand
             throw new ArgumentException("--export: the name must not be empty (the first export is served under the empty name anyway).");
         }
         frontend.Validate();
+        command.Engine?.Validate();
+        if (command.Engine is not null && command.FilePath is not null)
+        {
+            throw new ArgumentException("--downstairs and --file are different backends; choose one.");
+        }
         return command with { Frontend = frontend };
     }
 
@@ -139,6 +184,11 @@ internal sealed record ServeCommand
         int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int value) && value > 0
             ? value
             : throw new ArgumentException($"{setting}: '{text}' is not a positive integer.");
+
+    private static double ParseSeconds(string text, string setting) =>
+        double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) && value > 0
+            ? value
+            : throw new ArgumentException($"{setting}: '{text}' is not a positive number of seconds.");
 
     internal static IPEndPoint ParseEndPoint(string text, string setting)
     {

@@ -1,0 +1,34 @@
+using Microsoft.Extensions.Logging;
+
+namespace NbdServer.ReplicaEngine;
+
+/// <summary>Source-generated log lines of the replica engine (stable event ids: 3xxx).</summary>
+internal static partial class EngineLog
+{
+    [LoggerMessage(EventId = 3000, Level = LogLevel.Information, Message = "Replica {Replica} ({EndPoint}) connected: region {Region}, {Extents} extents of {ExtentBytes} bytes, block {BlockSize}")]
+    public static partial void Connected(ILogger logger, int replica, string endPoint, Guid region, int extents, long extentBytes, int blockSize);
+
+    [LoggerMessage(EventId = 3001, Level = LogLevel.Warning, Message = "Replica {Replica} ({EndPoint}) FAULTED: {Reason}; {Jobs} outstanding jobs ({Bytes} bytes) dropped, guest continues on {InService} replicas")]
+    public static partial void Faulted(ILogger logger, int replica, string endPoint, string reason, int jobs, long bytes, int inService);
+
+    [LoggerMessage(EventId = 3002, Level = LogLevel.Information, Message = "Replica {Replica}: live repair started for {Extents} of {Total} extents")]
+    public static partial void RepairStarted(ILogger logger, int replica, int extents, int total);
+
+    [LoggerMessage(EventId = 3003, Level = LogLevel.Information, Message = "Replica {Replica}: live repair {Done}/{Total} extents ({MiB:0.0} MiB at {Rate:0.0} MiB/s)")]
+    public static partial void RepairProgress(ILogger logger, int replica, int done, int total, double miB, double rate);
+
+    [LoggerMessage(EventId = 3004, Level = LogLevel.Information, Message = "Replica {Replica} back in service after repairing {Extents} extents ({MiB:0.0} MiB) in {Seconds:0.00} s")]
+    public static partial void RepairDone(ILogger logger, int replica, int extents, double miB, double seconds);
+
+    [LoggerMessage(EventId = 3005, Level = LogLevel.Information, Message = "Generation {Generation}: reconciled {Replicas} replicas, {Repaired} extents repaired, flush number {Flush}")]
+    public static partial void Reconciled(ILogger logger, ulong generation, int replicas, int repaired, ulong flush);
+
+    [LoggerMessage(EventId = 3006, Level = LogLevel.Warning, Message = "Read of blocks {First}+{Count} from replica {Replica} was bad ({Problem}); served from replica {Good} and repaired")]
+    public static partial void ReadRepaired(ILogger logger, long first, int count, int replica, string problem, int good);
+
+    [LoggerMessage(EventId = 3007, Level = LogLevel.Warning, Message = "Only {InService} replica(s) in service: writes fail with EIO until a second one returns")]
+    public static partial void Degraded(ILogger logger, int inService);
+
+    [LoggerMessage(EventId = 3008, Level = LogLevel.Information, Message = "Replica {Replica} ({EndPoint}) unreachable: {Reason}; retrying")]
+    public static partial void ConnectFailed(ILogger logger, int replica, string endPoint, string reason);
+}

@@ -1,0 +1,77 @@
+using System.Net;
+
+namespace NbdServer.ReplicaEngine;
+
+/// <summary>
+/// Settings of the upstairs. Every limit that decides when a replica is given up on is here, named,
+/// with the default and the reason for it.
+/// </summary>
+public sealed record EngineOptions
+{
+    /// <summary>The three downstairs, in a fixed order (replica 0, 1, 2).</summary>
+    public IReadOnlyList<IPEndPoint> Downstairs { get; init; } = [];
+
+    /// <summary>Activation generation; null = one above the highest any replica has seen.</summary>
+    public ulong? Generation { get; init; }
+
+    /// <summary>
+    /// Jobs one replica may have outstanding before it is faulted (while two others are in service).
+    /// Crucible faults at 1000 jobs; ours is lower than the downstairs client's 1024-slot window so
+    /// that submitting to a stuck replica never blocks the guest.
+    /// </summary>
+    public int MaxOutstandingJobs { get; init; } = 900;
+
+    /// <summary>Bytes one replica may have outstanding before it is faulted (Crucible: 50 MiB).</summary>
+    public long MaxOutstandingBytes { get; init; } = 64L * 1024 * 1024;
+
+    /// <summary>A replica with work outstanding that completes nothing for this long is faulted.</summary>
+    public TimeSpan NoProgressTimeout { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>With fewer than two replicas in service a write waits this long for one to return, then fails with EIO.</summary>
+    public TimeSpan DegradedWriteTimeout { get; init; } = TimeSpan.FromSeconds(3);
+
+    /// <summary>How long startup waits for all three replicas before starting on two.</summary>
+    public TimeSpan StartupWaitForAll { get; init; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>How long startup waits for at least two replicas before giving up.</summary>
+    public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>Reconnect backoff: first delay, doubled up to the maximum.</summary>
+    public TimeSpan ReconnectInitialDelay { get; init; } = TimeSpan.FromMilliseconds(100);
+
+    public TimeSpan ReconnectMaxDelay { get; init; } = TimeSpan.FromSeconds(2);
+
+    /// <summary>
+    /// Backpressure: when the second-least-loaded replica in service is above this fraction of its
+    /// budget, admission is delayed along a quadratic curve up to <see cref="MaxAdmissionDelay"/>.
+    /// </summary>
+    public double BackpressureStart { get; init; } = 0.5;
+
+    public TimeSpan MaxAdmissionDelay { get; init; } = TimeSpan.FromMilliseconds(20);
+
+    /// <summary>Largest repair transfer (one ExtentRead / ExtentWrite frame).</summary>
+    public int RepairChunkBytes { get; init; } = 4 * 1024 * 1024;
+
+    /// <summary>Interval of the repeated-error summaries.</summary>
+    public TimeSpan LogThrottleInterval { get; init; } = TimeSpan.FromSeconds(5);
+
+    public void Validate()
+    {
+        if (Downstairs.Count != 3)
+        {
+            throw new ArgumentException($"exactly three downstairs are needed (got {Downstairs.Count}).");
+        }
+        if (MaxOutstandingJobs is < 1 or > 1000)
+        {
+            throw new ArgumentException($"{nameof(MaxOutstandingJobs)} must be 1..1000 (the downstairs client window is 1024); got {MaxOutstandingJobs}.");
+        }
+        if (MaxOutstandingBytes < 33L * 1024 * 1024)
+        {
+            throw new ArgumentException($"{nameof(MaxOutstandingBytes)} must hold at least one 32 MiB request; got {MaxOutstandingBytes}.");
+        }
+        if (NoProgressTimeout <= TimeSpan.Zero || DegradedWriteTimeout < TimeSpan.Zero)
+        {
+            throw new ArgumentException("timeouts must be positive.");
+        }
+    }
+}

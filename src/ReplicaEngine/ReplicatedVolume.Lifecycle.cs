@@ -1,0 +1,435 @@
+using System.Buffers;
+using System.Diagnostics;
+using NbdServer.Common.Volumes;
+using NbdServer.Downstairs.Client;
+using NbdServer.Downstairs.Protocol;
+using NbdServer.Downstairs.Storage;
+using Microsoft.Extensions.Logging;
+
+namespace NbdServer.ReplicaEngine;
+
+// Activation (fencing, reconciliation), reconnection, live repair, the watchdog, status.
+public sealed partial class ReplicatedVolume
+{
+    private static readonly TimeSpan WatchdogInterval = TimeSpan.FromMilliseconds(200);
+    private static readonly TimeSpan ProgressLogInterval = TimeSpan.FromSeconds(2);
+
+    /// <summary>A snapshot for `nbd-server status` and the control endpoint.</summary>
+    public EngineStatus GetStatus()
+    {
+        lock (_gate)
+        {
+            return new EngineStatus(Generation, _flushNumber, Size, _blockSize, _extentCount, InServiceCountLocked(),
+                [.. _links.Select(l => new ReplicaStatus(l.Index, l.EndPoint.ToString(), l.State, l.OutstandingJobs, l.OutstandingBytes,
+                    l.Completed, Math.Round(l.CompletedPerSecond, 1), l.Errors, l.Faults, l.LastFault, l.RepairDone, l.RepairTotal))]);
+        }
+    }
+
+    private async Task ActivateAsync(CancellationToken cancellationToken)
+    {
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _stopping.Token);
+        timeout.CancelAfter(_options.StartupTimeout);
+
+        // 1. Probe (read-only hellos are never fenced) for each region's geometry and highest generation.
+        HelloReply?[] probes = await ProbeAsync(timeout.Token);
+        HelloReply first = probes.First(p => p is not null)!;
+        foreach (HelloReply? probe in probes)
+        {
+            if (probe is not null && (probe.BlockSize != first.BlockSize || probe.ExtentBlocks != first.ExtentBlocks || probe.ExtentCount != first.ExtentCount))
+            {
+                throw new InvalidOperationException($"the downstairs regions differ in shape (block {probe.BlockSize}/{first.BlockSize}, extent {probe.ExtentBlocks}/{first.ExtentBlocks} blocks, {probe.ExtentCount}/{first.ExtentCount} extents): they are not replicas of one volume");
+            }
+        }
+        _blockSize = first.BlockSize;
+        _extentBlocks = first.ExtentBlocks;
+        _extentCount = first.ExtentCount;
+        Size = first.RegionBytes;
+        int frameRoom = probes.Where(p => p is not null).Min(p => p!.MaxFrameBytes) - (64 << 10);
+        int perBlock = _blockSize + BlockContext.Size;
+        _maxIoBytes = Math.Max(1, Math.Min(32 << 20, frameRoom) / perBlock) * _blockSize;
+        ulong highest = probes.Where(p => p is not null).Max(p => p!.HighestGeneration);
+        Generation = _options.Generation ?? highest + 1;
+        if (Generation <= highest && _options.Generation is not null && Generation < highest)
+        {
+            throw new InvalidOperationException($"generation {Generation} is older than generation {highest}, which a replica has already seen; choose a higher one (or omit --generation)");
+        }
+
+        // 2. Connect read-write with our generation: from now on older upstairs are fenced out.
+        var connected = new List<(ReplicaLink Link, IDownstairs Client)>();
+        for (int i = 0; i < _links.Length; i++)
+        {
+            if (probes[i] is null)
+            {
+                continue;
+            }
+            IDownstairs client = await _connector.ConnectAsync(i, Hello(probes[i]!.RegionId), timeout.Token);
+            _links[i].RegionId = client.Region.RegionId;
+            connected.Add((_links[i], client));
+            EngineLog.Connected(_logger, i, _links[i].EndPoint.ToString(), client.Region.RegionId, client.Region.ExtentCount, (long)client.Region.ExtentBlocks * client.Region.BlockSize, client.Region.BlockSize);
+        }
+
+        // 3. Reconcile: per extent, highest generation then highest flush number wins; dirty or differing copies are replaced.
+        _expected = new ExtentMeta[_extentCount];
+        int repaired = 0;
+        ulong maxFlush = 0;
+        for (int e = 0; e < _extentCount; e++)
+        {
+            (ReplicaLink Link, IDownstairs Client) winner = connected[0];
+            foreach (var c in connected)
+            {
+                ExtentMeta m = c.Client.Region.Extents[e];
+                ExtentMeta w = winner.Client.Region.Extents[e];
+                if (m.Generation > w.Generation || (m.Generation == w.Generation && m.FlushNumber > w.FlushNumber))
+                {
+                    winner = c;
+                }
+            }
+            ExtentMeta best = winner.Client.Region.Extents[e];
+            _expected[e] = best;
+            maxFlush = Math.Max(maxFlush, best.FlushNumber);
+            bool anyDirty = connected.Exists(c => c.Client.Region.Extents[e].Dirty);
+            foreach (var c in connected)
+            {
+                if (c.Link == winner.Link)
+                {
+                    continue;
+                }
+                ExtentMeta m = c.Client.Region.Extents[e];
+                if (anyDirty || m.Generation != best.Generation || m.FlushNumber != best.FlushNumber)
+                {
+                    await CopyExtentAsync(winner.Client, c.Client, e, timeout.Token);
+                    repaired++;
+                }
+            }
+            if (anyDirty)
+            {
+                // The next flush will stamp it; until then a returning replica must copy it.
+                _dirty.Add(e);
+            }
+        }
+        _flushNumber = maxFlush;
+
+        lock (_gate)
+        {
+            foreach ((ReplicaLink link, IDownstairs client) in connected)
+            {
+                link.Client = client;
+                link.Region = client.Region;
+                link.State = ReplicaState.Active;
+            }
+            foreach (ReplicaLink link in _links.Where(l => l.State == ReplicaState.Connecting))
+            {
+                link.RequestConnection();
+            }
+        }
+        EngineLog.Reconciled(_logger, Generation, connected.Count, repaired, _flushNumber);
+        foreach (ReplicaLink link in _links)
+        {
+            _maintainers.Add(Task.Run(() => MaintainAsync(link)));
+        }
+        _watchdog = TimeProvider.System.CreateTimer(_ => Watchdog(), null, WatchdogInterval, WatchdogInterval);
+    }
+
+    private HelloRequest Hello(Guid regionId, bool readOnly = false) =>
+        new(Wire.ProtocolVersion, readOnly, regionId, _upstairsId, _sessionId, readOnly ? 0 : Generation);
+
+    /// <summary>Probes all three; returns once all answered, or once two did and the wait for the third ran out.</summary>
+    private async Task<HelloReply?[]> ProbeAsync(CancellationToken cancellationToken)
+    {
+        var probes = new HelloReply?[_links.Length];
+        Task[] tasks = [.. _links.Select((link, i) => Task.Run(async () =>
+        {
+            TimeSpan delay = _options.ReconnectInitialDelay;
+            while (!cancellationToken.IsCancellationRequested)
+            {
+                try
+                {
+                    await using IDownstairs probe = await _connector.ConnectAsync(i, Hello(Guid.Empty, readOnly: true), cancellationToken);
+                    probes[i] = probe.Region;
+                    return;
+                }
+                catch (Exception e) when (e is not OperationCanceledException)
+                {
+                    _throttle.Report(LogLevel.Information, $"replica {i} ({link.EndPoint}) unreachable", () => $"{e.Message}; retrying");
+                    await Task.Delay(delay, cancellationToken).ContinueWith(static _ => { }, TaskScheduler.Default);
+                    delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, _options.ReconnectMaxDelay.Ticks));
+                }
+            }
+        }, CancellationToken.None))];
+        Task all = Task.WhenAll(tasks);
+        await Task.WhenAny(all, Task.Delay(_options.StartupWaitForAll, cancellationToken)).ContinueWith(static _ => { }, TaskScheduler.Default);
+        while (probes.Count(p => p is not null) < 2)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            await Task.WhenAny(all, Task.Delay(100, cancellationToken)).ContinueWith(static _ => { }, TaskScheduler.Default);
+            if (all.IsCompleted && probes.Count(p => p is not null) < 2)
+            {
+                break;
+            }
+        }
+        if (probes.Count(p => p is not null) < 2)
+        {
+            throw new InvalidOperationException($"fewer than two downstairs reachable within {_options.StartupTimeout.TotalSeconds:0} s ({string.Join(", ", _options.Downstairs)}): cannot start a replicated volume");
+        }
+        return probes;
+    }
+
+    /// <summary>The background life of one replica: whenever it is out of service, reconnect (with backoff) and live-repair it.</summary>
+    private async Task MaintainAsync(ReplicaLink link)
+    {
+        CancellationToken stopping = _stopping.Token;
+        while (!stopping.IsCancellationRequested)
+        {
+            try
+            {
+                await link.NeedsConnection.WaitAsync(stopping);
+            }
+            catch (OperationCanceledException)
+            {
+                return;
+            }
+            TimeSpan delay = _options.ReconnectInitialDelay;
+            while (!stopping.IsCancellationRequested)
+            {
+                IDownstairs? client = null;
+                try
+                {
+                    client = await _connector.ConnectAsync(link.Index, Hello(link.RegionId), stopping);
+                    HelloReply r = client.Region;
+                    if (r.BlockSize != _blockSize || r.ExtentBlocks != _extentBlocks || r.ExtentCount != _extentCount)
+                    {
+                        throw new InvalidOperationException($"region has a different shape ({r.ExtentCount} extents of {r.ExtentBlocks} × {r.BlockSize} bytes)");
+                    }
+                    if (link.RegionId == Guid.Empty)
+                    {
+                        link.RegionId = r.RegionId;
+                    }
+                    EngineLog.Connected(_logger, link.Index, link.EndPoint.ToString(), r.RegionId, r.ExtentCount, (long)r.ExtentBlocks * r.BlockSize, r.BlockSize);
+                    await LiveRepairAsync(link, client, stopping);
+                    break;
+                }
+                catch (OperationCanceledException) when (stopping.IsCancellationRequested)
+                {
+                    return;
+                }
+                catch (Exception e)
+                {
+                    if (client is not null)
+                    {
+                        lock (_gate)
+                        {
+                            if (link.Client == client)
+                            {
+                                FaultLocked(link, $"live repair failed: {e.Message}");
+                                break;
+                            }
+                        }
+                        await client.DisposeAsync();
+                    }
+                    _throttle.Report(LogLevel.Information, $"replica {link.Index} ({link.EndPoint}) unreachable", () => $"{e.Message}; retrying");
+                    await Task.Delay(delay, stopping).ContinueWith(static _ => { }, TaskScheduler.Default);
+                    delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, _options.ReconnectMaxDelay.Ticks));
+                }
+            }
+        }
+    }
+
+    /// <summary>
+    /// Brings a connected replica back: from this moment it receives every write (so nothing new is
+    /// missed), while the extents it may lack are copied one at a time from a replica in service.
+    /// </summary>
+    private async Task LiveRepairAsync(ReplicaLink link, IDownstairs client, CancellationToken cancellationToken)
+    {
+        List<int> extents;
+        lock (_gate)
+        {
+            link.Client = client;
+            link.Region = client.Region;
+            link.State = ReplicaState.Repairing;
+            var needed = new HashSet<int>(_dirty);
+            foreach (HashSet<int> flushing in _flushing.Values)
+            {
+                needed.UnionWith(flushing);
+            }
+            for (int e = 0; e < _extentCount; e++)
+            {
+                ExtentMeta have = client.Region.Extents[e];
+                ExtentMeta want = _expected[e];
+                if (have.Dirty || want.Dirty || have.Generation != want.Generation || have.FlushNumber != want.FlushNumber)
+                {
+                    needed.Add(e);
+                }
+            }
+            extents = [.. needed.Order()];
+            link.RepairTotal = extents.Count;
+            link.RepairDone = 0;
+            SignalStateChangedLocked();
+        }
+        EngineLog.RepairStarted(_logger, link.Index, extents.Count, _extentCount);
+        long started = Stopwatch.GetTimestamp();
+        long lastLog = started;
+        long extentBytes = (long)_extentBlocks * _blockSize;
+        foreach (int extent in extents)
+        {
+            while (true)
+            {
+                IDownstairs? source;
+                lock (_gate)
+                {
+                    if (link.Client != client)
+                    {
+                        return; // faulted again while repairing; the maintainer starts over
+                    }
+                    source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null)?.Client;
+                }
+                if (source is null)
+                {
+                    // No healthy copy to repair from right now; wait for one rather than copy garbage.
+                    await Task.Delay(200, cancellationToken);
+                    continue;
+                }
+                try
+                {
+                    using (await AcquireRangeAsync((long)extent * _extentBlocks, (long)(extent + 1) * _extentBlocks, cancellationToken))
+                    {
+                        await CopyExtentAsync(source, client, extent, cancellationToken);
+                    }
+                    break;
+                }
+                catch (RepairSourceException)
+                {
+                    // The source failed (and is being faulted by its own jobs): try the next one.
+                    await Task.Delay(50, cancellationToken);
+                }
+            }
+            lock (_gate)
+            {
+                link.RepairDone++;
+            }
+            if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
+            {
+                lastLog = Stopwatch.GetTimestamp();
+                double mib = link.RepairDone * extentBytes / 1048576.0;
+                EngineLog.RepairProgress(_logger, link.Index, link.RepairDone, extents.Count, mib, mib / Stopwatch.GetElapsedTime(started).TotalSeconds);
+            }
+        }
+        lock (_gate)
+        {
+            if (link.Client != client)
+            {
+                return;
+            }
+            link.State = ReplicaState.Active;
+            SignalStateChangedLocked();
+        }
+        EngineLog.RepairDone(_logger, link.Index, extents.Count, extents.Count * extentBytes / 1048576.0, Stopwatch.GetElapsedTime(started).TotalSeconds);
+    }
+
+    /// <summary>Copies one extent, chunk by chunk (contexts and data as stored), then commits it with the source's metadata.</summary>
+    private async Task CopyExtentAsync(IDownstairs source, IDownstairs target, int extent, CancellationToken cancellationToken)
+    {
+        int chunkBlocks = Math.Max(1, Math.Min(_extentBlocks, _options.RepairChunkBytes / _blockSize));
+        byte[] contexts = ArrayPool<byte>.Shared.Rent(chunkBlocks * BlockContext.Size);
+        byte[] data = ArrayPool<byte>.Shared.Rent(chunkBlocks * _blockSize);
+        try
+        {
+            ExtentMeta meta = default;
+            for (int first = 0; first < _extentBlocks; first += chunkBlocks)
+            {
+                int count = Math.Min(chunkBlocks, _extentBlocks - first);
+                Memory<byte> ctx = contexts.AsMemory(0, count * BlockContext.Size);
+                Memory<byte> blocks = data.AsMemory(0, count * _blockSize);
+                ExtentReadResult read;
+                try
+                {
+                    read = await source.ReadExtentAsync(NextJobId(), new ExtentRange(extent, first, count), ctx, blocks, cancellationToken);
+                }
+                catch (Exception e) when (e is not OperationCanceledException)
+                {
+                    throw new RepairSourceException(e.Message);
+                }
+                if (!read.Result.IsOk)
+                {
+                    throw new RepairSourceException(read.Result.ToString());
+                }
+                meta = read.Meta;
+                DownstairsResult written = await target.WriteExtentAsync(NextJobId(), new ExtentRange(extent, first, count, first == 0 ? ExtentRange.BeginFlag : 0), ctx, blocks, cancellationToken);
+                if (!written.IsOk)
+                {
+                    throw new InvalidOperationException($"repair write of extent {extent} failed: {written}");
+                }
+            }
+            DownstairsResult committed = await target.CommitExtentAsync(NextJobId(), extent, meta, cancellationToken);
+            if (!committed.IsOk)
+            {
+                throw new InvalidOperationException($"repair commit of extent {extent} failed: {committed}");
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(contexts);
+            ArrayPool<byte>.Shared.Return(data);
+        }
+    }
+
+    private ulong NextJobId()
+    {
+        lock (_gate)
+        {
+            return ++_nextJobId;
+        }
+    }
+
+    /// <summary>Faults replicas that stopped making progress, and samples completion rates for status.</summary>
+    private void Watchdog()
+    {
+        lock (_gate)
+        {
+            long now = Stopwatch.GetTimestamp();
+            foreach (ReplicaLink link in _links)
+            {
+                long completed = link.Completed;
+                link.CompletedPerSecond = (completed - link.CompletedAtLastSample) / WatchdogInterval.TotalSeconds;
+                link.CompletedAtLastSample = completed;
+                if (link.ReceivesWrites && link.OutstandingJobs > 0 && Stopwatch.GetElapsedTime(link.LastProgress, now) > _options.NoProgressTimeout)
+                {
+                    FaultLocked(link, $"no progress for {_options.NoProgressTimeout.TotalSeconds:0.#} s with {link.OutstandingJobs} jobs outstanding");
+                }
+            }
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stopping.CancelAsync();
+        if (_watchdog is not null)
+        {
+            await _watchdog.DisposeAsync();
+        }
+        await Task.WhenAll(_maintainers).WaitAsync(TimeSpan.FromSeconds(5)).ContinueWith(static _ => { }, TaskScheduler.Default);
+        List<IDownstairs> clients;
+        lock (_gate)
+        {
+            clients = [.. _links.Select(l => l.Client).OfType<IDownstairs>()];
+            foreach (ReplicaLink link in _links)
+            {
+                link.Client = null;
+                link.State = ReplicaState.Faulted;
+            }
+        }
+        foreach (IDownstairs client in clients)
+        {
+            await client.DisposeAsync();
+        }
+        _throttle.Dispose();
+        _stopping.Dispose();
+    }
+
+    private sealed class RepairSourceException(string message) : Exception(message);
+}
+
+/// <summary>Per-replica figures an operator watches during an incident.</summary>
+public sealed record ReplicaStatus(int Index, string EndPoint, ReplicaState State, int OutstandingJobs, long OutstandingBytes,
+    long Completed, double CompletedPerSecond, long Errors, long Faults, string? LastFault, int RepairDone, int RepairTotal);
+
+public sealed record EngineStatus(ulong Generation, ulong FlushNumber, long Size, int BlockSize, int ExtentCount, int InService, ReplicaStatus[] Replicas);
