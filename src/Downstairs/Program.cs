@@ -36,6 +36,8 @@ try
             var a = new CommandArgs(rest, flags);
             return a.Help ? PrintHelp(Usage.Info) : Commands.Info(a);
         }
+        case "compare":
+            return CompareCommand.Run(rest, Console.Out, Console.Error);
         case "bench":
         {
             var a = new CommandArgs(rest, flags);
@@ -54,7 +56,7 @@ try
             return await RunAsync(options, verbose);
         }
         default:
-            Console.Error.WriteLine($"nbd-downstairs: unknown command '{command}' (create, run, info; see --help)");
+            Console.Error.WriteLine($"nbd-downstairs: unknown command '{command}' (create, run, info, compare; see --help)");
             return 2;
     }
 }

@@ -11,6 +11,7 @@ SYNOPSIS
     nbd-downstairs create --data DIR --size SIZE [--block-size 512|4096] [--extent-size BLOCKS] [--preallocate]
     nbd-downstairs run    --data DIR --listen ADDRESS:PORT [OPTIONS]
     nbd-downstairs info   --data DIR
+    nbd-downstairs compare DIR DIR [DIR...]
     nbd-downstairs COMMAND --help
 
 DESCRIPTION
