@@ -1,27 +1,65 @@
 #!/usr/bin/env bash
-# Starts the local volume: NBD on 127.0.0.1:10809, export "vol0" (also the default, empty name).
-# Usage: scripts/run.sh [--data DIR] [extra nbd-server options]
+# Starts a complete local replicated volume: three nbd-downstairs processes (regions under DATA/ds0..2,
+# created on first run) and nbd-server serving them as export "vol0" (also the default, empty name)
+# on 127.0.0.1:10809, status on 127.0.0.1:10810. Ctrl-C stops all of it; the next run finds the same data.
+# Usage: scripts/run.sh [--data DIR] [--size SIZE] [extra nbd-server options]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 data="$root/data"
+size=1GiB
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) data=$2; shift 2 ;;
+    --size) size=$2; shift 2 ;;
+    -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$1"); shift ;;
   esac
 done
 mkdir -p "$data"
+data=$(cd "$data" && pwd)
+echo "building (Release)..."
 dotnet build "$root/src/NbdFrontend/NbdFrontend.csproj" -c Release -v quiet -nologo >/dev/null
-server="$root/src/NbdFrontend/bin/Release/net10.0/nbd-server"
-image="$data/vol0.img"
-size_arg=()
-[ -e "$image" ] || size_arg=(--size 1GiB)
+dotnet build "$root/src/Downstairs/Downstairs.csproj" -c Release -v quiet -nologo >/dev/null
+bin_ds="$root/src/Downstairs/bin/Release/net10.0/nbd-downstairs"
+bin_up="$root/src/NbdFrontend/bin/Release/net10.0/nbd-server"
+
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  # The upstairs first: it drains the guest's requests and flushes before the replicas go.
+  if [ -n "${upstairs:-}" ]; then
+    kill -TERM "$upstairs" 2>/dev/null || true
+    wait "$upstairs" 2>/dev/null || true
+  fi
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+
+ports=(10820 10821 10822)
+for i in 0 1 2; do
+  dir="$data/ds$i"
+  if [ ! -e "$dir/region.meta" ]; then
+    # 4 MiB extents: live repair copies (and briefly holds guest writes to) one extent at a time.
+    "$bin_ds" create --data "$dir" --size "$size" --block-size 4096 --extent-size 1024 >/dev/null
+    echo "created region $dir ($size)"
+  fi
+  # Own session: a Ctrl-C in the terminal reaches nbd-server (which drains and flushes), not the replicas,
+  # which are stopped after it.
+  setsid "$bin_ds" run --data "$dir" --listen "127.0.0.1:${ports[$i]}" >"$data/ds$i.log" 2>&1 &
+  pids+=($!)
+done
+sleep 1
+
 cat <<MSG
-nbd-server: serving $image as export "vol0" on 127.0.0.1:10809
+nbd-server: replicated volume "vol0" on 127.0.0.1:10809 (replicas on ports ${ports[*]}, logs in $data/ds*.log)
   attach:  nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0
   look:    nbdinfo nbd://127.0.0.1:10809/vol0
-  poke:    qemu-io -f raw -c 'read -v 0 512' nbd://127.0.0.1:10809/vol0
+           $bin_up status --watch
+  poke:    qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10809/vol0
 Ctrl-C stops it; the next run finds the same data.
 MSG
-exec "$server" --file "$image" "${size_arg[@]}" --export vol0 "${args[@]}"
+"$bin_up" --downstairs "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}" --export vol0 "${args[@]}" &
+upstairs=$!
+wait "$upstairs"
