@@ -1,0 +1,166 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Net;
+using Microsoft.Extensions.Logging;
+using NbdServer.Common.Volumes;
+
+namespace NbdServer.ReplicaEngine.Tests;
+
+/// <summary>Three fake replicas and (once started) the engine over them, plus the helpers every test uses.</summary>
+internal sealed class Cluster : IAsyncDisposable
+{
+    public const int BlockSize = 512;
+    public const int ExtentBlocks = 8;
+    public const int ExtentCount = 16;
+    public const int ExtentBytes = BlockSize * ExtentBlocks;
+
+    /// <summary>Upper bound of every wait in these tests: generous, so a slow machine never flakes.</summary>
+    public static readonly TimeSpan Patience = TimeSpan.FromSeconds(10);
+
+    private ReplicatedVolume? _volume;
+
+    public Cluster()
+    {
+        Replicas = [.. Enumerable.Range(0, 3).Select(i => new FakeReplica(i, BlockSize, ExtentBlocks, ExtentCount))];
+        Connector = new FakeConnector(Replicas);
+    }
+
+    public FakeReplica[] Replicas { get; }
+
+    public FakeConnector Connector { get; }
+
+    public ListLogger Log { get; } = new();
+
+    public ReplicatedVolume Volume => _volume ?? throw new InvalidOperationException("not started");
+
+    /// <summary>Options for tests: fast reconnects and startup; faults only where a test asks for them.</summary>
+    public static EngineOptions Options() => new()
+    {
+        Downstairs = [new IPEndPoint(IPAddress.Loopback, 40001), new IPEndPoint(IPAddress.Loopback, 40002), new IPEndPoint(IPAddress.Loopback, 40003)],
+        NoProgressTimeout = TimeSpan.FromSeconds(5),
+        DegradedWriteTimeout = TimeSpan.FromSeconds(1),
+        StartupWaitForAll = TimeSpan.FromSeconds(5),
+        StartupTimeout = TimeSpan.FromSeconds(10),
+        ReconnectInitialDelay = TimeSpan.FromMilliseconds(20),
+        ReconnectMaxDelay = TimeSpan.FromMilliseconds(100),
+    };
+
+    public async Task<ReplicatedVolume> StartAsync(EngineOptions? options = null)
+    {
+        using var cts = new CancellationTokenSource(Patience);
+        _volume = await ReplicatedVolume.StartAsync(options ?? Options(), Log, Connector, cts.Token);
+        return _volume;
+    }
+
+    public ReplicaStatus Status(int replica) => Volume.GetStatus().Replicas[replica];
+
+    // ------------------------------------------------------------ data helpers
+
+    /// <summary>Blocks of recognisable content: every byte depends on the seed, the block and the offset.</summary>
+    public static byte[] Pattern(int seed, long firstBlock, int blocks = 1)
+    {
+        byte[] data = new byte[blocks * BlockSize];
+        for (int i = 0; i < data.Length; i++)
+        {
+            data[i] = (byte)((seed * 31) + ((firstBlock + (i / BlockSize)) * 7) + (i % 251));
+        }
+        return data;
+    }
+
+    public async Task WriteAsync(long firstBlock, int seed, int blocks = 1, WriteOptions options = WriteOptions.None)
+    {
+        using var cts = new CancellationTokenSource(Patience);
+        await Volume.WriteAsync(firstBlock * BlockSize, Pattern(seed, firstBlock, blocks), options, cts.Token);
+    }
+
+    public async Task<byte[]> ReadAsync(long firstBlock, int blocks = 1)
+    {
+        using var cts = new CancellationTokenSource(Patience);
+        byte[] data = new byte[blocks * BlockSize];
+        await Volume.ReadAsync(firstBlock * BlockSize, data, cts.Token);
+        return data;
+    }
+
+    public async Task FlushAsync()
+    {
+        using var cts = new CancellationTokenSource(Patience);
+        await Volume.FlushAsync(cts.Token);
+    }
+
+    // ------------------------------------------------------------ waiting and checking
+
+    public static async Task WaitUntilAsync(Func<bool> condition, string what, TimeSpan? timeout = null)
+    {
+        var clock = Stopwatch.StartNew();
+        TimeSpan limit = timeout ?? Patience;
+        while (!condition())
+        {
+            if (clock.Elapsed > limit)
+            {
+                Assert.Fail($"timed out after {limit.TotalSeconds:0.#} s waiting until {what}");
+            }
+            await Task.Delay(10);
+        }
+    }
+
+    public Task WaitForStateAsync(int replica, ReplicaState state) =>
+        WaitUntilAsync(() => Status(replica).State == state, $"replica {replica} is {state} (now {Status(replica).State})");
+
+    public Task WaitForAllActiveAsync() =>
+        WaitUntilAsync(() => Volume.GetStatus().Replicas.All(r => r.State == ReplicaState.Active), "all three replicas are active");
+
+    /// <summary>True once the task completed; false if it is still running after <paramref name="wait"/>.</summary>
+    public static async Task<bool> CompletesWithinAsync(Task task, TimeSpan wait)
+    {
+        await Task.WhenAny(task, Task.Delay(wait));
+        return task.IsCompleted;
+    }
+
+    /// <summary>Asserts the three fakes hold the same blocks, hashes and (optionally) extent metadata.</summary>
+    public void AssertReplicasIdentical(bool includeMeta = true)
+    {
+        var (data0, hashes0, meta0) = Replicas[0].Snapshot();
+        for (int r = 1; r < 3; r++)
+        {
+            var (data, hashes, meta) = Replicas[r].Snapshot();
+            var differing = Enumerable.Range(0, ExtentCount).Where(e =>
+                !data.AsSpan(e * ExtentBytes, ExtentBytes).SequenceEqual(data0.AsSpan(e * ExtentBytes, ExtentBytes))
+                || !hashes.AsSpan(e * ExtentBlocks, ExtentBlocks).SequenceEqual(hashes0.AsSpan(e * ExtentBlocks, ExtentBlocks))).ToList();
+            Assert.That(differing, Is.Empty, $"extents whose blocks differ between replica 0 and replica {r}");
+            if (includeMeta)
+            {
+                Assert.That(meta, Is.EqualTo(meta0), $"extent metadata of replica {r} vs replica 0");
+            }
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        foreach (FakeReplica replica in Replicas)
+        {
+            replica.Release();
+            replica.OpDelay = TimeSpan.Zero;
+        }
+        if (_volume is not null)
+        {
+            await _volume.DisposeAsync();
+        }
+    }
+}
+
+/// <summary>Keeps the engine's log lines so tests can check that a fault says why.</summary>
+internal sealed class ListLogger : ILogger
+{
+    private readonly ConcurrentQueue<(LogLevel Level, string Message)> _lines = new();
+
+    public IReadOnlyList<(LogLevel Level, string Message)> Lines => [.. _lines];
+
+    public IEnumerable<string> Warnings => _lines.Where(l => l.Level >= LogLevel.Warning).Select(l => l.Message);
+
+    public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+    public bool IsEnabled(LogLevel logLevel) => true;
+
+    public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+        _lines.Enqueue((logLevel, formatter(state, exception)));
+}
