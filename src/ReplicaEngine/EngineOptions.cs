@@ -30,6 +30,12 @@ public sealed record EngineOptions
     /// <summary>With fewer than two replicas in service a write waits this long for one to return, then fails with EIO.</summary>
     public TimeSpan DegradedWriteTimeout { get; init; } = TimeSpan.FromSeconds(3);
 
+    /// <summary>
+    /// A read not answered this long is sent to another replica (the first may be stalled; the
+    /// watchdog decides whether to fault it). Keeps a stuck replica from stalling guest reads.
+    /// </summary>
+    public TimeSpan ReadAttemptTimeout { get; init; } = TimeSpan.FromSeconds(1);
+
     /// <summary>How long startup waits for all three replicas before starting on two.</summary>
     public TimeSpan StartupWaitForAll { get; init; } = TimeSpan.FromSeconds(5);
 

@@ -285,7 +285,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
             Task? busy;
             lock (_gate)
             {
-                busy = lockHeld ? null : OverlappingLockLocked(firstBlock, firstBlock + blocks);
+                busy = (lockHeld ? null : OverlappingLockLocked(firstBlock, firstBlock + blocks)) ?? SaturatedLocked();
                 if (busy is null)
                 {
                     ulong id = ++_nextJobId;
@@ -309,6 +309,27 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         {
             throw new VolumeException(VolumeError.IoError, $"write of blocks {firstBlock}+{blocks} could not be made safe on two replicas ({InServiceCount()} in service)");
         }
+    }
+
+    /// <summary>
+    /// With two replicas or fewer in service a replica at its job budget can't be faulted (that would
+    /// fail every write), so submission waits briefly instead: the connection's job window must never
+    /// fill, or requests would stop leaving in job order. The watchdog still faults one that is stuck.
+    /// </summary>
+    private Task? SaturatedLocked()
+    {
+        if (InServiceCountLocked() > 2)
+        {
+            return null;
+        }
+        foreach (ReplicaLink link in _links)
+        {
+            if (link.State == ReplicaState.Active && link.OutstandingJobs >= _options.MaxOutstandingJobs)
+            {
+                return Task.Delay(2);
+            }
+        }
+        return null;
     }
 
     /// <summary>
@@ -436,18 +457,29 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         }
     }
 
-    /// <summary>One read from the least-loaded replica in service not yet tried; the problem, or null if the data verified.</summary>
+    /// <summary>
+    /// One read from the least-loaded replica in service not yet tried; the problem, or null if the
+    /// data verified. The replica reads into a buffer the engine owns, copied out only on success: a
+    /// read that times out on a stalled replica may still complete later, and must never land in a
+    /// guest buffer that has since been reused.
+    /// </summary>
     private async ValueTask<(ReplicaLink Link, string? Problem)> ReadOnceAsync(long firstBlock, Memory<byte> destination, Memory<byte> hashes,
         List<(ReplicaLink Link, string Problem)> tried, CancellationToken cancellationToken)
     {
         ReplicaLink? link = null;
         IDownstairs? client = null;
         Task<DownstairsResult> read;
+        int length = destination.Length;
+        int blocks = length / _blockSize;
+        byte[] data = ArrayPool<byte>.Shared.Rent(length);
+        byte[] stored = ArrayPool<byte>.Shared.Rent(blocks * Wire.HashSize);
         lock (_gate)
         {
             foreach (ReplicaLink candidate in _links)
             {
+                // A replica at its job budget is skipped: more work would only queue behind what it owes.
                 if (candidate.State == ReplicaState.Active && candidate.Client is not null && !tried.Exists(t => t.Link == candidate)
+                    && candidate.OutstandingJobs < _options.MaxOutstandingJobs
                     && (link is null || candidate.OutstandingJobs < link.OutstandingJobs))
                 {
                     link = candidate;
@@ -455,51 +487,70 @@ public sealed partial class ReplicatedVolume : IBlockVolume
             }
             if (link is null)
             {
-                throw new VolumeException(VolumeError.IoError, $"no replica in service can serve the read of blocks {firstBlock}+{destination.Length / _blockSize}");
+                ArrayPool<byte>.Shared.Return(data);
+                ArrayPool<byte>.Shared.Return(stored);
+                throw new VolumeException(VolumeError.IoError, $"no replica in service can serve the read of blocks {firstBlock}+{blocks}");
             }
             client = link.Client!;
-            link.Charge(destination.Length);
-            read = client.ReadAsync(++_nextJobId, firstBlock, destination, hashes, cancellationToken);
+            link.Charge(length);
+            read = client.ReadAsync(++_nextJobId, firstBlock, data.AsMemory(0, length), stored.AsMemory(0, blocks * Wire.HashSize), CancellationToken.None);
         }
-        DownstairsResult result;
+        ReplicaLink chosen = link;
+        IDownstairs chosenClient = client;
+        // Accounting and buffer return happen when the replica answers, however late.
+        Task<(bool Ok, string? Problem)> settled = read.ContinueWith(
+            t =>
+            {
+                bool ok = t.IsCompletedSuccessfully && t.Result.IsOk;
+                string? problem = t.IsCompletedSuccessfully ? (ok ? null : t.Result.ToString()) : $"connection lost: {t.Exception?.InnerException?.Message ?? "cancelled"}";
+                lock (_gate)
+                {
+                    if (chosen.Client == chosenClient)
+                    {
+                        chosen.Complete(length, ok);
+                        if (!t.IsCompletedSuccessfully)
+                        {
+                            FaultLocked(chosen, $"read failed: {problem}");
+                        }
+                    }
+                }
+                return (ok, problem);
+            },
+            CancellationToken.None,
+            TaskContinuationOptions.None,
+            TaskScheduler.Default);
+        Task finished = await Task.WhenAny(settled, Task.Delay(_options.ReadAttemptTimeout, cancellationToken));
+        if (finished != settled)
+        {
+            _ = settled.ContinueWith(_ => { ArrayPool<byte>.Shared.Return(data); ArrayPool<byte>.Shared.Return(stored); }, TaskScheduler.Default);
+            cancellationToken.ThrowIfCancellationRequested();
+            return (chosen, $"no answer within {_options.ReadAttemptTimeout.TotalMilliseconds:0} ms");
+        }
         try
         {
-            result = await read;
-        }
-        catch (Exception e) when (e is not OperationCanceledException)
-        {
-            lock (_gate)
+            (bool ok, string? problem) = await settled;
+            if (!ok)
             {
-                if (link.Client == client)
+                return (chosen, problem);
+            }
+            for (int i = 0; i < blocks; i++)
+            {
+                ulong hash = BinaryPrimitives.ReadUInt64LittleEndian(stored.AsSpan(i * Wire.HashSize));
+                if (!BlockContext.Verify(data.AsSpan(i * _blockSize, _blockSize), hash))
                 {
-                    link.Complete(destination.Length, ok: false);
-                    FaultLocked(link, $"read failed: {e.Message}");
+                    chosen.CountError();
+                    return (chosen, $"block {firstBlock + i} does not match its stored hash");
                 }
             }
-            return (link, $"connection lost: {e.Message}");
+            data.AsSpan(0, length).CopyTo(destination.Span);
+            stored.AsSpan(0, blocks * Wire.HashSize).CopyTo(hashes.Span);
+            return (chosen, null);
         }
-        lock (_gate)
+        finally
         {
-            if (link.Client == client)
-            {
-                link.Complete(destination.Length, result.IsOk);
-            }
+            ArrayPool<byte>.Shared.Return(data);
+            ArrayPool<byte>.Shared.Return(stored);
         }
-        if (!result.IsOk)
-        {
-            return (link, result.ToString());
-        }
-        int blocks = destination.Length / _blockSize;
-        for (int i = 0; i < blocks; i++)
-        {
-            ulong stored = BinaryPrimitives.ReadUInt64LittleEndian(hashes.Span[(i * Wire.HashSize)..]);
-            if (!BlockContext.Verify(destination.Span.Slice(i * _blockSize, _blockSize), stored))
-            {
-                link.CountError();
-                return (link, $"block {firstBlock + i} does not match its stored hash");
-            }
-        }
-        return (link, null);
     }
 
     /// <summary>
