@@ -60,6 +60,7 @@ public sealed class OrderingAndAckTests
         await Task.WhenAll(writes).WaitAsync(Cluster.Patience);
         cluster.Replicas[1].OpDelay = TimeSpan.Zero;
         await cluster.FlushAsync();
+        await Cluster.WaitUntilAsync(() => cluster.Volume.GetStatus().Replicas.All(r => r.OutstandingJobs == 0), "the slow replica caught up");
 
         // Last whole-extent write was seed 30, then no later single-block write (29 came before 30).
         Assert.That(await cluster.ReadAsync(8, 8), Is.EqualTo(Cluster.Pattern(30, 8, 8)));
