@@ -29,6 +29,7 @@ namespace NbdServer.ReplicaEngine;
 public sealed partial class ReplicatedVolume : IBlockVolume
 {
     private const int MaxReadAttempts = 3;
+    private const string RepairablePrefix = "repairable: ";
 
     private readonly EngineOptions _options;
     private readonly ILogger _logger;
@@ -437,17 +438,18 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         {
             for (int attempt = 0; attempt < MaxReadAttempts; attempt++)
             {
-                (ReplicaLink link, string? problem) = await ReadOnceAsync(firstBlock, destination, hashes.AsMemory(0, blocks * Wire.HashSize), bad, cancellationToken);
+                (ReplicaLink link, string? problem, bool repairable) = await ReadOnceAsync(firstBlock, destination, hashes.AsMemory(0, blocks * Wire.HashSize), bad, cancellationToken);
                 if (problem is null)
                 {
-                    foreach ((ReplicaLink badLink, string badProblem) in bad)
+                    foreach ((ReplicaLink badLink, string badProblem) in bad.Where(b => b.Problem.StartsWith(RepairablePrefix, StringComparison.Ordinal)))
                     {
-                        EngineLog.ReadRepaired(_logger, firstBlock, blocks, badLink.Index, badProblem, link.Index);
+                        EngineLog.ReadRepaired(_logger, firstBlock, blocks, badLink.Index, badProblem[RepairablePrefix.Length..], link.Index);
                         await RepairBlocksAsync(badLink, link, firstBlock, blocks, cancellationToken);
                     }
                     return;
                 }
-                bad.Add((link, problem));
+                // A lost connection or a timeout is the fault path's business; bad data or an IO error is repaired here.
+                bad.Add((link, repairable ? RepairablePrefix + problem : problem));
             }
             throw new VolumeException(VolumeError.IoError, $"read of blocks {firstBlock}+{blocks} failed on every replica: {string.Join("; ", bad.Select(b => $"replica {b.Link.Index}: {b.Problem}"))}");
         }
@@ -463,7 +465,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     /// read that times out on a stalled replica may still complete later, and must never land in a
     /// guest buffer that has since been reused.
     /// </summary>
-    private async ValueTask<(ReplicaLink Link, string? Problem)> ReadOnceAsync(long firstBlock, Memory<byte> destination, Memory<byte> hashes,
+    private async ValueTask<(ReplicaLink Link, string? Problem, bool Repairable)> ReadOnceAsync(long firstBlock, Memory<byte> destination, Memory<byte> hashes,
         List<(ReplicaLink Link, string Problem)> tried, CancellationToken cancellationToken)
     {
         ReplicaLink? link = null;
@@ -524,14 +526,15 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         {
             _ = settled.ContinueWith(_ => { ArrayPool<byte>.Shared.Return(data); ArrayPool<byte>.Shared.Return(stored); }, TaskScheduler.Default);
             cancellationToken.ThrowIfCancellationRequested();
-            return (chosen, $"no answer within {_options.ReadAttemptTimeout.TotalMilliseconds:0} ms");
+            return (chosen, $"no answer within {_options.ReadAttemptTimeout.TotalMilliseconds:0} ms", false);
         }
         try
         {
             (bool ok, string? problem) = await settled;
             if (!ok)
             {
-                return (chosen, problem);
+                // An error answer (EIO on a bad sector) is worth a rewrite; a lost connection is not.
+                return (chosen, problem, read.IsCompletedSuccessfully);
             }
             for (int i = 0; i < blocks; i++)
             {
@@ -539,12 +542,12 @@ public sealed partial class ReplicatedVolume : IBlockVolume
                 if (!BlockContext.Verify(data.AsSpan(i * _blockSize, _blockSize), hash))
                 {
                     chosen.CountError();
-                    return (chosen, $"block {firstBlock + i} does not match its stored hash");
+                    return (chosen, $"block {firstBlock + i} does not match its stored hash", true);
                 }
             }
             data.AsSpan(0, length).CopyTo(destination.Span);
             stored.AsSpan(0, blocks * Wire.HashSize).CopyTo(hashes.Span);
-            return (chosen, null);
+            return (chosen, null, false);
         }
         finally
         {
@@ -573,47 +576,56 @@ public sealed partial class ReplicatedVolume : IBlockVolume
             using (lease)
             {
                 var exclude = _links.Where(l => l != source).Select(l => (l, "not the repair source")).ToList();
-                (_, string? problem) = await ReadOnceAsync(firstBlock, data.AsMemory(0, bytes), hashes.AsMemory(0, blocks * Wire.HashSize), exclude, cancellationToken);
+                (_, string? problem, _) = await ReadOnceAsync(firstBlock, data.AsMemory(0, bytes), hashes.AsMemory(0, blocks * Wire.HashSize), exclude, cancellationToken);
                 if (problem is not null)
                 {
                     return;
                 }
-                Task<DownstairsResult>? write = null;
-                IDownstairs? client;
+                // The good copy goes to every replica taking writes, not only the bad one: the extent
+                // then turns dirty on all of them and the next flush gives all the same (generation,
+                // flush number). Written to the bad replica alone, its extent would carry a higher
+                // flush number than the others' for the same data, and reconciliation / compare
+                // would see replicas that differ.
+                var writes = new List<(ReplicaLink Link, IDownstairs Client, Task<DownstairsResult> Task)>(_links.Length);
                 lock (_gate)
                 {
-                    client = target.Client;
-                    if (target.ReceivesWrites && client is not null)
+                    if (!target.ReceivesWrites || target.Client is null)
                     {
-                        target.Charge(bytes);
-                        write = client.WriteAsync(++_nextJobId, firstBlock, data.AsMemory(0, bytes), hashes.AsMemory(0, blocks * Wire.HashSize), cancellationToken);
+                        return;
+                    }
+                    foreach (ReplicaLink link in _links)
+                    {
+                        if (link.ReceivesWrites && link.Client is { } client)
+                        {
+                            link.Charge(bytes);
+                            writes.Add((link, client, client.WriteAsync(++_nextJobId, firstBlock, data.AsMemory(0, bytes), hashes.AsMemory(0, blocks * Wire.HashSize), cancellationToken)));
+                        }
                     }
                 }
-                if (write is null)
+                foreach ((ReplicaLink link, IDownstairs client, Task<DownstairsResult> write) in writes)
                 {
-                    return;
-                }
-                bool ok;
-                string reason;
-                try
-                {
-                    DownstairsResult r = await write;
-                    ok = r.IsOk;
-                    reason = r.ToString();
-                }
-                catch (Exception e) when (e is not OperationCanceledException)
-                {
-                    ok = false;
-                    reason = e.Message;
-                }
-                lock (_gate)
-                {
-                    if (target.Client == client)
+                    bool ok;
+                    string reason;
+                    try
                     {
-                        target.Complete(bytes, ok);
-                        if (!ok)
+                        DownstairsResult r = await write;
+                        ok = r.IsOk;
+                        reason = r.ToString();
+                    }
+                    catch (Exception e) when (e is not OperationCanceledException)
+                    {
+                        ok = false;
+                        reason = e.Message;
+                    }
+                    lock (_gate)
+                    {
+                        if (link.Client == client)
                         {
-                            FaultLocked(target, $"read repair write failed: {reason}");
+                            link.Complete(bytes, ok);
+                            if (!ok)
+                            {
+                                FaultLocked(link, $"read repair write failed: {reason}");
+                            }
                         }
                     }
                 }
