@@ -9,6 +9,11 @@ using NbdServer.ReplicaEngine;
 using Serilog;
 using Serilog.Events;
 
+if (args is ["verify", .. var verifyArgs])
+{
+    return await NbdServer.Frontend.Verify.VerifyCommand.RunAsync(verifyArgs);
+}
+
 if (args is ["status", .. var statusArgs])
 {
     return await StatusCommand.RunAsync(statusArgs);
