@@ -31,7 +31,16 @@ public sealed partial class ReplicatedVolume
         timeout.CancelAfter(_options.StartupTimeout);
 
         // 1. Probe (read-only hellos are never fenced) for each region's geometry and highest generation.
-        HelloReply?[] probes = await ProbeAsync(timeout.Token);
+        HelloReply?[] probes;
+        try
+        {
+            probes = await ProbeAsync(timeout.Token);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested && !_stopping.IsCancellationRequested)
+        {
+            // StartupTimeout ran out (not a shutdown): tell the operator why, not "the operation was canceled".
+            throw new InvalidOperationException($"fewer than two downstairs reachable within {_options.StartupTimeout.TotalSeconds:0.#} s ({string.Join(", ", _options.Downstairs)}): cannot start a replicated volume");
+        }
         HelloReply first = probes.First(p => p is not null)!;
         foreach (HelloReply? probe in probes)
         {
@@ -134,7 +143,23 @@ public sealed partial class ReplicatedVolume
         new(Wire.ProtocolVersion, readOnly, regionId, _upstairsId, _sessionId, readOnly ? 0 : Generation);
 
     /// <summary>Probes all three; returns once all answered, or once two did and the wait for the third ran out.</summary>
-    private async Task<HelloReply?[]> ProbeAsync(CancellationToken cancellationToken)
+    private async Task<HelloReply?[]> ProbeAsync(CancellationToken startupToken)
+    {
+        // Probes still retrying when startup goes on (a replica that is down) must end here: the
+        // reconnect loop takes that replica over. Left running they would probe it forever, even
+        // after the volume is disposed.
+        using var probing = CancellationTokenSource.CreateLinkedTokenSource(startupToken);
+        try
+        {
+            return await ProbeAllAsync(probing.Token);
+        }
+        finally
+        {
+            await probing.CancelAsync();
+        }
+    }
+
+    private async Task<HelloReply?[]> ProbeAllAsync(CancellationToken cancellationToken)
     {
         var probes = new HelloReply?[_links.Length];
         Task[] tasks = [.. _links.Select((link, i) => Task.Run(async () =>

@@ -62,7 +62,7 @@ internal sealed class Cluster : IAsyncDisposable
         byte[] data = new byte[blocks * BlockSize];
         for (int i = 0; i < data.Length; i++)
         {
-            data[i] = (byte)((seed * 31) + ((firstBlock + (i / BlockSize)) * 7) + (i % 251));
+            data[i] = (byte)((seed * 31) + ((firstBlock + (i / BlockSize)) * 7) + (i % BlockSize % 251));
         }
         return data;
     }
@@ -105,6 +105,9 @@ internal sealed class Cluster : IAsyncDisposable
 
     public Task WaitForStateAsync(int replica, ReplicaState state) =>
         WaitUntilAsync(() => Status(replica).State == state, $"replica {replica} is {state} (now {Status(replica).State})");
+
+    public Task WaitForIdleAsync() =>
+        WaitUntilAsync(() => Volume.GetStatus().Replicas.All(r => r.OutstandingJobs == 0), "no replica has work outstanding");
 
     public Task WaitForAllActiveAsync() =>
         WaitUntilAsync(() => Volume.GetStatus().Replicas.All(r => r.State == ReplicaState.Active), "all three replicas are active");
