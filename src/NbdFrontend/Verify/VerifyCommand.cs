@@ -32,13 +32,16 @@ internal static class VerifyCommand
             Console.WriteLine(VerifyOptions.Usage);
             return ExitOk;
         }
+        // SIGINT / SIGTERM end the load phase early; the final flush and the read-back still run.
         using var cancel = new CancellationTokenSource();
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; cancel.Cancel(); };
+        using var term = System.Runtime.InteropServices.PosixSignalRegistration.Create(
+            System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx => { ctx.Cancel = true; cancel.Cancel(); });
 
         NbdClient client;
         try
         {
-            client = await ConnectWithRetryAsync(o.Uri!, cancel.Token);
+            client = await ConnectWithRetryAsync(o.Uri!, CancellationToken.None);
         }
         catch (Exception e) when (e is IOException or SocketException or ArgumentException or OperationCanceledException)
         {
@@ -142,7 +145,7 @@ internal static class VerifyCommand
             VerifyResult result = default;
             if (!o.NoVerify && !_lost)
             {
-                result = await VerifyAllAsync(cancel);
+                result = await VerifyAllAsync(CancellationToken.None);
             }
             if (_lost)
             {

@@ -23,6 +23,7 @@ internal sealed record VerifyOptions
             (after the server crashed, or with --check-only), or one holding data never written
             (torn, rotted, misplaced), is reported and counted wrong. The last line is a summary of
             key=value figures.
+            SIGINT or SIGTERM ends the load early; the final flush and the read-back still run.
             Works against any NBD server (fixed newstyle, simple replies).
 
         OPTIONS
