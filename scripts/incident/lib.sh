@@ -1,0 +1,262 @@
+# Shared helpers of the incident scenarios (DESIGN §6, issue 5). Sourced, not run.
+# A scenario: inc_init NAME; inc_create_regions; inc_start_all; inc_start_load SECONDS;
+# sleep; inc_fault_begin; <inject>; inc_fault_end; <remove>; inc_wait_active; inc_finish.
+# Everything listens on 127.0.0.1 only; every loop is bounded in count and time.
+# Environment: INCIDENT_SHORT=1 (short timings for the test suite), INCIDENT_KEEP=1 (keep the temp dir),
+# INCIDENT_NO_BUILD=1 (use the existing Release build), INCIDENT_SIZE (region size, default 64MiB).
+set -euo pipefail
+
+INC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+INC_DIR="$INC_ROOT/scripts/incident"
+INC_BIN_DS="$INC_ROOT/src/Downstairs/bin/Release/net10.0/nbd-downstairs.dll"
+INC_BIN_UP="$INC_ROOT/src/NbdFrontend/bin/Release/net10.0/nbd-server.dll"
+INC_SHORT=${INCIDENT_SHORT:-0}
+INC_SIZE=${INCIDENT_SIZE:-64MiB}
+INC_EXTENT_BLOCKS=${INCIDENT_EXTENT_BLOCKS:-256}   # 1 MiB extents: the unit of live repair
+INC_QD=${INCIDENT_QD:-16}
+
+declare -a DS_PID=("" "" "") DS_PORT=(0 0 0) DS_DIR=("" "" "") DS_EXTRA=("" "" "") DS_CONNECT=("" "" "")
+UP_PID="" UP_NBD="" UP_CONTROL="" LOAD_PID="" SAMPLER_PID="" INC_MOUNTS=() INC_HELPERS=()
+UP_EXTRA=()
+
+say() { echo "[$(date +%T.%3N)] $INC_NAME: $*" >&2; }
+now() { date +%s.%N; }
+event() { echo "$1 $(now)" >>"$W/events"; }
+
+# Build once (Release, like scripts/run.sh); other people build Debug concurrently, so retry a lock.
+inc_build() {
+  [ "${INCIDENT_NO_BUILD:-0}" = 1 ] && return 0
+  local p tries
+  for p in src/Downstairs/Downstairs.csproj src/NbdFrontend/NbdFrontend.csproj; do
+    for tries in 1 2 3; do
+      if dotnet build "$INC_ROOT/$p" -c Release -v quiet -nologo >"/tmp/incident-build.$$.log" 2>&1; then break; fi
+      [ "$tries" = 3 ] && { cat "/tmp/incident-build.$$.log" >&2; exit 1; }
+      sleep 3
+    done
+  done
+  rm -f "/tmp/incident-build.$$.log"
+}
+
+inc_init() {
+  INC_NAME=$1
+  inc_build
+  W=$(mktemp -d "/tmp/incident-$INC_NAME.XXXXXX")
+  : >"$W/events"; : >"$W/facts"
+  trap inc_cleanup EXIT
+  trap 'exit 130' INT TERM
+  say "work dir $W"
+}
+
+fact() { echo "$1=$2" >>"$W/facts"; }
+
+inc_cleanup() {
+  local rc=$?
+  set +e
+  [ -n "$LOAD_PID" ] && kill -TERM "$LOAD_PID" 2>/dev/null
+  [ -n "$SAMPLER_PID" ] && kill -TERM "$SAMPLER_PID" 2>/dev/null
+  [ -n "$UP_PID" ] && kill -KILL "$UP_PID" 2>/dev/null
+  local i
+  for i in 0 1 2; do
+    [ -n "${DS_PID[$i]}" ] && { kill -CONT "${DS_PID[$i]}" 2>/dev/null; kill -KILL "${DS_PID[$i]}" 2>/dev/null; }
+  done
+  for p in "${INC_HELPERS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  for m in "${INC_MOUNTS[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
+  if [ "${INCIDENT_KEEP:-0}" = 1 ] || [ "$rc" != 0 ]; then
+    echo "$INC_NAME: work dir kept: $W" >&2
+  else
+    rm -rf "$W"
+  fi
+  return "$rc"
+}
+
+# inc_small_fs DIR SIZE: a size-limited tmpfs (a small real filesystem that really fills up).
+inc_small_fs() {
+  mkdir -p "$1"
+  mount -t tmpfs -o "size=$2" tmpfs "$1"
+  INC_MOUNTS+=("$1")
+}
+
+# inc_create_regions [DIR0 DIR1 DIR2]
+inc_create_regions() {
+  local i
+  for i in 0 1 2; do
+    DS_DIR[$i]=${1:-$W/ds$i}; shift || true
+    dotnet "$INC_BIN_DS" create --data "${DS_DIR[$i]}" --size "$INC_SIZE" --block-size 4096 --extent-size "$INC_EXTENT_BLOCKS" >/dev/null
+  done
+}
+
+# inc_start_ds I: starts (or restarts, on the same port) downstairs I; its log appends to $W/dsI.log.
+inc_start_ds() {
+  local i=$1 port=${DS_PORT[$1]} n
+  # shellcheck disable=SC2086
+  setsid dotnet "$INC_BIN_DS" run --data "${DS_DIR[$i]}" --listen "127.0.0.1:$port" ${DS_EXTRA[$i]} >>"$W/ds$i.log" 2>&1 &
+  DS_PID[$i]=$!
+  echo "ds$i ${DS_PID[$i]}" >>"$W/pids"
+  if [ "$port" = 0 ]; then
+    for n in $(seq 1 100); do
+      port=$(grep -o 'Listening on 127.0.0.1:[0-9]*' "$W/ds$i.log" | tail -1 | sed 's/.*://') || true
+      [ -n "$port" ] && break
+      sleep 0.1
+    done
+    [ -n "$port" ] || { say "ds$i did not start"; cat "$W/ds$i.log" >&2; exit 1; }
+    DS_PORT[$i]=$port
+  else
+    # Restart on a known port: wait (bounded) until it listens again.
+    for n in $(seq 1 100); do
+      [ "$(grep -c "Listening on 127.0.0.1:$port" "$W/ds$i.log")" -ge 2 ] && break
+      sleep 0.1
+    done
+  fi
+}
+
+inc_connect_list() {
+  local i out=""
+  for i in 0 1 2; do out+="${out:+,}127.0.0.1:${DS_CONNECT[$i]:-${DS_PORT[$i]}}"; done
+  echo "$out"
+}
+
+# inc_start_up: starts nbd-server on free ports; sets UP_NBD and UP_CONTROL. Its log appends to $W/up.log.
+inc_start_up() {
+  local n mark
+  mark=$(wc -l <"$W/up.log" 2>/dev/null || echo 0)
+  setsid dotnet "$INC_BIN_UP" --downstairs "$(inc_connect_list)" --listen 127.0.0.1:0 --control 127.0.0.1:0 "${UP_EXTRA[@]}" >>"$W/up.log" 2>&1 &
+  UP_PID=$!
+  echo "up $UP_PID" >>"$W/pids"
+  UP_NBD="" UP_CONTROL=""
+  for n in $(seq 1 300); do
+    UP_NBD=$(tail -n +$((mark + 1)) "$W/up.log" | grep -o 'Serving NBD on 127.0.0.1:[0-9]*' | tail -1 | sed 's/.*on //') || true
+    UP_CONTROL=$(tail -n +$((mark + 1)) "$W/up.log" | grep -o 'Control endpoint on 127.0.0.1:[0-9]*' | tail -1 | sed 's/.*on //') || true
+    [ -n "$UP_NBD" ] && [ -n "$UP_CONTROL" ] && break
+    kill -0 "$UP_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  [ -n "$UP_NBD" ] || { say "nbd-server did not start"; cat "$W/up.log" >&2; exit 1; }
+  say "nbd-server pid $UP_PID on $UP_NBD, control $UP_CONTROL"
+}
+
+inc_start_all() {
+  local i
+  for i in 0 1 2; do inc_start_ds "$i"; done
+  inc_start_up
+  inc_start_sampler
+}
+
+# RSS of every process (by the pids recorded so far) every 0.25 s, until killed (bounded by 2 h anyway).
+inc_start_sampler() {
+  (
+    end=$(( $(date +%s) + 7200 ))
+    while [ "$(date +%s)" -lt "$end" ]; do
+      t=$(now)
+      while read -r name pid; do
+        rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || true
+        [ -n "$rss" ] && echo "$t $name $pid $rss"
+      done <"$W/pids"
+      sleep 0.25
+    done
+  ) >>"$W/rss" 2>/dev/null &
+  SAMPLER_PID=$!
+}
+
+inc_log_marks() { # inc_log_marks TAG: line counts of every process log
+  local f
+  for f in "$W"/ds0.log "$W"/ds1.log "$W"/ds2.log "$W"/up.log; do
+    echo "$1 $(basename "$f" .log) $(wc -l <"$f")" >>"$W/loglines"
+  done
+}
+
+# inc_start_load SECONDS [extra verifier options]: the steady load, in the background.
+inc_start_load() {
+  local secs=$1; shift
+  dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --duration "$secs" --qd "$INC_QD" --log "$W/verify.log" --seed 42 "$@" \
+    >>"$W/verify.out" 2>>"$W/verify.err" &
+  LOAD_PID=$!
+  local n
+  for n in $(seq 1 100); do grep -q 'ios=' "$W/verify.out" 2>/dev/null && break; sleep 0.1; done
+}
+
+# inc_wait_load: waits for the verifier (its read-back included); its exit status lands in facts.
+inc_wait_load() {
+  local rc=0
+  wait "$LOAD_PID" || rc=$?
+  LOAD_PID=""
+  fact verify_rc "$rc"
+}
+
+# inc_stop_load: ends the load phase now (SIGTERM); the verifier still flushes and reads everything back.
+inc_stop_load() {
+  [ -n "$LOAD_PID" ] || return 0
+  kill -TERM "$LOAD_PID" 2>/dev/null || true
+  inc_wait_load
+}
+
+inc_fault_begin() { inc_log_marks fault_begin; event fault_begin; say "fault: $*"; }
+inc_fault_end() { event fault_end; say "fault removed"; }
+
+inc_status() { curl -s --max-time 2 "http://$UP_CONTROL/status" || true; }
+
+# inc_wait_active TIMEOUT: polls the control endpoint until every replica is Active; records repair time.
+inc_wait_active() {
+  local timeout=$1 start end states
+  start=$(now)
+  end=$(( $(date +%s) + timeout ))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    states=$(inc_status | tee -a "$W/status.json" | python3 -c 'import json,sys
+try:
+  s=json.load(sys.stdin); r=s.get("replicas") or s.get("Replicas")
+  print(",".join(str(x.get("state", x.get("State"))) for x in r))
+except Exception: print("?")')
+    if [ "$states" = "Active,Active,Active" ]; then
+      event all_active
+      inc_log_marks recovered
+      fact repair_wait_s "$(python3 -c "print(f'{$(now)-$start:.2f}')")"
+      return 0
+    fi
+    sleep 0.2
+  done
+  say "replicas not all Active after ${timeout}s: $states"
+  fact all_active no
+  return 0
+}
+
+# inc_stop_clean: nbd-server first (drains, flushes), then the downstairs.
+inc_stop_clean() {
+  local i
+  if [ -n "$UP_PID" ]; then kill -TERM "$UP_PID" 2>/dev/null || true; inc_wait_pid "$UP_PID" 30; UP_PID=""; fi
+  for i in 0 1 2; do
+    [ -n "${DS_PID[$i]}" ] && { kill -CONT "${DS_PID[$i]}" 2>/dev/null || true; kill -TERM "${DS_PID[$i]}" 2>/dev/null || true; }
+  done
+  for i in 0 1 2; do [ -n "${DS_PID[$i]}" ] && inc_wait_pid "${DS_PID[$i]}" 30; DS_PID[$i]=""; done
+  [ -n "$SAMPLER_PID" ] && { kill -TERM "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=""; }
+}
+
+inc_wait_pid() { # bounded wait for a pid to exit, then SIGKILL
+  local pid=$1 n
+  for n in $(seq 1 $(( $2 * 10 ))); do kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+inc_compare() {
+  local rc=0
+  dotnet "$INC_BIN_DS" compare "${DS_DIR[0]}" "${DS_DIR[1]}" "${DS_DIR[2]}" >"$W/compare.out" 2>&1 || rc=$?
+  if [ "$rc" = 0 ]; then fact regions_equal yes; else fact regions_equal no; say "compare: $(tail -5 "$W/compare.out" | tr '\n' ' ')"; fi
+}
+
+# inc_finish BARSET: waits for the load, stops cleanly, compares, prints the summary line.
+# BARSET: "full" (scenarios 1-5: ≥50% of median, latency < 2 s) or "basic" (> 0 IOs/s only) or "none".
+inc_finish() {
+  local bars=$1
+  [ -n "$LOAD_PID" ] && inc_wait_load
+  inc_log_marks end
+  inc_stop_clean
+  inc_compare
+  # The engine's own account of the last live repair: "... after repairing N extents (X MiB) in Y s".
+  local rep
+  rep=$(grep -o 'after repairing [0-9]* extents ([0-9.]* MiB) in [0-9.]* s' "$W/up.log" | tail -1) || true
+  if [ -n "$rep" ]; then
+    fact repair_mib "$(echo "$rep" | sed 's/.*(\([0-9.]*\) MiB.*/\1/')"
+    fact repair_engine_s "$(echo "$rep" | sed 's/.* in \([0-9.]*\) s/\1/')"
+  fi
+  python3 "$INC_DIR/analyze.py" "$W" "$INC_NAME" "$bars"
+}
