@@ -191,10 +191,15 @@ public sealed partial class ReplicatedVolume : IBlockVolume
             ulong id = ++_nextJobId;
             foreach (ReplicaLink link in _links)
             {
-                if (link.ReceivesWrites && link.Client is { } client)
+                // Only replicas in service flush. A replica under live repair must not: a flush stamps
+                // (generation, flush number) on every dirty extent, including one that received a guest
+                // write but has not been copied yet. If the repair were then interrupted, that stale
+                // extent would look current and never be repaired (nor at the next startup). Unflushed,
+                // it stays dirty, and a dirty extent is always repaired.
+                if (link.State == ReplicaState.Active && link.Client is { } client)
                 {
                     link.Charge(0);
-                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: link.State == ReplicaState.Active, bytes: 0, what: "flush");
+                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: true, bytes: 0, what: "flush");
                 }
             }
             job.Seal();
