@@ -41,9 +41,11 @@ internal sealed partial class DownstairsConnection
             {
                 int errno = IoErrors.Errno(e);
                 ResultCode code = IoErrors.Result(errno);
-                // One key per (errno, op, extent): a full disk is one summary line per interval, not one per job.
-                string key = $"{Errnos.Name(errno)} {Verb()} extent {FirstExtent()}";
-                connection._host.Throttle.Report(LogLevel.Warning, key, () => $"job {header.JobId}: {e.Message}");
+                // One key per (errno, op): a full disk is one first line plus one summary line per interval,
+                // not one per job — and not one per extent either (incident suite, diskfull: keyed by extent,
+                // a 64-extent region logged 158 lines in 5 s). The first occurrence names its extent.
+                string key = $"{Errnos.Name(errno)} {Verb()}";
+                connection._host.Throttle.Report(LogLevel.Warning, key, () => $"extent {FirstExtent()}, job {header.JobId}: {e.Message}");
                 Reply(ErrorBody.Encode(Messages.ReplyTo(header.Type), header.JobId, code, errno, e.Message), null);
             }
             finally
