@@ -64,6 +64,20 @@ if fb is not None and fe is not None:
         out['reads_min_fault'] = min(int(b['reads']) for b in during)
         if bars in ('full', 'basic') and mn <= 0:
             fails.append('zero_ios_second')
+        if bars == 'twodown':
+            # Reads go on from the survivor; writes fail (EIO) within the bounded wait, not forever.
+            timeout_ms = 1000 * float(facts.get('degraded_write_timeout_s', 3))
+            probe = [b for b in (dict(KV.findall(l)) for l in lines('reads.out')) if 'epoch' in b and 'ios' in b
+                     and float(b['epoch']) > fb and float(b['epoch']) - 1 < fe]
+            if probe:
+                out['probe_reads_min_fault'] = min(int(b['reads']) for b in probe)
+                out['probe_read_lat_max_ms'] = f"{max(lat(b) for b in probe):.0f}"
+            if min(int(b['reads']) for b in (probe or during)) <= 0:
+                fails.append('reads_stopped')
+            if sum(int(b['errors']) for b in during) <= 0:
+                fails.append('no_eio')
+            if max(lat(b) for b in late) >= timeout_ms + 1500:
+                fails.append('write_wait_unbounded')
         if bars == 'full':
             if median and mn < 0.5 * median:
                 fails.append('below_50pct')
@@ -78,6 +92,8 @@ if fb is not None and fe is not None:
     out['recovery_s'] = f'{rec:.2f}' if rec is not None else ('n/a' if not after else 'never')
     if bars == 'full' and after and (rec is None or rec >= 1.0):
         fails.append('recovery_1s')
+    if bars == 'twodown' and after and rec is None:
+        fails.append('service_not_resumed')
 
     # RSS growth per process name (a restarted process keeps its name).
     end = back if back is not None else (fe + 2)

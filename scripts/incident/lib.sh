@@ -41,7 +41,7 @@ inc_init() {
   INC_NAME=$1
   inc_build
   W=$(mktemp -d "/tmp/incident-$INC_NAME.XXXXXX")
-  : >"$W/events"; : >"$W/facts"
+  : >"$W/events"; : >"$W/facts"; : >"$W/up.log"
   trap inc_cleanup EXIT
   trap 'exit 130' INT TERM
   say "work dir $W"

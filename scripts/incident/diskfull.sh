@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Incident 1, disk full (the incident itself): replica 1's region lives on a small tmpfs; under load a
+# ballast file fills it for 5 s, then is deleted. The region is sparse, so writes that allocate fail with
+# a REAL ENOSPC from the filesystem; tmpfs fdatasync cannot fail, so flushes on that replica are made to
+# fail with ENOSPC for the same 5 s by the downstairs' test-only switch (--fail-flushes-when).
+# Prints one INCIDENT summary line (real_enospc_lines counts the genuine ENOSPC reports in ds1's log).
+source "$(dirname "$0")/lib.sh"
+inc_init diskfull
+PRE=8; FULL=5
+[ "$INC_SHORT" = 1 ] && PRE=5
+inc_small_fs "$W/small" 80m
+DS_EXTRA[1]="--fail-flushes-when $W/enospc-flush"
+inc_create_regions "$W/ds0" "$W/small/ds1" "$W/ds2"
+inc_start_all
+inc_start_load 600
+sleep "$PRE"
+inc_fault_begin "ballast fills ds1's filesystem for ${FULL}s (+ injected ENOSPC on its flushes)"
+dd if=/dev/zero of="$W/small/ballast" bs=1M 2>/dev/null || true   # stops at ENOSPC: the fs is full
+echo ENOSPC >"$W/enospc-flush"
+fact fs_free_kib_when_full "$(df -k --output=avail "$W/small" | tail -1 | tr -d ' ')"
+sleep "$FULL"
+rm -f "$W/small/ballast" "$W/enospc-flush"
+inc_fault_end
+inc_wait_active 90
+sleep 2
+inc_stop_load
+fact real_enospc_lines "$(grep -v injected "$W/ds1.log" | grep -ci 'ENOSPC\|No space' || true)"
+fact injected_lines "$(grep -c injected "$W/ds1.log" || true)"
+inc_finish full
