@@ -3,13 +3,20 @@
 # sleep; inc_fault_begin; <inject>; inc_fault_end; <remove>; inc_wait_active; inc_finish.
 # Everything listens on 127.0.0.1 only; every loop is bounded in count and time.
 # Environment: INCIDENT_SHORT=1 (short timings for the test suite), INCIDENT_KEEP=1 (keep the temp dir),
-# INCIDENT_NO_BUILD=1 (use the existing Release build), INCIDENT_SIZE (region size, default 64MiB).
+# INCIDENT_NO_BUILD=1 (use the existing Release build), INCIDENT_BIN_DIR (see below), INCIDENT_SIZE
+# (region size, default 64MiB).
 set -euo pipefail
 
 INC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 INC_DIR="$INC_ROOT/scripts/incident"
 INC_BIN_DS="$INC_ROOT/src/Downstairs/bin/Release/net10.0/nbd-downstairs.dll"
 INC_BIN_UP="$INC_ROOT/src/NbdFrontend/bin/Release/net10.0/nbd-server.dll"
+# INCIDENT_BIN_DIR: a directory holding both nbd-server.dll and nbd-downstairs.dll (the test suite's
+# output directory); then nothing is built.
+if [ -n "${INCIDENT_BIN_DIR:-}" ]; then
+  INC_BIN_DS="$INCIDENT_BIN_DIR/nbd-downstairs.dll"
+  INC_BIN_UP="$INCIDENT_BIN_DIR/nbd-server.dll"
+fi
 INC_SHORT=${INCIDENT_SHORT:-0}
 INC_SIZE=${INCIDENT_SIZE:-64MiB}
 INC_EXTENT_BLOCKS=${INCIDENT_EXTENT_BLOCKS:-256}   # 1 MiB extents: the unit of live repair
@@ -21,11 +28,12 @@ UP_EXTRA=()
 
 say() { echo "[$(date +%T.%3N)] $INC_NAME: $*" >&2; }
 now() { date +%s.%N; }
-event() { echo "$1 $(now)" >>"$W/events"; }
+INC_SUFFIX=""   # chaos.sh numbers its faults: events and log marks then carry "_N"
+event() { echo "$1$INC_SUFFIX $(now)" >>"$W/events"; }
 
 # Build once (Release, like scripts/run.sh); other people build Debug concurrently, so retry a lock.
 inc_build() {
-  [ "${INCIDENT_NO_BUILD:-0}" = 1 ] && return 0
+  [ "${INCIDENT_NO_BUILD:-0}" = 1 ] || [ -n "${INCIDENT_BIN_DIR:-}" ] && return 0
   local p tries
   for p in src/Downstairs/Downstairs.csproj src/NbdFrontend/NbdFrontend.csproj; do
     for tries in 1 2 3; do
@@ -161,7 +169,7 @@ inc_start_sampler() {
 inc_log_marks() { # inc_log_marks TAG: line counts of every process log
   local f
   for f in "$W"/ds0.log "$W"/ds1.log "$W"/ds2.log "$W"/up.log; do
-    echo "$1 $(basename "$f" .log) $(wc -l <"$f")" >>"$W/loglines"
+    echo "$1$INC_SUFFIX $(basename "$f" .log) $(wc -l <"$f")" >>"$W/loglines"
   done
 }
 
