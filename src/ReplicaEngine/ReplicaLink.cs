@@ -61,6 +61,13 @@ internal sealed class ReplicaLink(int index, IPEndPoint endPoint)
 
     public int RepairTotal { get; set; }
 
+    /// <summary>
+    /// Extents a live repair chose and has not copied yet (engine lock). Kept when the repair is
+    /// interrupted: a flush during the repair may have stamped such an extent current although its
+    /// data is stale, so the next repair must copy it whatever its metadata says.
+    /// </summary>
+    public HashSet<int> PendingRepair { get; } = [];
+
     /// <summary>Signalled when the link needs a (re)connection.</summary>
     public SemaphoreSlim NeedsConnection { get; } = new(0, 1);
 

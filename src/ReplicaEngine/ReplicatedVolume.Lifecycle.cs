@@ -81,8 +81,16 @@ public sealed partial class ReplicatedVolume
         _expected = new ExtentMeta[_extentCount];
         int repaired = 0;
         ulong maxFlush = 0;
+        long reconcileStarted = Stopwatch.GetTimestamp();
+        long lastProgressLog = reconcileStarted;
         for (int e = 0; e < _extentCount; e++)
         {
+            if (Stopwatch.GetElapsedTime(lastProgressLog) > ProgressLogInterval)
+            {
+                // A replaced or long-dead replica can need every extent copied before the guest is served.
+                lastProgressLog = Stopwatch.GetTimestamp();
+                EngineLog.ReconcileProgress(_logger, e, _extentCount, repaired, Stopwatch.GetElapsedTime(reconcileStarted).TotalSeconds);
+            }
             (ReplicaLink Link, IDownstairs Client) winner = connected[0];
             foreach (var c in connected)
             {
@@ -272,6 +280,7 @@ public sealed partial class ReplicatedVolume
             link.Region = client.Region;
             link.State = ReplicaState.Repairing;
             var needed = new HashSet<int>(_dirty);
+            needed.UnionWith(link.PendingRepair); // left over from an interrupted repair
             foreach (HashSet<int> flushing in _flushing.Values)
             {
                 needed.UnionWith(flushing);
@@ -286,6 +295,7 @@ public sealed partial class ReplicatedVolume
                 }
             }
             extents = [.. needed.Order()];
+            link.PendingRepair.UnionWith(extents);
             link.RepairTotal = extents.Count;
             link.RepairDone = 0;
             SignalStateChangedLocked();
@@ -330,6 +340,7 @@ public sealed partial class ReplicatedVolume
             lock (_gate)
             {
                 link.RepairDone++;
+                link.PendingRepair.Remove(extent);
             }
             if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
             {

@@ -191,15 +191,13 @@ public sealed partial class ReplicatedVolume : IBlockVolume
             ulong id = ++_nextJobId;
             foreach (ReplicaLink link in _links)
             {
-                // Only replicas in service flush. A replica under live repair must not: a flush stamps
-                // (generation, flush number) on every dirty extent, including one that received a guest
-                // write but has not been copied yet. If the repair were then interrupted, that stale
-                // extent would look current and never be repaired (nor at the next startup). Unflushed,
-                // it stays dirty, and a dirty extent is always repaired.
-                if (link.State == ReplicaState.Active && link.Client is { } client)
+                // A replica under live repair flushes too (its metadata stays in lockstep with the
+                // others); its acks don't count. The stamp this puts on an extent not yet copied is why
+                // an interrupted repair remembers its leftovers (ReplicaLink.PendingRepair).
+                if (link.ReceivesWrites && link.Client is { } client)
                 {
                     link.Charge(0);
-                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: true, bytes: 0, what: "flush");
+                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: link.State == ReplicaState.Active, bytes: 0, what: "flush");
                 }
             }
             job.Seal();
