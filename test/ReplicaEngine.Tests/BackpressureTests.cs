@@ -1,0 +1,77 @@
+using System.Diagnostics;
+
+namespace NbdServer.ReplicaEngine.Tests;
+
+[CancelAfter(30_000)]
+public sealed class BackpressureTests
+{
+    [Test]
+    public async Task One_held_replica_does_not_slow_admission()
+    {
+        await using var cluster = new Cluster();
+        // A long admission delay would be obvious: eight writes near the budget would take seconds.
+        await cluster.StartAsync(Cluster.Options() with { MaxOutstandingJobs = 10, MaxAdmissionDelay = TimeSpan.FromSeconds(2) });
+        cluster.Replicas[2].Hold();
+
+        var clock = Stopwatch.StartNew();
+        for (int i = 0; i < 8; i++)
+        {
+            await cluster.WriteAsync(i, i);
+        }
+        Assert.That(clock.Elapsed, Is.LessThan(TimeSpan.FromSeconds(1)));
+        Assert.That(cluster.Status(2).OutstandingJobs, Is.EqualTo(8));
+        Assert.That(cluster.Status(2).State, Is.EqualTo(ReplicaState.Active));
+    }
+
+    [Test]
+    public async Task Two_lagging_replicas_delay_admission_but_writes_never_stop()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync(Cluster.Options() with { MaxOutstandingJobs = 10, MaxAdmissionDelay = TimeSpan.FromMilliseconds(50) });
+        cluster.Replicas[1].Hold();
+        cluster.Replicas[2].Hold();
+
+        // With two replicas held no write can be acked; admission slows as they fill, but nothing is dropped.
+        Task[] writes = [.. Enumerable.Range(0, 9).Select(i => cluster.WriteAsync(i * 3, 70 + i))];
+        await Task.Delay(300);
+        Assert.That(writes.Count(w => w.IsCompleted), Is.Zero, "no write acked by one replica");
+        Assert.That(cluster.Volume.GetStatus().Replicas.Select(r => r.State), Is.All.EqualTo(ReplicaState.Active));
+
+        cluster.Replicas[1].Release();
+        cluster.Replicas[2].Release();
+        await Task.WhenAll(writes).WaitAsync(Cluster.Patience);
+        for (int i = 0; i < 9; i++)
+        {
+            Assert.That(await cluster.ReadAsync(i * 3), Is.EqualTo(Cluster.Pattern(70 + i, i * 3)));
+        }
+    }
+
+    [Test]
+    public async Task Two_slow_replicas_throttle_a_heavy_writer_that_still_completes_every_write()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync(Cluster.Options() with { MaxOutstandingJobs = 16, MaxAdmissionDelay = TimeSpan.FromMilliseconds(10) });
+        cluster.Replicas[1].OpDelay = TimeSpan.FromMilliseconds(3);
+        cluster.Replicas[2].OpDelay = TimeSpan.FromMilliseconds(3);
+
+        int completed = 0;
+        Task[] writers = [.. Enumerable.Range(0, 12).Select(w => Task.Run(async () =>
+        {
+            for (int i = 0; i < 15; i++)
+            {
+                await cluster.WriteAsync(((w * 10) + i) % 128, w + i);
+                Interlocked.Increment(ref completed);
+            }
+        }))];
+        await Task.WhenAll(writers).WaitAsync(TimeSpan.FromSeconds(20));
+        Assert.That(completed, Is.EqualTo(12 * 15));
+        Assert.That(cluster.Volume.GetStatus().InService, Is.GreaterThanOrEqualTo(2));
+
+        cluster.Replicas[1].OpDelay = TimeSpan.Zero;
+        cluster.Replicas[2].OpDelay = TimeSpan.Zero;
+        await cluster.WaitForAllActiveAsync();
+        await cluster.FlushAsync();
+        await cluster.WaitForIdleAsync();
+        cluster.AssertReplicasIdentical(includeMeta: false);
+    }
+}
