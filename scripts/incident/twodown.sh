@@ -13,8 +13,9 @@ inc_start_all
 # The writing load keeps the first half; a read-only probe (its own verifier, 4 readers) reads the second
 # half, so "reads go on" is measured apart from the writers' closed loop (16 writers all waiting 3 s on
 # EIO leave no room for reads in the same verifier).
-inc_start_load 600 --range 32MiB
-dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --duration 600 --qd 4 --offset 32MiB --read-percent 100 --seed 7 \
+HALF="$(( ${INC_SIZE%MiB} / 2 ))MiB"   # INCIDENT_SIZE in MiB
+inc_start_load 600 --range "$HALF"
+dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --duration 600 --qd 4 --offset "$HALF" --read-percent 100 --seed 7 \
   >"$W/reads.out" 2>"$W/reads.err" &
 READS_PID=$!
 INC_HELPERS+=("$READS_PID")
