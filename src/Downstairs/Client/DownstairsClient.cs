@@ -329,6 +329,8 @@ internal sealed class DownstairsClient : IAsyncDisposable
         {
             throw new DownstairsProtocolException($"reply {header.Type} for job {header.JobId}, which is not in flight");
         }
+        // Every reply frees its send slot, whatever its outcome.
+        using var release = new SlotRelease(_slots);
         try
         {
             if (header.Type != pending.ReplyType)
@@ -375,10 +377,13 @@ internal sealed class DownstairsClient : IAsyncDisposable
         catch (DownstairsProtocolException e)
         {
             pending.SetException(new DownstairsConnectionException($"invalid reply from downstairs: {e.Message}", e));
-            _slots.Release();
             throw;
         }
-        _slots.Release();
+    }
+
+    private readonly struct SlotRelease(SemaphoreSlim slots) : IDisposable
+    {
+        public void Dispose() => slots.Release();
     }
 
     private void ExpectPayload(long remaining, int expectedCount, int count, int perBlockMeta, FrameHeader header)
