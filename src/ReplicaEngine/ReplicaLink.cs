@@ -57,6 +57,15 @@ internal sealed class ReplicaLink(int index, IPEndPoint endPoint)
 
     public string? LastFault { get; set; }
 
+    /// <summary>Stopwatch timestamp of the previous fault (0: never faulted).</summary>
+    public long LastFaultAt { get; set; }
+
+    /// <summary>Current reconnect delay; grows while the replica keeps failing soon after returning.</summary>
+    public TimeSpan ReconnectDelay { get; set; }
+
+    /// <summary>True when this fault follows the previous one closely: the replica is flapping.</summary>
+    public bool IsFlapping(TimeSpan window) => LastFaultAt != 0 && Stopwatch.GetElapsedTime(LastFaultAt) < window;
+
     public int RepairDone { get; set; }
 
     public int RepairTotal { get; set; }

@@ -216,6 +216,15 @@ public sealed partial class ReplicatedVolume
             try
             {
                 await link.NeedsConnection.WaitAsync(stopping);
+                TimeSpan backoff;
+                lock (_gate)
+                {
+                    backoff = link.ReconnectDelay;
+                }
+                if (backoff > TimeSpan.Zero)
+                {
+                    await Task.Delay(backoff, stopping);
+                }
             }
             catch (OperationCanceledException)
             {
@@ -237,7 +246,15 @@ public sealed partial class ReplicatedVolume
                     {
                         link.RegionId = r.RegionId;
                     }
-                    EngineLog.Connected(_logger, link.Index, link.EndPoint.ToString(), r.RegionId, r.ExtentCount, (long)r.ExtentBlocks * r.BlockSize, r.BlockSize);
+                    if (link.ReconnectDelay > TimeSpan.Zero)
+                    {
+                        // Flapping: one line per interval, not one per cycle.
+                        _throttle.Report(LogLevel.Information, $"Replica {link.Index} ({link.EndPoint}) reconnected", () => "live repair starts again");
+                    }
+                    else
+                    {
+                        EngineLog.Connected(_logger, link.Index, link.EndPoint.ToString(), r.RegionId, r.ExtentCount, (long)r.ExtentBlocks * r.BlockSize, r.BlockSize);
+                    }
                     await LiveRepairAsync(link, client, stopping);
                     break;
                 }
@@ -294,13 +311,19 @@ public sealed partial class ReplicatedVolume
                     needed.Add(e);
                 }
             }
-            extents = [.. needed.Order()];
+            // Extents dirty on the replica first: they include any whose fdatasync failed, which the
+            // downstairs keeps "poisoned" (refusing every flush) until repaired; fixed first, the
+            // replica's flushes succeed again early instead of faulting it mid-repair.
+            extents = [.. needed.OrderBy(e => client.Region.Extents[e].Dirty ? 0 : 1).ThenBy(e => e)];
             link.PendingRepair.UnionWith(extents);
             link.RepairTotal = extents.Count;
             link.RepairDone = 0;
             SignalStateChangedLocked();
         }
-        EngineLog.RepairStarted(_logger, link.Index, extents.Count, _extentCount);
+        if (link.ReconnectDelay == TimeSpan.Zero)
+        {
+            EngineLog.RepairStarted(_logger, link.Index, extents.Count, _extentCount);
+        }
         long started = Stopwatch.GetTimestamp();
         long lastLog = started;
         long extentBytes = (long)_extentBlocks * _blockSize;

@@ -29,6 +29,9 @@ namespace NbdServer.ReplicaEngine;
 public sealed partial class ReplicatedVolume : IBlockVolume
 {
     private const int MaxReadAttempts = 3;
+
+    /// <summary>Two faults of one replica within this window make it "flapping" (backoff, summarised logs).</summary>
+    private static readonly TimeSpan FlapWindow = TimeSpan.FromSeconds(10);
     private const string RepairablePrefix = "repairable: ";
 
     private readonly EngineOptions _options;
@@ -692,7 +695,21 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         link.RepairDone = 0;
         link.RepairTotal = 0;
         int inService = InServiceCountLocked();
-        EngineLog.Faulted(_logger, link.Index, link.EndPoint.ToString(), reason, jobs, bytes, inService);
+        // A replica that fails again soon after returning (a disk still full, an extent still poisoned)
+        // backs off exponentially and its repeated faults are summarised, so a fault loop stays quiet.
+        bool flapping = link.IsFlapping(FlapWindow);
+        link.ReconnectDelay = flapping
+            ? TimeSpan.FromTicks(Math.Min(Math.Max(link.ReconnectDelay.Ticks * 2, _options.ReconnectInitialDelay.Ticks), _options.ReconnectMaxDelay.Ticks))
+            : TimeSpan.Zero;
+        link.LastFaultAt = Stopwatch.GetTimestamp();
+        if (flapping)
+        {
+            _throttle.Report(LogLevel.Warning, $"Replica {link.Index} ({link.EndPoint}) faulted again", () => $"{reason}; reconnecting in {link.ReconnectDelay.TotalMilliseconds:0} ms");
+        }
+        else
+        {
+            EngineLog.Faulted(_logger, link.Index, link.EndPoint.ToString(), reason, jobs, bytes, inService);
+        }
         if (inService < 2)
         {
             EngineLog.Degraded(_logger, inService);
