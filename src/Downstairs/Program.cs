@@ -3,11 +3,11 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Posix;
+using NbdServer.Common.Hosting;
 using NbdServer.Downstairs.Cli;
 using NbdServer.Downstairs.Server;
 using NbdServer.Downstairs.Storage;
 using Serilog;
-using Serilog.Events;
 
 // libc calls of NbdServer.Common resolve through the process' global symbol scope (as a C program's
 // would) instead of a private dlopen("libc.so.6") handle, so an LD_PRELOAD fault injector sees our
@@ -45,15 +45,28 @@ try
         }
         case "run":
         {
-            var a = new CommandArgs(rest, flags);
-            if (a.Help)
+            if (rest.Any(r => r is "-h" or "--help"))
             {
                 return PrintHelp(Usage.Run);
             }
-            bool verbose = a.Flag("--verbose");
-            DownstairsOptions options = Commands.RunOptions(a);
-            a.RejectUnknown();
-            return await RunAsync(options, verbose);
+            // Config file < NBD_DOWNSTAIRS_* environment < command line, all through the one parser.
+            ConfigArgs config = ConfigArgs.Build(rest, ConfigArgs.OptionsIn(Usage.Run), new HashSet<string>(StringComparer.Ordinal) { "--verbose" },
+                "NBD_DOWNSTAIRS_", "/etc/nbd-server/nbd-downstairs.json");
+            try
+            {
+                var a = new CommandArgs(config.Arguments, flags);
+                bool verbose = a.Flag("--verbose");
+                string? logJson = a.String("--log-json");
+                System.Net.IPEndPoint? metrics = a.String("--metrics") is { } m ? CommandArgs.Endpoint("--metrics", m) : null;
+                DownstairsOptions options = Commands.RunOptions(a);
+                a.RejectUnknown();
+                return await RunAsync(options, verbose, logJson, metrics, config.ConfigFile);
+            }
+            catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
+            {
+                Console.Error.WriteLine($"nbd-downstairs: {config.Explain(e.Message)}");
+                return 2;
+            }
         }
         default:
             Console.Error.WriteLine($"nbd-downstairs: unknown command '{command}' (create, run, info, compare; see --help)");
@@ -77,13 +90,13 @@ static int PrintHelp(string text)
     return 0;
 }
 
-static async Task<int> RunAsync(DownstairsOptions options, bool verbose)
+static async Task<int> RunAsync(DownstairsOptions options, bool verbose, string? logJson, System.Net.IPEndPoint? metrics, string? configFile)
 {
-    Log.Logger = new LoggerConfiguration()
-        .MinimumLevel.Is(verbose ? LogEventLevel.Debug : LogEventLevel.Information)
-        .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
-        .WriteTo.Console(outputTemplate: "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose)
-        .CreateLogger();
+    Log.Logger = ServiceLogging.Create(verbose, logJson);
+    if (configFile is not null)
+    {
+        Log.Information("Settings from {ConfigFile}", configFile);
+    }
     try
     {
         Region region = Region.Open(options.DataDir);
@@ -91,6 +104,7 @@ static async Task<int> RunAsync(DownstairsOptions options, bool verbose)
         builder.Services.AddSerilog();
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(region);
+        builder.Services.AddOperations(metrics);
         builder.Services.AddHostedService<DownstairsService>();
         using IHost host = builder.Build();
         await host.RunAsync();

@@ -1,13 +1,13 @@
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using NbdServer.Common.Hosting;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 using NbdServer.ReplicaEngine;
 using Serilog;
-using Serilog.Events;
 
 if (args is ["verify", .. var verifyArgs])
 {
@@ -19,33 +19,38 @@ if (args is ["status", .. var statusArgs])
     return await StatusCommand.RunAsync(statusArgs);
 }
 
-ServeCommand command;
-try
-{
-    command = ServeCommand.Parse(args);
-}
-catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-{
-    Console.Error.WriteLine($"nbd-server: {e.Message}");
-    return 2;
-}
-if (command.Help)
+if (args.Any(a => a is "-h" or "--help"))
 {
     Console.WriteLine(ServeCommand.Usage);
     return 0;
 }
 
-Log.Logger = new LoggerConfiguration()
-    .MinimumLevel.Is(command.Verbose ? LogEventLevel.Debug : LogEventLevel.Information)
-    .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
-    .WriteTo.Console(outputTemplate: "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose)
-    .CreateLogger();
+// Config file < NBD_SERVER_* environment < command line, all through the one parser.
+ConfigArgs? config = null;
+ServeCommand command;
+try
+{
+    config = ConfigArgs.Build(args, ConfigArgs.OptionsIn(ServeCommand.Usage, "--ioengine"), ServeCommand.Flags, ServeCommand.EnvironmentPrefix, ServeCommand.DefaultConfigFile);
+    command = ServeCommand.Parse(config.Arguments);
+}
+catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
+{
+    Console.Error.WriteLine($"nbd-server: {config?.Explain(e.Message) ?? e.Message}");
+    return 2;
+}
+
+Log.Logger = ServiceLogging.Create(command.Verbose, command.LogJson);
+if (config.ConfigFile is not null)
+{
+    Log.Information("Settings from {ConfigFile}", config.ConfigFile);
+}
 
 try
 {
     HostApplicationBuilder builder = Host.CreateApplicationBuilder();
     builder.Services.AddSerilog();
     builder.Services.AddSingleton(command);
+    builder.Services.AddOperations(command.Metrics);
     builder.Services.AddHostedService<NbdService>();
     using IHost host = builder.Build();
     await host.RunAsync();

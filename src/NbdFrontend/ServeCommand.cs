@@ -11,6 +11,11 @@ internal sealed record ServeCommand
 {
     public const string DefaultExportName = "vol0";
     public const long DefaultMemorySize = 1L << 30;
+    public const string DefaultConfigFile = "/etc/nbd-server/nbd-server.json";
+    public const string EnvironmentPrefix = "NBD_SERVER_";
+
+    /// <summary>Options that take no value (true/false in a config file or the environment).</summary>
+    public static readonly IReadOnlySet<string> Flags = new HashSet<string>(StringComparer.Ordinal) { "--read-only", "--verbose" };
 
     public const string Usage = """
         nbd-server - a network block device server (NBD protocol, fixed newstyle)
@@ -18,6 +23,9 @@ internal sealed record ServeCommand
         SYNOPSIS
             nbd-server [OPTIONS]
             nbd-server --file PATH [--size SIZE] [OPTIONS]
+            nbd-server --downstairs A:P,B:P,C:P [OPTIONS]
+            nbd-server status [--control ADDR:PORT] [--watch] [--json]
+            nbd-server verify --help
 
         DESCRIPTION
             Serves one export over NBD. Clients: nbd-client (Linux kernel), nbdinfo, nbdsh,
@@ -57,10 +65,37 @@ internal sealed record ServeCommand
                                      requests in flight per connection (default 256)
             --max-connections N      concurrent clients (default 256)
             --verbose                log every connection and option at debug level
+            --log-interval SECONDS   repeated errors are summarised once per interval (default 5)
+            --log-json FILE          also write every log event as one JSON object per line to FILE
+            --metrics ADDR:PORT      serve Prometheus metrics on http://ADDR:PORT/metrics (off by
+                                     default; use 127.0.0.1): meters NbdServer.Frontend,
+                                     NbdServer.ReplicaEngine, System.Runtime
+            --config FILE            read settings from FILE (default /etc/nbd-server/nbd-server.json
+                                     if it exists)
             -h, --help               this text
 
         SIZES
             Plain bytes or with a suffix: 4096, 64K, 512MiB, 8GiB.
+
+        CONFIGURATION
+            Every option above (except --help and --config) can also come from the config file, a
+            JSON object whose keys are the option names without dashes, or from an environment
+            variable NBD_SERVER_ + the name in capitals with underscores:
+                {"downstairs": "10.0.0.1:3810,10.0.0.2:3810,10.0.0.3:3810", "listen": "127.0.0.1:10809",
+                 "max-outstanding-jobs": 900, "read-only": false}
+                NBD_SERVER_LISTEN=127.0.0.1:10809  NBD_SERVER_VERBOSE=true
+            The command line overrides the environment, which overrides the file. A bad or unknown
+            setting stops the server at start with a message naming it and where it was set.
+            See docs/configuration.md for every limit and its default.
+
+        SYSTEMD
+            Runs as a Type=notify service: READY=1 once the volume is serving (after reconciliation
+            and listen), STOPPING=1 on SIGTERM, WATCHDOG=1 every WATCHDOG_USEC/2 when WatchdogSec=
+            is set. Under the journal (JOURNAL_STREAM) log lines carry <N> syslog priorities and no
+            timestamps. SIGTERM drains in-flight requests and flushes before exit.
+
+        EXIT STATUS
+            0 clean shutdown, 1 runtime error (replicas unreachable, address in use), 2 bad usage or setting.
         """;
 
     public FrontendOptions Frontend { get; init; } = new();
@@ -78,6 +113,10 @@ internal sealed record ServeCommand
     public bool Verbose { get; init; }
 
     public bool Help { get; init; }
+
+    public string? LogJson { get; init; }
+
+    public IPEndPoint? Metrics { get; init; }
 
     public EngineOptions? Engine { get; init; }
 
@@ -163,6 +202,15 @@ internal sealed record ServeCommand
                 case "--verbose":
                     command = command with { Verbose = true };
                     break;
+                case "--log-interval":
+                    frontend = frontend with { LogThrottleInterval = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) };
+                    break;
+                case "--log-json":
+                    command = command with { LogJson = Value() };
+                    break;
+                case "--metrics":
+                    command = command with { Metrics = ParseEndPoint(Value(), arg) };
+                    break;
                 default:
                     throw new ArgumentException($"unknown option '{arg}' (see --help).");
             }
@@ -171,14 +219,44 @@ internal sealed record ServeCommand
         {
             throw new ArgumentException("--export: the name must not be empty (the first export is served under the empty name anyway).");
         }
-        frontend.Validate();
-        command.Engine?.Validate();
+        if (command.Engine is not null)
+        {
+            command = command with { Engine = command.Engine with { LogThrottleInterval = frontend.LogThrottleInterval } };
+        }
+        try
+        {
+            frontend.Validate();
+            command.Engine?.Validate();
+        }
+        catch (ArgumentException e)
+        {
+            // The records speak of properties; the operator set options.
+            throw new ArgumentException(OptionNames.Aggregate(e.Message, (m, p) => m.Replace(p.Key, p.Value, StringComparison.Ordinal)), e);
+        }
         if (command.Engine is not null && command.FilePath is not null)
         {
             throw new ArgumentException("--downstairs and --file are different backends; choose one.");
         }
         return command with { Frontend = frontend };
     }
+
+    /// <summary>Validated record properties and the options (config keys) that set them.</summary>
+    internal static readonly IReadOnlyDictionary<string, string> OptionNames = new Dictionary<string, string>(StringComparer.Ordinal)
+    {
+        ["MaxInFlightBytesPerConnection"] = "--max-inflight-bytes-per-connection",
+        ["MaxInFlightBytesTotal"] = "--max-inflight-bytes",
+        ["MaxInFlightRequestsPerConnection"] = "--max-requests-per-connection",
+        ["MaxPayloadBytes"] = "--max-payload",
+        ["MaxConnections"] = "--max-connections",
+        ["MaxOutstandingJobs"] = "--max-outstanding-jobs",
+        ["MaxOutstandingBytes"] = "--max-outstanding-bytes",
+        ["NoProgressTimeout"] = "--no-progress-timeout",
+        ["DegradedWriteTimeout"] = "--degraded-write-timeout",
+        ["LogThrottleInterval"] = "--log-interval",
+        ["Generation"] = "--generation",
+        ["Downstairs"] = "--downstairs",
+        ["Listen"] = "--listen",
+    };
 
     private static int ParseInt(string text, string setting) =>
         int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int value) && value > 0

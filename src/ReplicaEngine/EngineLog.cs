@@ -31,4 +31,7 @@ internal static partial class EngineLog
 
     [LoggerMessage(EventId = 3008, Level = LogLevel.Information, Message = "Replica {Replica} ({EndPoint}) unreachable: {Reason}; retrying")]
     public static partial void ConnectFailed(ILogger logger, int replica, string endPoint, string reason);
+
+    [LoggerMessage(EventId = 3050, Level = LogLevel.Information, Message = "Reconciliation: {Done}/{Total} extents checked, {Repaired} copied, {Seconds:0} s so far")]
+    public static partial void ReconcileProgress(ILogger logger, int done, int total, int repaired, double seconds);
 }

@@ -12,6 +12,9 @@ namespace NbdServer.Downstairs.Cli;
 
 internal static class Commands
 {
+    /// <summary>How often `create` reports progress on stderr (only when it takes that long).</summary>
+    private static readonly TimeSpan CreateProgressInterval = TimeSpan.FromSeconds(2);
+
     public static int Create(CommandArgs a)
     {
         string dir = a.Required("--data");
@@ -20,7 +23,17 @@ internal static class Commands
         int? extent = a.String("--extent-size") is null ? null : a.Int("--extent-size", 0);
         bool prealloc = a.Flag("--preallocate");
         a.RejectUnknown();
-        using Region region = Region.Create(dir, size, blockSize, extent, prealloc);
+        var clock = Stopwatch.StartNew();
+        TimeSpan nextReport = CreateProgressInterval;
+        using Region region = Region.Create(dir, size, blockSize, extent, prealloc, (done, total) =>
+        {
+            if (clock.Elapsed >= nextReport && done < total)
+            {
+                nextReport = clock.Elapsed + CreateProgressInterval;
+                Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"nbd-downstairs create: {done}/{total} extent files {(prealloc ? "preallocated" : "created")} ({100.0 * done / total:0}%, {clock.Elapsed.TotalSeconds:0} s)"));
+            }
+        });
         Console.WriteLine($"created region {region.Uuid} in {Path.GetFullPath(dir)}: {ByteSize.Format(region.Geometry.SizeBytes)} " +
             $"({region.Geometry.BlockCount} blocks of {region.Geometry.BlockSize}), {region.Geometry.ExtentCount} extents of {region.Geometry.ExtentBlocks} blocks, {(prealloc ? "preallocated" : "sparse")}");
         return 0;

@@ -71,6 +71,25 @@ OPTIONS
     --log-interval SECONDS     Repeated errors are summarised once per interval (default 5).
     --receive-buffer SIZE      Socket read size per connection (default 64K).
     --verbose                  Debug logging.
+    --log-json FILE            Also write every log event as one JSON object per line to FILE.
+    --metrics ADDRESS:PORT     Serve Prometheus metrics on http://ADDRESS:PORT/metrics (off by
+                               default; use 127.0.0.1).
+    --config FILE              Read settings from FILE (default /etc/nbd-server/nbd-downstairs.json
+                               if it exists).
+
+CONFIGURATION
+    Every option of `run` can also come from the config file, a JSON object whose keys are the
+    option names without dashes ({"data": "/var/lib/nbd-server/r0", "listen": "0.0.0.0:3810"}),
+    or from an environment variable NBD_DOWNSTAIRS_ + the name in capitals with underscores
+    (NBD_DOWNSTAIRS_LISTEN=0.0.0.0:3810). The command line overrides the environment, which
+    overrides the file; a bad or unknown setting stops the server with a message naming it.
+
+SYSTEMD
+    A Type=notify service (scripts/systemd/nbd-downstairs@.service): READY=1 once listening,
+    STOPPING=1 on SIGTERM, WATCHDOG=1 every WATCHDOG_USEC/2; journald-style log lines under the
+    journal. SIGTERM stops accepting, lets the IO threads finish the jobs already queued, and
+    closes the region; writes not yet covered by a flush were never acknowledged as durable,
+    and the upstairs repairs those extents when the replica returns.
 
 TEST OPTIONS
     --fail-writes-when FILE    While FILE exists, writes fail with the errno named in it

@@ -92,7 +92,9 @@ internal sealed class Region : IDisposable
 
     // ---------------------------------------------------------------- create / open
 
-    public static Region Create(string dir, long sizeBytes, int blockSize, int? extentBlocks, bool preallocate)
+    /// <param name="progress">Called with (extents done, extent count) after each extent file: a
+    /// preallocated multi-TiB region takes minutes (fallocate + fsync per file).</param>
+    public static Region Create(string dir, long sizeBytes, int blockSize, int? extentBlocks, bool preallocate, Action<int, int>? progress = null)
     {
         if (blockSize is not (512 or 4096))
         {
@@ -137,6 +139,7 @@ internal sealed class Region : IDisposable
                 RandomAccess.SetLength(h, geometry.ExtentFileBytes);
             }
             PosixFile.FlushToDisk(h, dataOnly: false, path);
+            progress?.Invoke(i + 1, geometry.ExtentCount);
         }
         PosixDirectory.FlushToDisk(extentDir);
 

@@ -41,6 +41,9 @@ internal sealed record FrontendOptions
     /// <summary>How long shutdown waits for clients to drain and disconnect before closing them.</summary>
     public TimeSpan ShutdownTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
+    /// <summary>Repeated request failures are summarised once per this interval (a storm is a few lines with counts).</summary>
+    public TimeSpan LogThrottleInterval { get; init; } = TimeSpan.FromSeconds(5);
+
     public void Validate()
     {
         if (MaxPayloadBytes < 4096)
@@ -58,6 +61,10 @@ internal sealed record FrontendOptions
         if (MaxInFlightRequestsPerConnection < 1 || MaxConnections < 1 || MaxOptionsPerHandshake < 1 || MaxBlockStatusExtents < 1)
         {
             throw new ArgumentException("Request, connection, option and extent limits must be at least 1.");
+        }
+        if (LogThrottleInterval <= TimeSpan.Zero)
+        {
+            throw new ArgumentException($"{nameof(LogThrottleInterval)} must be positive.");
         }
     }
 }

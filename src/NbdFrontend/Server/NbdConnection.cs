@@ -1,8 +1,10 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Diagnostics;
 using System.Text;
 using System.Threading.Channels;
 using Microsoft.Extensions.Logging;
+using NbdServer.Common.Logging;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend.Protocol;
 
@@ -26,6 +28,7 @@ internal sealed class NbdConnection : IAsyncDisposable
     private readonly ByteBudget _connectionBudget;
     private readonly SemaphoreSlim _requestSlots;
     private readonly ILogger _logger;
+    private readonly LogThrottle? _throttle;
     private readonly Channel<PendingReply> _replies = Channel.CreateUnbounded<PendingReply>(new UnboundedChannelOptions { SingleReader = true });
     private readonly CancellationTokenSource _aborted = new();
     private readonly byte[] _requestHeader = new byte[NbdRequest.Size];
@@ -35,7 +38,7 @@ internal sealed class NbdConnection : IAsyncDisposable
     private volatile bool _shuttingDown;
     private NegotiatedSession? _session;
 
-    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger)
+    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null)
     {
         Id = id;
         _transport = transport;
@@ -45,6 +48,7 @@ internal sealed class NbdConnection : IAsyncDisposable
         _connectionBudget = new ByteBudget(options.MaxInFlightBytesPerConnection);
         _requestSlots = new SemaphoreSlim(options.MaxInFlightRequestsPerConnection);
         _logger = logger;
+        _throttle = throttle;
     }
 
     public long Id { get; }
@@ -79,6 +83,7 @@ internal sealed class NbdConnection : IAsyncDisposable
                 return;
             }
             FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation);
+            FrontendMetrics.ConnectionAttached();
             writer = Task.Run(WriteRepliesAsync);
             reason = await ReadRequestsAsync();
         }
@@ -101,6 +106,10 @@ internal sealed class NbdConnection : IAsyncDisposable
                 await writer;
             }
             _transport.Abort();
+            if (_session is not null)
+            {
+                FrontendMetrics.ConnectionDetached();
+            }
             FrontendLog.ConnectionClosed(_logger, Id, reason);
         }
     }
@@ -155,7 +164,8 @@ internal sealed class NbdConnection : IAsyncDisposable
                 // The payload is still on the wire: drop it so the next header lines up.
                 await _transport.Input.SkipAsync(payloadLength, cancellationToken);
                 BeginRequest();
-                FrontendLog.CommandFailed(_logger, Id, request.Command.ToString(), request.Offset, request.Length, error.ToString(), message);
+                ReportFailure(request, error, message);
+                FrontendMetrics.Record(request.Command, request.Length, ok: false, Stopwatch.GetTimestamp());
                 Enqueue(ErrorReply(request, error, message, charge: 0, holdsSlot: false));
                 continue;
             }
@@ -304,6 +314,8 @@ internal sealed class NbdConnection : IAsyncDisposable
         CancellationToken cancellationToken = _aborted.Token;
         var writeOptions = (request.Flags & CommandFlags.Fua) != 0 ? WriteOptions.ForceUnitAccess : WriteOptions.None;
         long offset = (long)request.Offset;
+        long started = Stopwatch.GetTimestamp();
+        bool ok = false;
         try
         {
             switch (request.Command)
@@ -320,6 +332,7 @@ internal sealed class NbdConnection : IAsyncDisposable
                             ArrayPool<byte>.Shared.Return(data);
                             throw;
                         }
+                        ok = true;
                         Enqueue(ReadReply(request, data, charge, session.StructuredReplies));
                         return;
                     }
@@ -360,10 +373,12 @@ internal sealed class NbdConnection : IAsyncDisposable
                     {
                         int max = (request.Flags & CommandFlags.RequestOne) != 0 ? 1 : _options.MaxBlockStatusExtents;
                         IReadOnlyList<AllocationExtent> extents = await volume.GetAllocationAsync(offset, request.Length, max, cancellationToken);
+                        ok = true;
                         Enqueue(BlockStatusReply(request, extents, max));
                         return;
                     }
             }
+            ok = true;
             Enqueue(SuccessReply(request, charge));
         }
         catch (VolumeException e)
@@ -379,7 +394,7 @@ internal sealed class NbdConnection : IAsyncDisposable
             };
             if (e.Error != VolumeError.NotSupported)
             {
-                FrontendLog.CommandFailed(_logger, Id, request.Command.ToString(), request.Offset, request.Length, error.ToString(), e.Message);
+                ReportFailure(request, error, e.Message);
             }
             Enqueue(ErrorReply(request, error, e.Message, charge));
         }
@@ -392,6 +407,26 @@ internal sealed class NbdConnection : IAsyncDisposable
             FrontendLog.Unexpected(_logger, Id, e);
             Enqueue(ErrorReply(request, NbdError.EIO, "internal error", charge));
         }
+        finally
+        {
+            FrontendMetrics.Record(request.Command, request.Length, ok, started);
+        }
+    }
+
+    /// <summary>
+    /// A failed request, logged through the throttle: a client that sends garbage in a loop, or a
+    /// volume that fails every write, is a first line with details and then one count per interval
+    /// per (connection, command, error) — never a line per request.
+    /// </summary>
+    private void ReportFailure(in NbdRequest request, NbdError error, string message)
+    {
+        if (_throttle is null)
+        {
+            FrontendLog.CommandFailed(_logger, Id, request.Command.ToString(), request.Offset, request.Length, error.ToString(), message);
+            return;
+        }
+        (ulong offset, uint length) = (request.Offset, request.Length);
+        _throttle.Report(LogLevel.Warning, $"Connection {Id}: {request.Command} failed with {error}", () => $"first at offset {offset} length {length}: {message}");
     }
 
     private PendingReply SuccessReply(in NbdRequest request, long charge)

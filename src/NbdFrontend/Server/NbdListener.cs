@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
+using NbdServer.Common.Logging;
 
 namespace NbdServer.Frontend.Server;
 
@@ -18,6 +19,7 @@ internal sealed class NbdListener : IAsyncDisposable
     private readonly FrontendOptions _options;
     private readonly ILogger _logger;
     private readonly ByteBudget _serverBudget;
+    private readonly LogThrottle _throttle;
     private readonly ConcurrentDictionary<long, (NbdConnection Connection, Task Running)> _connections = new();
     private readonly CancellationTokenSource _stopping = new();
     private Socket? _socket;
@@ -31,6 +33,7 @@ internal sealed class NbdListener : IAsyncDisposable
         _options = options;
         _logger = logger;
         _serverBudget = new ByteBudget(options.MaxInFlightBytesTotal);
+        _throttle = new LogThrottle(logger, options.LogThrottleInterval);
     }
 
     public IPEndPoint LocalEndPoint => (IPEndPoint)(_socket?.LocalEndPoint ?? throw new InvalidOperationException("not started"));
@@ -87,7 +90,7 @@ internal sealed class NbdListener : IAsyncDisposable
 
     private Task RunConnection(long id, Transport transport)
     {
-        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger);
+        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle);
         var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         Task running = Task.Run(async () =>
         {
@@ -136,6 +139,7 @@ internal sealed class NbdListener : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         await StopAsync();
+        _throttle.Dispose();
         _stopping.Dispose();
     }
 }

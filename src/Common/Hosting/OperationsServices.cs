@@ -1,0 +1,52 @@
+using System.Net;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace NbdServer.Common.Hosting;
+
+/// <summary>What both daemons add to their host: systemd lifetime and notifications, the watchdog, metrics.</summary>
+public static partial class OperationsServices
+{
+    /// <summary>Call before adding the daemon's own hosted service, so READY follows its start and metrics outlive its stop.</summary>
+    public static IServiceCollection AddOperations(this IServiceCollection services, IPEndPoint? metrics)
+    {
+        // Under systemd: SystemdLifetime (READY=1 once started, STOPPING=1, SIGTERM → graceful stop).
+        services.AddSystemd();
+        services.AddHostedService<SystemdNotifyService>();
+        if (metrics is not null)
+        {
+            services.AddHostedService(sp => new MetricsService(metrics, sp.GetRequiredService<ILogger<MetricsService>>()));
+        }
+        return services;
+    }
+
+    private sealed class MetricsService(IPEndPoint endPoint, ILogger logger) : IHostedService, IAsyncDisposable
+    {
+        private PrometheusExporter? _exporter;
+        private MetricsEndpoint? _endpoint;
+
+        public Task StartAsync(CancellationToken cancellationToken)
+        {
+            _exporter = new PrometheusExporter();
+            _endpoint = new MetricsEndpoint(endPoint, _exporter);
+            _endpoint.Start();
+            MetricsListening(logger, _endpoint.LocalEndPoint.ToString());
+            return Task.CompletedTask;
+        }
+
+        public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+        public async ValueTask DisposeAsync()
+        {
+            if (_endpoint is not null)
+            {
+                await _endpoint.DisposeAsync();
+            }
+            _exporter?.Dispose();
+        }
+    }
+
+    [LoggerMessage(EventId = 9101, Level = LogLevel.Information, Message = "Prometheus metrics on http://{EndPoint}/metrics")]
+    private static partial void MetricsListening(ILogger logger, string endPoint);
+}
