@@ -4,7 +4,7 @@
 source "$(dirname "$0")/lib.sh"
 inc_init dead
 PRE=8; DOWN=10
-[ "$INC_SHORT" = 1 ] && { PRE=5; DOWN=4; }
+[ "$INC_SHORT" = 1 ] && { PRE=7; DOWN=4; }
 inc_create_regions
 inc_start_all
 inc_start_load 600

@@ -7,7 +7,7 @@
 source "$(dirname "$0")/lib.sh"
 inc_init diskfull
 PRE=8; FULL=5
-[ "$INC_SHORT" = 1 ] && PRE=5
+[ "$INC_SHORT" = 1 ] && PRE=7
 inc_small_fs "$W/small" 80m
 DS_EXTRA[1]="--fail-flushes-when $W/enospc-flush"
 inc_create_regions "$W/ds0" "$W/small/ds1" "$W/ds2"

@@ -5,7 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 inc_init slow
 PRE=8; SLOW=30
-[ "$INC_SHORT" = 1 ] && { PRE=5; SLOW=6; }
+[ "$INC_SHORT" = 1 ] && { PRE=7; SLOW=6; }
 inc_create_regions
 for i in 0 1 2; do inc_start_ds "$i"; done
 python3 -u "$INC_DIR/proxy.py" "${DS_PORT[1]}" "$W/slow-trigger" 50 200 >"$W/proxy.out" 2>&1 &

@@ -6,7 +6,7 @@
 source "$(dirname "$0")/lib.sh"
 inc_init twodown
 PRE=8; DOWN=10; DEGRADED=3
-[ "$INC_SHORT" = 1 ] && { PRE=5; DOWN=5; }
+[ "$INC_SHORT" = 1 ] && { PRE=7; DOWN=5; }
 UP_EXTRA=(--degraded-write-timeout "$DEGRADED")
 inc_create_regions
 inc_start_all
