@@ -52,6 +52,8 @@ def lat(b):
 
 
 pre = [int(b['ios']) for b in buckets if fb is not None and float(b['epoch']) <= fb][2:]  # skip JIT warm-up
+if sfx:
+    pre = pre[-10:]  # chaos: the 10 s before this fault, not the faults before it
 median = statistics.median(pre) if pre else 0
 out['pre_median_ios'] = int(median)
 # Noise floor: the worst healthy second against the same median. When this too is under 50 %, the
@@ -124,7 +126,9 @@ if fb is not None and fe is not None:
         tag, name, n = l.split()
         marks.setdefault(tag, {})[name] = int(n)
     begin = marks.get('fault_begin' + sfx, {})
-    stop = marks.get('recovered' + sfx) or marks.get('end') or {}
+    # Until all Active (or the wait gave up); else until the next fault began, else the end.
+    nxt = f"_{int(sfx[1:]) + 1}" if sfx[1:].isdigit() else None
+    stop = marks.get('recovered' + sfx) or (nxt and marks.get('fault_begin' + nxt)) or marks.get('end') or {}
     logs = {n: stop.get(n, 0) - begin[n] for n in begin}
     out['log_lines'] = ','.join(f'{n}:{c}' for n, c in sorted(logs.items()))
     if logs and max(logs.values()) >= 100:
@@ -135,7 +139,7 @@ if back is not None and fe is not None:
     if 'repair_mib' in facts and 'repair_engine_s' in facts:
         out['repair_mib'] = facts['repair_mib']
         out['repair_mib_s'] = f'{float(facts["repair_mib"]) / max(0.01, float(facts["repair_engine_s"])):.1f}'
-elif facts.get('all_active') == 'no':
+elif facts.get('all_active' + sfx) == 'no':
     out['repair_s'] = 'never'
     fails.append('not_repaired')
 
@@ -152,7 +156,7 @@ if wrong:
 if not summaries or checked == 0:
     fails.append('not_verified')
 for k, v in facts.items():
-    if k not in out and k not in ('repair_wait_s', 'repair_mib', 'repair_engine_s'):
+    if k not in out and k not in ('repair_wait_s', 'repair_mib', 'repair_engine_s') and not k.startswith('all_active'):
         out[k] = v
 if facts.get('regions_equal') != 'yes':
     fails.append('regions_differ')
