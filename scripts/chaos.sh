@@ -31,12 +31,13 @@ RANDOM=${CHAOS_SEED:-$$}
 while [ "$(date +%s)" -lt "$end" ] && [ "$k" -lt 500 ]; do
   k=$((k + 1)); INC_SUFFIX="_$k"
   f=${faults[$((RANDOM % 4))]}; r=$((RANDOM % 3)); t=$((5 + RANDOM % 6))
+  case $f in slow) t=$((t * 2)) ;; ioerr) t=5 ;; esac
   inc_fault_begin "#$k $f on ds$r for ${t}s"
   case $f in
     stuck) kill -STOP "${DS_PID[$r]}"; sleep "$t"; kill -CONT "${DS_PID[$r]}" ;;
     dead) kill -KILL "${DS_PID[$r]}"; wait "${DS_PID[$r]}" 2>/dev/null || true; sleep "$t"; inc_start_ds "$r" ;;
-    slow) t=$((t * 2)); touch "$W/slow$r"; sleep "$t"; rm -f "$W/slow$r" ;;
-    ioerr) t=5; echo ENOSPC >"$W/fail$r"; sleep "$t"; rm -f "$W/fail$r" ;;
+    slow) touch "$W/slow$r"; sleep "$t"; rm -f "$W/slow$r" ;;
+    ioerr) echo ENOSPC >"$W/fail$r"; sleep "$t"; rm -f "$W/fail$r" ;;
   esac
   inc_fault_end
   inc_wait_active 120
