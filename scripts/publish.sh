@@ -27,7 +27,7 @@ for project in src/NbdFrontend/NbdFrontend.csproj src/Downstairs/Downstairs.cspr
   echo "publish.sh: $project ($rid, self-contained, single file, ReadyToRun=$r2r)"
   dotnet publish "$root/$project" -c Release -r "$rid" --self-contained true -nologo -v quiet \
     -p:PublishSingleFile=true -p:PublishReadyToRun=$r2r -p:DebugType=embedded \
-    -p:IncludeNativeLibrariesForSelfExtract=false \
+    -p:IncludeNativeLibrariesForSelfExtract=false -p:ErrorOnDuplicatePublishOutputFiles=false \
     --artifacts-path "$build" -o "$out"
 done
 rm -f "$out"/*.pdb

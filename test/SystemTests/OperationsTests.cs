@@ -107,9 +107,10 @@ public sealed class OperationsTests
             int port = await server.WaitForPortAsync(@"Serving NBD on 127\.0\.0\.1:(\d+)", Start);
             int metricsPort = await server.WaitForPortAsync(@"metrics on http://127\.0\.0\.1:(\d+)/metrics", Start);
 
-            // READY=1 only after listen; then the watchdog pings every WATCHDOG_USEC / 2.
-            List<string> messages = await ReceiveAsync(notify, m => m.Contains("WATCHDOG=1", StringComparison.Ordinal), TimeSpan.FromSeconds(20));
-            Assert.That(messages, Does.Contain("READY=1"));
+            // READY=1 once serving (the log line above comes first); the watchdog pings every WATCHDOG_USEC / 2.
+            List<string> messages = await ReceiveAsync(notify, m => m == "READY=1", TimeSpan.FromSeconds(20));
+            List<string> after = await ReceiveAsync(notify, m => m == "WATCHDOG=1", TimeSpan.FromSeconds(5));
+            Assert.That(messages.Concat(after), Does.Contain("READY=1").And.Contain("WATCHDOG=1"));
 
             ExternalTool.Result info = await ExternalTool.RunAsync("nbdinfo", [$"nbd://127.0.0.1:{port}/vol0"], TimeSpan.FromSeconds(30));
             Assert.That(info.ExitCode, Is.Zero, info.ToString());
