@@ -18,7 +18,7 @@ NativeLibrary.SetDllImportResolver(typeof(PosixFile).Assembly, static (name, _, 
 
 string command = args.Length == 0 ? "--help" : args[0];
 string[] rest = args.Length == 0 ? [] : args[1..];
-var flags = new HashSet<string>(StringComparer.Ordinal) { "--preallocate", "--verbose" };
+var flags = new HashSet<string>(StringComparer.Ordinal) { "--preallocate", "--verbose", "--fill", "--sticky-dirty" };
 try
 {
     switch (command)
@@ -50,7 +50,7 @@ try
                 return PrintHelp(Usage.Run);
             }
             // Config file < NBD_DOWNSTAIRS_* environment < command line, all through the one parser.
-            ConfigArgs config = ConfigArgs.Build(rest, ConfigArgs.OptionsIn(Usage.Run), new HashSet<string>(StringComparer.Ordinal) { "--verbose" },
+            ConfigArgs config = ConfigArgs.Build(rest, ConfigArgs.OptionsIn(Usage.Run), new HashSet<string>(StringComparer.Ordinal) { "--verbose", "--sticky-dirty" },
                 "NBD_DOWNSTAIRS_", "/etc/nbd-server/nbd-downstairs.json");
             try
             {

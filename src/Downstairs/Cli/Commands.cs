@@ -78,11 +78,20 @@ internal static class Commands
             HelloTimeout = a.Seconds("--hello-timeout", d.HelloTimeout),
             LogSummaryInterval = a.Seconds("--log-interval", d.LogSummaryInterval),
             ReceiveBufferBytes = checked((int)a.Size("--receive-buffer", d.ReceiveBufferBytes)),
+            StickyDirty = a.Flag("--sticky-dirty"),
             FailWritesWhen = a.String("--fail-writes-when"),
             FailFlushesWhen = a.String("--fail-flushes-when"),
         };
         options.Validate();
         return options;
+    }
+
+    private static IEnumerable<long> LongRange(long count)
+    {
+        for (long i = 0; i < count; i++)
+        {
+            yield return i;
+        }
     }
 
     /// <summary>Load generator for the benchmark script: fixed queue depth, optional flush every N writes.</summary>
@@ -95,6 +104,7 @@ internal static class Commands
         TimeSpan duration = a.Seconds("--seconds", TimeSpan.FromSeconds(10));
         int flushEvery = a.Int("--flush-every", 64);
         long span = a.Size("--span", 0);
+        bool fill = a.Flag("--fill");
         a.RejectUnknown();
         if (pattern is not ("randwrite" or "seqwrite" or "randread"))
         {
@@ -119,6 +129,28 @@ internal static class Commands
         }
         long jobId = 0, ops = 0, next = 0, errors = 0, flushes = 0;
         ulong generation = client.Region.HighestGeneration;
+        if (fill)
+        {
+            // Like fio's file layout before a run: every block written once, so the measured writes
+            // are overwrites of allocated blocks for both, not first-touch allocations for one.
+            byte[] chunk = new byte[1 << 20];
+            byte[] chunkHashes = new byte[chunk.Length / bs * Wire.HashSize];
+            BlockContext.HashBlocks(chunk, bs, chunkHashes);
+            long chunks = regionBytes / chunk.Length;
+            await Parallel.ForEachAsync(LongRange(chunks), new ParallelOptions { MaxDegreeOfParallelism = 16 }, async (i, _) =>
+            {
+                DownstairsResult r = await client.WriteAsync((ulong)Interlocked.Increment(ref jobId), i * (chunk.Length / bs), chunk, chunkHashes).ConfigureAwait(false);
+                if (!r.IsOk)
+                {
+                    throw new IOException($"fill failed: {r}");
+                }
+            }).ConfigureAwait(false);
+            DownstairsResult f = await client.FlushAsync((ulong)Interlocked.Increment(ref jobId), 1, generation).ConfigureAwait(false);
+            if (!f.IsOk)
+            {
+                throw new IOException($"fill flush failed: {f}");
+            }
+        }
         var stopwatch = Stopwatch.StartNew();
         var gate = new SemaphoreSlim(1, 1);
         async Task Worker(int w)

@@ -70,6 +70,10 @@ OPTIONS
     --hello-timeout SECONDS    Drop a peer that has not negotiated by then (default 10).
     --log-interval SECONDS     Repeated errors are summarised once per interval (default 5).
     --receive-buffer SIZE      Socket read size per connection (default 64K).
+    --sticky-dirty             Keep an extent written since the last flush marked dirty across
+                               that flush (cleared by the next flush that finds it idle). Saves
+                               a metadata fdatasync before the first write after each flush;
+                               costs more repair after a crash. Default off.
     --verbose                  Debug logging.
     --log-json FILE            Also write every log event as one JSON object per line to FILE.
     --metrics ADDRESS:PORT     Serve Prometheus metrics on http://ADDRESS:PORT/metrics (off by

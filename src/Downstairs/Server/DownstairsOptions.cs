@@ -38,6 +38,13 @@ internal sealed record DownstairsOptions
     /// <summary>Socket receive buffer handed to the frame reader per read.</summary>
     public int ReceiveBufferBytes { get; init; } = 64 << 10;
 
+    /// <summary>
+    /// Keep an extent written since the last flush marked dirty across the flush, cleared by the next
+    /// flush that finds it idle. Saves the metadata fdatasync before the first write after each flush
+    /// (4k random writes, flush per 64: several per flush); costs more repair after a crash.
+    /// </summary>
+    public bool StickyDirty { get; init; }
+
     /// <summary>Test only: while this file exists, writes fail with the errno named in it.</summary>
     public string? FailWritesWhen { get; init; }
 

@@ -21,6 +21,7 @@ internal sealed class RegionHost : IDisposable
         Logger = logger;
         Scheduler = new JobScheduler(options.IoThreads);
         Throttle = new LogThrottle(logger, options.LogSummaryInterval);
+        region.StickyDirty = options.StickyDirty;
         if (options.FailWritesWhen is not null || options.FailFlushesWhen is not null)
         {
             region.Faults = new FaultInjection(options.FailWritesWhen, options.FailFlushesWhen);
