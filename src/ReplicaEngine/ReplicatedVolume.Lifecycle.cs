@@ -348,9 +348,16 @@ public sealed partial class ReplicatedVolume
                 }
                 try
                 {
-                    using (await AcquireRangeAsync((long)extent * _extentBlocks, (long)(extent + 1) * _extentBlocks, cancellationToken))
+                    RepairCopy copy = BeginRepairCopy(link, client, extent);
+                    bool committed = false;
+                    try
                     {
                         await CopyExtentAsync(source, client, extent, cancellationToken);
+                        committed = true;
+                    }
+                    finally
+                    {
+                        EndRepairCopy(copy, committed);
                     }
                     break;
                 }

@@ -40,6 +40,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     private readonly ReplicaLink[] _links;
     private readonly Lock _gate = new();
     private readonly List<(long First, long End, TaskCompletionSource Released)> _rangeLocks = [];
+    private readonly List<RepairCopy> _repairCopies = [];
     private readonly HashSet<int> _dirty = [];
     private readonly Dictionary<ulong, HashSet<int>> _flushing = [];
     private readonly CancellationTokenSource _stopping = new();
@@ -300,6 +301,10 @@ public sealed partial class ReplicatedVolume : IBlockVolume
                     foreach (ReplicaLink link in _links)
                     {
                         if (!link.ReceivesWrites || link.Client is not { } client || !WithinBudgetLocked(link, data.Length))
+                        {
+                            continue;
+                        }
+                        if (TryDeferForRepairLocked(link, client, id, firstBlock, blocks, payload, payloadHashes, job))
                         {
                             continue;
                         }
@@ -652,9 +657,12 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     // ------------------------------------------------------------------ job tracking
 
     /// <summary>Accounts for one replica's answer to a job; an error or a lost connection faults that replica.</summary>
-    private void Track(Task<DownstairsResult> task, ReplicaLink link, IDownstairs client, ReplicatedJob job, bool counted, long bytes, string what)
+    private void Track(Task<DownstairsResult> task, ReplicaLink link, IDownstairs client, ReplicatedJob job, bool counted, long bytes, string what, bool alreadyAdded = false)
     {
-        job.Add(counted);
+        if (!alreadyAdded)
+        {
+            job.Add(counted);
+        }
         task.ContinueWith(
             t =>
             {
@@ -746,6 +754,86 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         for (int e = first; e <= last; e++)
         {
             _dirty.Add(e);
+        }
+    }
+
+    // ------------------------------------------------------------------ extent copies during live repair
+
+    /// <summary>
+    /// An extent being copied to a repairing replica. Guest writes to it are not held: they go to the
+    /// replicas in service at once (the guest's ack never waits for the copy) and are queued for the
+    /// repairing replica, which gets them, in order, right after the copy is committed. Sent to it
+    /// earlier, the commit would overwrite them with the older copy.
+    /// </summary>
+    private sealed class RepairCopy(ReplicaLink target, IDownstairs client, long first, long end)
+    {
+        public ReplicaLink Target { get; } = target;
+
+        public IDownstairs Client { get; } = client;
+
+        public long First { get; } = first;
+
+        public long End { get; } = end;
+
+        public List<(ulong Id, long FirstBlock, ReadOnlyMemory<byte> Data, ReadOnlyMemory<byte> Hashes, ReplicatedJob Job)> Deferred { get; } = [];
+
+        public long DeferredBytes { get; set; }
+    }
+
+    private bool TryDeferForRepairLocked(ReplicaLink link, IDownstairs client, ulong id, long firstBlock, int blocks,
+        ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes, ReplicatedJob job)
+    {
+        foreach (RepairCopy copy in _repairCopies)
+        {
+            if (copy.Target == link && copy.Client == client && copy.First < firstBlock + blocks && firstBlock < copy.End)
+            {
+                if (copy.DeferredBytes + data.Length > _options.MaxOutstandingBytes)
+                {
+                    FaultLocked(link, $"repair fell behind: {copy.DeferredBytes} bytes of writes queued behind the copy of blocks {copy.First}..{copy.End}");
+                    return true;
+                }
+                // Holds the job's buffer (not counted toward its ack) until the write is sent or dropped.
+                job.Add(counted: false);
+                copy.Deferred.Add((id, firstBlock, data, hashes, job));
+                copy.DeferredBytes += data.Length;
+                return true;
+            }
+        }
+        return false;
+    }
+
+    private RepairCopy BeginRepairCopy(ReplicaLink target, IDownstairs client, int extent)
+    {
+        var copy = new RepairCopy(target, client, (long)extent * _extentBlocks, (long)(extent + 1) * _extentBlocks);
+        lock (_gate)
+        {
+            _repairCopies.Add(copy);
+        }
+        return copy;
+    }
+
+    /// <summary>Sends the queued writes (after a committed copy) or drops them (the copy failed; the extent is copied again).</summary>
+    private void EndRepairCopy(RepairCopy copy, bool committed)
+    {
+        List<(ulong Id, long FirstBlock, ReadOnlyMemory<byte> Data, ReadOnlyMemory<byte> Hashes, ReplicatedJob Job)> dropped = [];
+        lock (_gate)
+        {
+            _repairCopies.Remove(copy);
+            bool send = committed && copy.Target.Client == copy.Client && copy.Target.ReceivesWrites;
+            foreach (var d in copy.Deferred)
+            {
+                if (!send)
+                {
+                    dropped.Add(d);
+                    continue;
+                }
+                copy.Target.Charge(d.Data.Length);
+                Track(copy.Client.WriteAsync(d.Id, d.FirstBlock, d.Data, d.Hashes), copy.Target, copy.Client, d.Job, counted: false, d.Data.Length, "write", alreadyAdded: true);
+            }
+        }
+        foreach (var d in dropped)
+        {
+            d.Job.Done(counted: false, ok: false);
         }
     }
 
