@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks one nbd-downstairs against fio on the same filesystem, in the same run.
 #
-#   scripts/bench-downstairs.sh [--dir DIR] [--seconds N] [--size SIZE]
+#   scripts/bench-downstairs.sh [--dir DIR] [--seconds N] [--size SIZE] [--extent-size BLOCKS]
 #
 # Patterns (each write pattern with a flush / fdatasync every 64 writes, like fio's fdatasync=64):
 #   seqwrite 1M depth 32, randwrite 4k depth 32, randread 4k depth 32.
@@ -11,13 +11,14 @@
 # writes, >= 0.5x for 4k.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-dir="" seconds=10 size=1GiB
+dir="" seconds=10 size=1GiB extent_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --extent-size) extent_args=(--extent-size "$2"); shift 2 ;;   # fewer, larger extents: fewer fdatasyncs per flush
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "bench-downstairs: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -39,7 +40,7 @@ dotnet build "$root/src/Downstairs" -c Release -nologo -v quiet -o "$bin" >/dev/
 ds="dotnet $bin/nbd-downstairs.dll"
 
 rm -rf "$dir/region"
-$ds create --data "$dir/region" --size "$size" --block-size 4096 >/dev/null
+$ds create --data "$dir/region" --size "$size" --block-size 4096 "${extent_args[@]}" >/dev/null
 start_ds() { # extra run options…
   $ds run --data "$dir/region" --listen 127.0.0.1:0 "$@" >"$log" 2>&1 &
   ds_pid=$!
@@ -56,7 +57,7 @@ stop_ds() { kill "$ds_pid"; wait "$ds_pid" 2>/dev/null || true; ds_pid=""; }
 start_ds
 
 fs=$(df -T "$dir" | awk 'NR==2 {print $2 " on " $1}')
-echo "bench-downstairs: $dir ($fs), region $size, ${seconds}s per pattern, $(nproc) CPUs"
+echo "bench-downstairs: $dir ($fs), region $size ${extent_args[*]:-(default extents)}, ${seconds}s per pattern, $(nproc) CPUs"
 
 declare -A ds_iops fio_iops
 run_ds() { # name pattern io-size [--fill]
