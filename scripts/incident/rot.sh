@@ -2,7 +2,7 @@
 # Incident 5, rot: after a load, with the volume idle, flip one byte in each of 32 written blocks of
 # replica 1's extent files (behind the downstairs' back). Then read everything through NBD: every read
 # must return the right data (a hash mismatch is retried on another replica and the bad copy repaired).
-# At the end the three regions must compare equal (only if reads repaired every rotted block).
+# Then a scrub checks every copy; at the end the three regions must compare equal.
 source "$(dirname "$0")/lib.sh"
 inc_init rot
 LOAD=8; FLIPS=32
@@ -37,6 +37,10 @@ print(f'flipped_blocks={flipped}')
 PY
 # Read everything back (the verifier's check-only pass: every block, against the write log).
 dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --check-only --log "$W/verify.log" >>"$W/verify.out" 2>>"$W/verify.err" || true
+# A read checks only the copy it happens to read; rot in copies no read touched is found by the scrub
+# (every block of every replica against its own hash), which rewrites them from a good copy.
+dotnet "$INC_BIN_UP" scrub --control "$UP_CONTROL" --wait --timeout 120 >>"$W/scrub.out" 2>&1 || true
+fact scrub "$(tail -1 "$W/scrub.out" | tr ' ,:/' '____' | cut -c1-120)"
 inc_fault_end
 fact hash_mismatch_log_lines "$(grep -ci 'mismatch\|hash' "$W/up.log" || true)"
 inc_wait_active 60

@@ -14,6 +14,10 @@ if (args is ["verify", .. var verifyArgs])
     return await NbdServer.Frontend.Verify.VerifyCommand.RunAsync(verifyArgs);
 }
 
+if (args is ["scrub", .. var scrubArgs])
+{
+    return await StatusCommand.ScrubAsync(scrubArgs);
+}
 if (args is ["status", .. var statusArgs])
 {
     return await StatusCommand.RunAsync(statusArgs);
@@ -84,7 +88,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
             var replicated = await ReplicatedVolume.StartAsync(engine, logger, lifetime.ApplicationStopping);
             _volume = replicated;
             _metrics = new EngineMetrics(replicated);
-            _control = new ControlServer(command.Control, replicated.GetStatus);
+            _control = new ControlServer(command.Control, replicated.GetStatus, () => replicated.StartScrub());
             _control.Start();
             FrontendLog.ControlListening(logger, _control.LocalEndPoint.ToString());
         }

@@ -102,6 +102,88 @@ internal static class StatusCommand
         return 0;
     }
 
+    public const string ScrubUsage = """
+        nbd-server scrub - check every block of every replica, repair bad copies
+
+        SYNOPSIS
+            nbd-server scrub [--control ADDR:PORT] [--wait] [--timeout SECONDS]
+
+        DESCRIPTION
+            A read checks only the copy it reads; rot in a copy nobody reads stays until a scrub.
+            The scrub reads each extent from every replica in service, checks each block against
+            that replica's stored hash and rewrites a bad block from a good copy, while guest IO
+            goes on. Progress shows in `nbd-server status`.
+
+        OPTIONS
+            --control ADDR:PORT   the server's control endpoint (default 127.0.0.1:10810)
+            --wait                wait for the scrub to finish and print its result
+            --timeout SECONDS     give up waiting after this long (default 3600)
+
+        EXIT STATUS
+            0 started (or, with --wait, finished), 1 no server or the scrub failed, 2 usage error.
+        """;
+
+    /// <summary><c>nbd-server scrub</c>: starts a scrub through the control endpoint, optionally waits for it.</summary>
+    public static async Task<int> ScrubAsync(IReadOnlyList<string> args)
+    {
+        IPEndPoint control = new(IPAddress.Loopback, ControlServer.DefaultPort);
+        bool wait = false;
+        double timeoutSeconds = 3600;
+        for (int i = 0; i < args.Count; i++)
+        {
+            switch (args[i])
+            {
+                case "--control" when i + 1 < args.Count:
+                    control = ServeCommand.ParseEndPoint(args[++i], "--control");
+                    break;
+                case "--wait":
+                    wait = true;
+                    break;
+                case "--timeout" when i + 1 < args.Count && double.TryParse(args[i + 1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out timeoutSeconds):
+                    i++;
+                    break;
+                case "-h" or "--help":
+                    Console.WriteLine(ScrubUsage);
+                    return 0;
+                default:
+                    Console.Error.WriteLine($"nbd-server scrub: unknown option '{args[i]}' (see --help).");
+                    return 2;
+            }
+        }
+        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(5) };
+        var deadline = DateTime.UtcNow.AddSeconds(timeoutSeconds);
+        try
+        {
+            using HttpResponseMessage started = await http.PostAsync(new Uri($"http://{control}/scrub"), null);
+            started.EnsureSuccessStatusCode();
+            while (wait)
+            {
+                EngineStatus status = JsonSerializer.Deserialize<EngineStatus>(await http.GetStringAsync(new Uri($"http://{control}/status")), ControlServer.Json)!;
+                if (status.Scrub is { Running: false } done)
+                {
+                    Console.WriteLine(FormatScrub(done));
+                    return done.Problem is null ? 0 : 1;
+                }
+                if (DateTime.UtcNow > deadline)
+                {
+                    Console.Error.WriteLine($"nbd-server scrub: still running after {timeoutSeconds:0} s");
+                    return 1;
+                }
+                await Task.Delay(250);
+            }
+            Console.WriteLine("scrub started; see `nbd-server status`");
+            return 0;
+        }
+        catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
+        {
+            Console.Error.WriteLine($"nbd-server scrub: no server answers on {control} ({e.Message}).");
+            return 1;
+        }
+    }
+
+    private static string FormatScrub(ScrubStatus s) => string.Create(CultureInfo.InvariantCulture,
+        $"scrub {(s.Running ? "running" : s.Problem is null ? "complete" : $"stopped: {s.Problem}")}: {s.ExtentsDone}/{s.ExtentTotal} extents, {s.BlocksChecked} block copies checked, {s.BlocksRepaired} repaired");
+
     internal static string Format(EngineStatus status)
     {
         var text = new StringBuilder();
@@ -113,6 +195,10 @@ internal static class StatusCommand
             string repair = r.State == ReplicaState.Repairing ? $"{r.RepairDone}/{r.RepairTotal} extents" : "";
             string fault = r.LastFault is null ? "" : $"last fault: {r.LastFault}";
             text.AppendLine(c, $"{r.Index,-8}{r.EndPoint,-22}{r.State,-11}{r.OutstandingJobs,7}{ByteSize.Format(r.OutstandingBytes),12}{r.CompletedPerSecond,9:0}{r.Completed,11}{r.Errors,8}{r.Faults,8}  {string.Join("  ", new[] { repair, fault }.Where(s => s.Length > 0))}");
+        }
+        if (status.Scrub is { ExtentTotal: > 0 } scrub)
+        {
+            text.AppendLine(FormatScrub(scrub));
         }
         return text.ToString();
     }

@@ -34,4 +34,7 @@ internal static partial class EngineLog
 
     [LoggerMessage(EventId = 3050, Level = LogLevel.Information, Message = "Reconciliation: {Done}/{Total} extents checked, {Repaired} copied, {Seconds:0} s so far")]
     public static partial void ReconcileProgress(ILogger logger, int done, int total, int repaired, double seconds);
+
+    [LoggerMessage(EventId = 3060, Level = LogLevel.Information, Message = "Scrub {Outcome}: {Checked} block copies checked, {Repaired} repaired in {Seconds:0.0} s")]
+    public static partial void ScrubDone(ILogger logger, long @checked, long repaired, double seconds, string outcome);
 }

@@ -21,7 +21,10 @@ public sealed partial class ReplicatedVolume
         {
             return new EngineStatus(Generation, _flushNumber, Size, _blockSize, _extentCount, InServiceCountLocked(),
                 [.. _links.Select(l => new ReplicaStatus(l.Index, l.EndPoint.ToString(), l.State, l.OutstandingJobs, l.OutstandingBytes,
-                    l.Completed, Math.Round(l.CompletedPerSecond, 1), l.Errors, l.Faults, l.LastFault, l.RepairDone, l.RepairTotal))]);
+                    l.Completed, Math.Round(l.CompletedPerSecond, 1), l.Errors, l.Faults, l.LastFault, l.RepairDone, l.RepairTotal))])
+            {
+                Scrub = Scrub,
+            };
         }
     }
 
@@ -498,4 +501,7 @@ public sealed partial class ReplicatedVolume
 public sealed record ReplicaStatus(int Index, string EndPoint, ReplicaState State, int OutstandingJobs, long OutstandingBytes,
     long Completed, double CompletedPerSecond, long Errors, long Faults, string? LastFault, int RepairDone, int RepairTotal);
 
-public sealed record EngineStatus(ulong Generation, ulong FlushNumber, long Size, int BlockSize, int ExtentCount, int InService, ReplicaStatus[] Replicas);
+public sealed record EngineStatus(ulong Generation, ulong FlushNumber, long Size, int BlockSize, int ExtentCount, int InService, ReplicaStatus[] Replicas)
+{
+    public ScrubStatus? Scrub { get; init; }
+}

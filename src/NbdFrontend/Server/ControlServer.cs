@@ -8,11 +8,12 @@ using NbdServer.ReplicaEngine;
 namespace NbdServer.Frontend.Server;
 
 /// <summary>
-/// The localhost control endpoint: answers any HTTP request with the engine status as JSON
+/// The localhost control endpoint: answers any HTTP request with the engine status as JSON, and
+/// <c>POST /scrub</c> also starts a scrub
 /// (<c>curl http://127.0.0.1:10810/status</c>, or <c>nbd-server status</c>). One request per
 /// connection, a small bounded read, a 5 s deadline: it can't be used to pin the server.
 /// </summary>
-internal sealed class ControlServer(IPEndPoint endPoint, Func<EngineStatus> status) : IAsyncDisposable
+internal sealed class ControlServer(IPEndPoint endPoint, Func<EngineStatus> status, Action? startScrub = null) : IAsyncDisposable
 {
     public const int DefaultPort = 10810;
 
@@ -67,7 +68,12 @@ internal sealed class ControlServer(IPEndPoint endPoint, Func<EngineStatus> stat
             try
             {
                 byte[] request = new byte[4096];
-                await client.ReceiveAsync(request, SocketFlags.None, deadline.Token);
+                int received = await client.ReceiveAsync(request, SocketFlags.None, deadline.Token);
+                // "POST /scrub" starts a scrub (if none runs); every request is answered with the status.
+                if (Encoding.ASCII.GetString(request, 0, received).StartsWith("POST /scrub ", StringComparison.Ordinal))
+                {
+                    startScrub?.Invoke();
+                }
                 byte[] body = JsonSerializer.SerializeToUtf8Bytes(status(), Json);
                 byte[] header = Encoding.ASCII.GetBytes($"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {body.Length}\r\nConnection: close\r\n\r\n");
                 await client.SendAsync(new ArraySegment<byte>[] { header, body }, SocketFlags.None);

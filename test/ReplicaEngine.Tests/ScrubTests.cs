@@ -1,0 +1,40 @@
+namespace NbdServer.ReplicaEngine.Tests;
+
+[CancelAfter(30_000)]
+public sealed class ScrubTests
+{
+    [Test]
+    public async Task Scrub_finds_rot_in_copies_no_read_touched_and_repairs_it_from_a_good_copy()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync();
+        await cluster.WriteAsync(3, 1, blocks: 4);
+        await cluster.WriteAsync(60, 2, blocks: 2);
+        await cluster.FlushAsync();
+        cluster.Replicas[1].CorruptBlock(4);
+        cluster.Replicas[2].CorruptBlock(61);
+
+        await cluster.Volume.StartScrub().WaitAsync(TimeSpan.FromSeconds(20));
+
+        ScrubStatus scrub = cluster.Volume.Scrub;
+        Assert.That((scrub.Running, scrub.Problem, scrub.ExtentsDone, scrub.BlocksRepaired), Is.EqualTo((false, (string?)null, scrub.ExtentTotal, 2L)));
+        Assert.That(scrub.BlocksChecked, Is.EqualTo(3L * scrub.ExtentTotal * 8), "every block of every replica (8 blocks per extent here)");
+        Assert.That(cluster.Replicas[1].ReadBlock(4), Is.EqualTo(Cluster.Pattern(1, 4)));
+        Assert.That(cluster.Replicas[2].ReadBlock(61), Is.EqualTo(Cluster.Pattern(2, 61)));
+        Assert.That(cluster.Volume.GetStatus().Replicas.Select(r => r.State), Is.All.EqualTo(ReplicaState.Active), "rot is repaired, not a fault");
+        await cluster.FlushAsync();
+        cluster.AssertReplicasIdentical(includeMeta: false);
+    }
+
+    [Test]
+    public async Task Scrub_of_a_healthy_volume_checks_everything_and_repairs_nothing()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync();
+        await cluster.WriteAsync(10, 5, blocks: 8);
+        await cluster.Volume.StartScrub().WaitAsync(TimeSpan.FromSeconds(20));
+        ScrubStatus scrub = cluster.Volume.Scrub;
+        Assert.That((scrub.BlocksRepaired, scrub.Problem, scrub.ExtentsDone), Is.EqualTo((0L, (string?)null, scrub.ExtentTotal)));
+        Assert.That(cluster.Replicas[0].ReadBlock(12), Is.EqualTo(Cluster.Pattern(5, 12)));
+    }
+}
