@@ -353,6 +353,7 @@ public sealed partial class ReplicatedVolume
                 {
                     RepairCopy copy = BeginRepairCopy(link, client, extent);
                     bool committed = false;
+                    long copyStarted = Stopwatch.GetTimestamp();
                     try
                     {
                         await CopyExtentAsync(source, client, extent, cancellationToken);
@@ -361,6 +362,13 @@ public sealed partial class ReplicatedVolume
                     finally
                     {
                         EndRepairCopy(copy, committed);
+                    }
+                    // Pace the repair so a busy guest keeps most of the machine (see RepairDutyCycle).
+                    bool guestBusy = Stopwatch.GetElapsedTime(Volatile.Read(ref _lastGuestIo)) < GuestIdleAfter;
+                    double duty = guestBusy ? _options.RepairDutyCycle : _options.IdleRepairDutyCycle;
+                    if (duty < 1)
+                    {
+                        await Task.Delay(Stopwatch.GetElapsedTime(copyStarted) * ((1 - duty) / duty), cancellationToken);
                     }
                     break;
                 }

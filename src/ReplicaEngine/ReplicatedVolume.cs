@@ -51,6 +51,11 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     private ExtentMeta[] _expected = [];
     private ITimer? _watchdog;
     private ulong _nextJobId;
+
+    /// <summary>Stopwatch timestamp of the last guest read or write (repair pacing).</summary>
+    private long _lastGuestIo;
+
+    private static readonly TimeSpan GuestIdleAfter = TimeSpan.FromMilliseconds(100);
     private ulong _flushNumber;
     private int _blockSize;
     private int _extentBlocks;
@@ -108,6 +113,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
 
     public async ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken)
     {
+        Volatile.Write(ref _lastGuestIo, Stopwatch.GetTimestamp());
         if (destination.IsEmpty)
         {
             return;
@@ -135,6 +141,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
 
     public async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, WriteOptions options, CancellationToken cancellationToken)
     {
+        Volatile.Write(ref _lastGuestIo, Stopwatch.GetTimestamp());
         if (!source.IsEmpty)
         {
             await WriteRangeAsync(offset, source, cancellationToken);

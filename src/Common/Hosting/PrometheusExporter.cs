@@ -2,7 +2,6 @@ using System.Collections.Concurrent;
 using System.Diagnostics.Metrics;
 using System.Globalization;
 using System.Net;
-using System.Net.Sockets;
 using System.Text;
 
 namespace NbdServer.Common.Hosting;
@@ -261,81 +260,17 @@ public sealed class PrometheusExporter : IDisposable
 
 /// <summary>
 /// <c>--metrics ADDR:PORT</c>: answers <c>GET /metrics</c> with <see cref="PrometheusExporter.Scrape"/>.
-/// Opt-in and meant for localhost (a Prometheus agent or node exporter textfile on the same host);
-/// one request per connection, a bounded read and a 5 s deadline, like the control endpoint.
+/// Opt-in and meant for localhost (a Prometheus agent or node exporter textfile on the same host).
 /// </summary>
 public sealed class MetricsEndpoint(IPEndPoint endPoint, PrometheusExporter exporter) : IAsyncDisposable
 {
-    private readonly CancellationTokenSource _stopping = new();
-    private Socket? _socket;
-    private Task? _loop;
+    private readonly LocalHttpEndpoint _http = new(endPoint, (_, path) => path is "/metrics" or "/"
+        ? new LocalHttpResponse("200 OK", "text/plain; version=0.0.4; charset=utf-8", Encoding.UTF8.GetBytes(exporter.Scrape()))
+        : LocalHttpResponse.NotFound("try /metrics"));
 
-    public IPEndPoint LocalEndPoint => (IPEndPoint)_socket!.LocalEndPoint!;
+    public IPEndPoint LocalEndPoint => _http.LocalEndPoint;
 
-    public void Start()
-    {
-        _socket = new Socket(endPoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-        _socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-        _socket.Bind(endPoint);
-        _socket.Listen(16);
-        _loop = AcceptAsync(_socket);
-    }
+    public void Start() => _http.Start();
 
-    private async Task AcceptAsync(Socket listener)
-    {
-        while (!_stopping.IsCancellationRequested)
-        {
-            Socket client;
-            try
-            {
-                client = await listener.AcceptAsync(_stopping.Token);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                if (_stopping.IsCancellationRequested)
-                {
-                    return;
-                }
-                continue;
-            }
-            _ = AnswerAsync(client);
-        }
-    }
-
-    private async Task AnswerAsync(Socket client)
-    {
-        using (client)
-        using (var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token))
-        {
-            deadline.CancelAfter(TimeSpan.FromSeconds(5));
-            try
-            {
-                byte[] request = new byte[4096];
-                int n = await client.ReceiveAsync(request, SocketFlags.None, deadline.Token);
-                string line = Encoding.ASCII.GetString(request, 0, n).Split('\n')[0];
-                string[] parts = line.Split(' ');
-                string path = parts.Length > 1 ? parts[1].Split('?')[0] : "";
-                (string status, string type, byte[] body) = path is "/metrics" or "/"
-                    ? ("200 OK", "text/plain; version=0.0.4; charset=utf-8", Encoding.UTF8.GetBytes(exporter.Scrape()))
-                    : ("404 Not Found", "text/plain", "try /metrics\n"u8.ToArray());
-                byte[] header = Encoding.ASCII.GetBytes($"HTTP/1.0 {status}\r\nContent-Type: {type}\r\nContent-Length: {body.Length}\r\nConnection: close\r\n\r\n");
-                await client.SendAsync(new ArraySegment<byte>[] { header, body }, SocketFlags.None);
-            }
-            catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException)
-            {
-                // A client that went away or never sent a request: nothing to answer.
-            }
-        }
-    }
-
-    public async ValueTask DisposeAsync()
-    {
-        await _stopping.CancelAsync();
-        _socket?.Dispose();
-        if (_loop is not null)
-        {
-            await _loop;
-        }
-        _stopping.Dispose();
-    }
+    public ValueTask DisposeAsync() => _http.DisposeAsync();
 }

@@ -425,6 +425,20 @@ internal sealed class DownstairsClient : IAsyncDisposable
     {
         Interlocked.CompareExchange(ref _failure, new DownstairsConnectionException("client disposed"), null);
         _sender.Complete();
+        if (_stream is NetworkStream { Socket: { } socket })
+        {
+            // Close with a reset, not a FIN: a downstairs we give up on (faulted, stalled) would otherwise
+            // read and execute every job still buffered in its socket when it wakes up, work whose result
+            // nobody waits for, exactly when the volume wants its disk back for the guest and for repair.
+            // Nothing acknowledged is lost: everything we still care about was answered or is repaired.
+            try
+            {
+                socket.LingerState = new LingerOption(true, 0);
+            }
+            catch (Exception e) when (e is SocketException or ObjectDisposedException)
+            {
+            }
+        }
         await _stream.DisposeAsync().ConfigureAwait(false);
         await _receiveLoop.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
         _slots.Dispose();
