@@ -14,6 +14,9 @@ public sealed partial class ReplicatedVolume
     private static readonly TimeSpan WatchdogInterval = TimeSpan.FromMilliseconds(200);
     private static readonly TimeSpan ProgressLogInterval = TimeSpan.FromSeconds(2);
 
+    /// <summary>Passes over extents whose flush failed during repair before the replica is given up on.</summary>
+    private const int MaxRepairRounds = 8;
+
     /// <summary>A snapshot for `nbd-server status` and the control endpoint.</summary>
     public EngineStatus GetStatus()
     {
@@ -330,64 +333,85 @@ public sealed partial class ReplicatedVolume
         long started = Stopwatch.GetTimestamp();
         long lastLog = started;
         long extentBytes = (long)_extentBlocks * _blockSize;
-        foreach (int extent in extents)
+        List<int> work = extents;
+        for (int round = 0; work.Count > 0; round++)
         {
-            while (true)
+            if (round >= MaxRepairRounds)
             {
-                IDownstairs? source;
                 lock (_gate)
                 {
-                    if (link.Client != client)
+                    if (link.Client == client)
                     {
-                        return; // faulted again while repairing; the maintainer starts over
+                        FaultLocked(link, $"live repair did not converge in {MaxRepairRounds} rounds (its flushes keep failing)");
                     }
-                    source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null)?.Client;
                 }
-                if (source is null)
+                return;
+            }
+            foreach (int extent in work)
+            {
+                while (true)
                 {
-                    // No healthy copy to repair from right now; wait for one rather than copy garbage.
-                    await Task.Delay(200, cancellationToken);
-                    continue;
-                }
-                try
-                {
-                    RepairCopy copy = BeginRepairCopy(link, client, extent);
-                    bool committed = false;
-                    long copyStarted = Stopwatch.GetTimestamp();
+                    IDownstairs? source;
+                    lock (_gate)
+                    {
+                        if (link.Client != client)
+                        {
+                            return; // faulted again while repairing; the maintainer starts over
+                        }
+                        source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null)?.Client;
+                    }
+                    if (source is null)
+                    {
+                        // No healthy copy to repair from right now; wait for one rather than copy garbage.
+                        await Task.Delay(200, cancellationToken);
+                        continue;
+                    }
                     try
                     {
-                        await CopyExtentAsync(source, client, extent, cancellationToken);
-                        committed = true;
+                        RepairCopy copy = BeginRepairCopy(link, client, extent);
+                        bool committed = false;
+                        long copyStarted = Stopwatch.GetTimestamp();
+                        try
+                        {
+                            await CopyExtentAsync(source, client, extent, cancellationToken);
+                            committed = true;
+                        }
+                        finally
+                        {
+                            EndRepairCopy(copy, committed);
+                        }
+                        // Pace the repair so a busy guest keeps most of the machine (see RepairDutyCycle).
+                        bool guestBusy = Stopwatch.GetElapsedTime(Volatile.Read(ref _lastGuestIo)) < GuestIdleAfter;
+                        double duty = guestBusy ? _options.RepairDutyCycle : _options.IdleRepairDutyCycle;
+                        if (duty < 1)
+                        {
+                            await Task.Delay(Stopwatch.GetElapsedTime(copyStarted) * ((1 - duty) / duty), cancellationToken);
+                        }
+                        break;
                     }
-                    finally
+                    catch (RepairSourceException)
                     {
-                        EndRepairCopy(copy, committed);
+                        // The source failed (and is being faulted by its own jobs): try the next one.
+                        await Task.Delay(50, cancellationToken);
                     }
-                    // Pace the repair so a busy guest keeps most of the machine (see RepairDutyCycle).
-                    bool guestBusy = Stopwatch.GetElapsedTime(Volatile.Read(ref _lastGuestIo)) < GuestIdleAfter;
-                    double duty = guestBusy ? _options.RepairDutyCycle : _options.IdleRepairDutyCycle;
-                    if (duty < 1)
-                    {
-                        await Task.Delay(Stopwatch.GetElapsedTime(copyStarted) * ((1 - duty) / duty), cancellationToken);
-                    }
-                    break;
                 }
-                catch (RepairSourceException)
+                lock (_gate)
                 {
-                    // The source failed (and is being faulted by its own jobs): try the next one.
-                    await Task.Delay(50, cancellationToken);
+                    link.RepairDone++;
+                    link.PendingRepair.Remove(extent);
+                }
+                if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
+                {
+                    lastLog = Stopwatch.GetTimestamp();
+                    double mib = link.RepairDone * extentBytes / 1048576.0;
+                    EngineLog.RepairProgress(_logger, link.Index, link.RepairDone, link.RepairTotal, mib, mib / Stopwatch.GetElapsedTime(started).TotalSeconds);
                 }
             }
             lock (_gate)
             {
-                link.RepairDone++;
-                link.PendingRepair.Remove(extent);
-            }
-            if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
-            {
-                lastLog = Stopwatch.GetTimestamp();
-                double mib = link.RepairDone * extentBytes / 1048576.0;
-                EngineLog.RepairProgress(_logger, link.Index, link.RepairDone, extents.Count, mib, mib / Stopwatch.GetElapsedTime(started).TotalSeconds);
+                // Extents whose flush the replica refused while under repair are copied once more.
+                work = [.. link.PendingRepair.Order()];
+                link.RepairTotal += work.Count;
             }
         }
         lock (_gate)

@@ -208,7 +208,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
                 if (link.ReceivesWrites && link.Client is { } client)
                 {
                     link.Charge(0);
-                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: link.State == ReplicaState.Active, bytes: 0, what: "flush");
+                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: link.State == ReplicaState.Active, bytes: 0, what: "flush", flushedExtents: flushed);
                 }
             }
             job.Seal();
@@ -664,7 +664,8 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     // ------------------------------------------------------------------ job tracking
 
     /// <summary>Accounts for one replica's answer to a job; an error or a lost connection faults that replica.</summary>
-    private void Track(Task<DownstairsResult> task, ReplicaLink link, IDownstairs client, ReplicatedJob job, bool counted, long bytes, string what, bool alreadyAdded = false)
+    private void Track(Task<DownstairsResult> task, ReplicaLink link, IDownstairs client, ReplicatedJob job, bool counted, long bytes, string what,
+        bool alreadyAdded = false, IReadOnlyCollection<int>? flushedExtents = null)
     {
         if (!alreadyAdded)
         {
@@ -679,7 +680,16 @@ public sealed partial class ReplicatedVolume : IBlockVolume
                     if (link.Client == client)
                     {
                         link.Complete(bytes, ok);
-                        if (!ok)
+                        if (!ok && flushedExtents is not null && t.IsCompletedSuccessfully && link.State == ReplicaState.Repairing)
+                        {
+                            // A replica under repair may refuse flushes until the extent whose fdatasync
+                            // failed is replaced (the downstairs "poisons" it). Faulting it for that would
+                            // restart the repair that is about to fix it, forever. Its flush acks don't count
+                            // anyway; the extents this flush should have stamped are copied again instead,
+                            // so its metadata ends in step with the others.
+                            link.PendingRepair.UnionWith(flushedExtents);
+                        }
+                        else if (!ok)
                         {
                             string reason = t.IsCompletedSuccessfully ? $"{what} failed: {t.Result}" : $"connection lost during {what}: {t.Exception?.InnerException?.Message ?? "cancelled"}";
                             FaultLocked(link, reason);
