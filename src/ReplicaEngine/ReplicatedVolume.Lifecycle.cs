@@ -225,6 +225,12 @@ public sealed partial class ReplicatedVolume
                 TimeSpan backoff;
                 lock (_gate)
                 {
+                    if (link.Client is not null)
+                    {
+                        // A stale wake-up: the fault that signalled it was already answered by a
+                        // reconnect. Connecting again would fence the healthy connection.
+                        continue;
+                    }
                     backoff = link.ReconnectDelay;
                 }
                 if (backoff > TimeSpan.Zero)
@@ -300,6 +306,11 @@ public sealed partial class ReplicatedVolume
         lock (_gate)
         {
             link.Client = client;
+            // This connection answers every fault signalled so far (one may have arrived while the
+            // maintainer was already retrying); a leftover signal would trigger a second reconnect.
+            while (link.NeedsConnection.Wait(0))
+            {
+            }
             link.Region = client.Region;
             link.State = ReplicaState.Repairing;
             var needed = new HashSet<int>(_dirty);

@@ -193,4 +193,36 @@ public sealed class RecoveryTests
         await cluster.WriteAsync(2, 2, options: WriteOptions.ForceUnitAccess);
         cluster.AssertReplicasIdentical();
     }
+
+    [Test]
+    public async Task A_fault_during_repair_leads_to_one_reconnect_not_a_second_one_that_fences_the_first()
+    {
+        // Regression: a guest write faulted the repairing replica while its repair copy was in flight;
+        // the maintainer reconnected on its own, and the fault's leftover wake-up later made it connect
+        // once more, fencing the healthy connection it had just brought back.
+        await using var cluster = new Cluster();
+        await cluster.StartAsync();
+        FakeReplica replica = cluster.Replicas[0];
+        replica.Hold(OpKind.ExtentWrite);
+        replica.DropConnection();
+        await cluster.WriteAsync(1, 1); // finds the connection gone: fault 1, then a repair that copies block 1's extent
+        await cluster.WaitForStateAsync(0, ReplicaState.Repairing);
+        await Cluster.WaitUntilAsync(() => replica.Received.Any(op => op.Kind == OpKind.ExtentWrite), "the repair copy is in flight");
+        replica.FailWritesWith = NbdServer.Downstairs.Protocol.ResultCode.IoError;
+        await cluster.WriteAsync(Block(3), 2); // another extent: sent to the repairing replica at once, and refused
+        await Cluster.WaitUntilAsync(() => cluster.Status(0).Faults == 2, "the guest write faulted the repairing replica");
+        replica.FailWritesWith = null;
+        replica.Release();
+        await cluster.WaitForAllActiveAsync();
+        FakeDownstairs serving = replica.Current!;
+
+        await cluster.WriteAsync(Block(4), 3);
+        await Task.Delay(500);
+        await cluster.WriteAsync(Block(5), 4, options: WriteOptions.ForceUnitAccess);
+
+        Assert.That(replica.Current, Is.SameAs(serving), "no further connection replaced the one in service");
+        Assert.That(serving.IsClosed, Is.False);
+        Assert.That(cluster.Status(0).Faults, Is.EqualTo(2));
+        cluster.AssertReplicasIdentical();
+    }
 }
