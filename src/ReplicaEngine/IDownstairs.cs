@@ -23,6 +23,8 @@ internal interface IDownstairs : IAsyncDisposable
     Task<DownstairsResult> WriteExtentAsync(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default);
 
     Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default);
+
+    Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default);
 }
 
 /// <summary>Opens a connection to one replica (TCP in production, scripted in tests).</summary>

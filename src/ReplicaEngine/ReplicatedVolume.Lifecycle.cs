@@ -14,9 +14,6 @@ public sealed partial class ReplicatedVolume
     private static readonly TimeSpan WatchdogInterval = TimeSpan.FromMilliseconds(200);
     private static readonly TimeSpan ProgressLogInterval = TimeSpan.FromSeconds(2);
 
-    /// <summary>Passes over extents whose flush failed during repair before the replica is given up on.</summary>
-    private const int MaxRepairRounds = 8;
-
     /// <summary>A snapshot for `nbd-server status` and the control endpoint.</summary>
     public EngineStatus GetStatus()
     {
@@ -303,6 +300,7 @@ public sealed partial class ReplicatedVolume
     private async Task LiveRepairAsync(ReplicaLink link, IDownstairs client, CancellationToken cancellationToken)
     {
         List<int> extents;
+        Task<DownstairsResult> marked;
         lock (_gate)
         {
             link.Client = client;
@@ -312,7 +310,6 @@ public sealed partial class ReplicatedVolume
             {
             }
             link.Region = client.Region;
-            link.State = ReplicaState.Repairing;
             var needed = new HashSet<int>(_dirty);
             needed.UnionWith(link.PendingRepair); // left over from an interrupted repair
             foreach (HashSet<int> flushing in _flushing.Values)
@@ -328,14 +325,24 @@ public sealed partial class ReplicatedVolume
                     needed.Add(e);
                 }
             }
-            // Extents dirty on the replica first: they include any whose fdatasync failed, which the
-            // downstairs keeps "poisoned" (refusing every flush) until repaired; fixed first, the
-            // replica's flushes succeed again early instead of faulting it mid-repair.
+            // Extents dirty on the replica first: they include any whose fdatasync failed (the
+            // downstairs keeps those "poisoned" until they are replaced).
             extents = [.. needed.OrderBy(e => client.Region.Extents[e].Dirty ? 0 : 1).ThenBy(e => e)];
+            link.PendingRepair.Clear();
             link.PendingRepair.UnionWith(extents);
+            // Sent before the replica is given any write or flush (the connection keeps order): its
+            // flushes must leave these extents unstamped until their copies are committed, or a crash
+            // mid-repair would leave stale data recorded as current.
+            marked = client.MarkRepairPendingAsync(++_nextJobId, extents);
+            link.State = ReplicaState.Repairing;
             link.RepairTotal = extents.Count;
             link.RepairDone = 0;
             SignalStateChangedLocked();
+        }
+        DownstairsResult mark = await marked.WaitAsync(cancellationToken);
+        if (!mark.IsOk)
+        {
+            throw new InvalidOperationException($"marking {extents.Count} extents for repair failed: {mark}");
         }
         if (link.ReconnectDelay == TimeSpan.Zero)
         {
@@ -344,85 +351,60 @@ public sealed partial class ReplicatedVolume
         long started = Stopwatch.GetTimestamp();
         long lastLog = started;
         long extentBytes = (long)_extentBlocks * _blockSize;
-        List<int> work = extents;
-        for (int round = 0; work.Count > 0; round++)
+        foreach (int extent in extents)
         {
-            if (round >= MaxRepairRounds)
+            while (true)
             {
+                IDownstairs? source;
                 lock (_gate)
                 {
-                    if (link.Client == client)
+                    if (link.Client != client)
                     {
-                        FaultLocked(link, $"live repair did not converge in {MaxRepairRounds} rounds (its flushes keep failing)");
+                        return; // faulted again while repairing; the maintainer starts over
                     }
+                    source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null)?.Client;
                 }
-                return;
-            }
-            foreach (int extent in work)
-            {
-                while (true)
+                if (source is null)
                 {
-                    IDownstairs? source;
-                    lock (_gate)
-                    {
-                        if (link.Client != client)
-                        {
-                            return; // faulted again while repairing; the maintainer starts over
-                        }
-                        source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null)?.Client;
-                    }
-                    if (source is null)
-                    {
-                        // No healthy copy to repair from right now; wait for one rather than copy garbage.
-                        await Task.Delay(200, cancellationToken);
-                        continue;
-                    }
+                    // No healthy copy to repair from right now; wait for one rather than copy garbage.
+                    await Task.Delay(200, cancellationToken);
+                    continue;
+                }
+                try
+                {
+                    RepairCopy copy = BeginRepairCopy(link, client, extent);
+                    bool committed = false;
+                    long copyStarted = Stopwatch.GetTimestamp();
                     try
                     {
-                        RepairCopy copy = BeginRepairCopy(link, client, extent);
-                        bool committed = false;
-                        long copyStarted = Stopwatch.GetTimestamp();
-                        try
-                        {
-                            await CopyExtentAsync(source, client, extent, cancellationToken);
-                            committed = true;
-                        }
-                        finally
-                        {
-                            EndRepairCopy(copy, committed);
-                        }
-                        // Pace the repair so a busy guest keeps most of the machine (see RepairDutyCycle).
-                        bool guestBusy = Stopwatch.GetElapsedTime(Volatile.Read(ref _lastGuestIo)) < GuestIdleAfter;
-                        double duty = guestBusy ? _options.RepairDutyCycle : _options.IdleRepairDutyCycle;
-                        if (duty < 1)
-                        {
-                            await Task.Delay(Stopwatch.GetElapsedTime(copyStarted) * ((1 - duty) / duty), cancellationToken);
-                        }
-                        break;
+                        await CopyExtentAsync(source, client, extent, cancellationToken);
+                        committed = true;
                     }
-                    catch (RepairSourceException)
+                    finally
                     {
-                        // The source failed (and is being faulted by its own jobs): try the next one.
-                        await Task.Delay(50, cancellationToken);
+                        EndRepairCopy(copy, committed); // on success also takes the extent off PendingRepair
                     }
+                    // Pace the repair so a busy guest keeps most of the machine (see RepairDutyCycle).
+                    bool guestBusy = Stopwatch.GetElapsedTime(Volatile.Read(ref _lastGuestIo)) < GuestIdleAfter;
+                    double duty = guestBusy ? _options.RepairDutyCycle : _options.IdleRepairDutyCycle;
+                    if (duty < 1)
+                    {
+                        TimeSpan pause = Stopwatch.GetElapsedTime(copyStarted) * ((1 - duty) / duty);
+                        await Task.Delay(pause < _options.RepairMaxPause ? pause : _options.RepairMaxPause, cancellationToken);
+                    }
+                    break;
                 }
-                lock (_gate)
+                catch (RepairSourceException)
                 {
-                    link.RepairDone++;
-                    link.PendingRepair.Remove(extent);
-                }
-                if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
-                {
-                    lastLog = Stopwatch.GetTimestamp();
-                    double mib = link.RepairDone * extentBytes / 1048576.0;
-                    EngineLog.RepairProgress(_logger, link.Index, link.RepairDone, link.RepairTotal, mib, mib / Stopwatch.GetElapsedTime(started).TotalSeconds);
+                    // The source failed (and is being faulted by its own jobs): try the next one.
+                    await Task.Delay(50, cancellationToken);
                 }
             }
-            lock (_gate)
+            if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
             {
-                // Extents whose flush the replica refused while under repair are copied once more.
-                work = [.. link.PendingRepair.Order()];
-                link.RepairTotal += work.Count;
+                lastLog = Stopwatch.GetTimestamp();
+                double mib = link.RepairDone * extentBytes / 1048576.0;
+                EngineLog.RepairProgress(_logger, link.Index, link.RepairDone, link.RepairTotal, mib, mib / Stopwatch.GetElapsedTime(started).TotalSeconds);
             }
         }
         lock (_gate)

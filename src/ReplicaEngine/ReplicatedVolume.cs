@@ -202,13 +202,14 @@ public sealed partial class ReplicatedVolume : IBlockVolume
             ulong id = ++_nextJobId;
             foreach (ReplicaLink link in _links)
             {
-                // A replica under live repair flushes too (its metadata stays in lockstep with the
-                // others); its acks don't count. The stamp this puts on an extent not yet copied is why
-                // an interrupted repair remembers its leftovers (ReplicaLink.PendingRepair).
+                // A replica under live repair flushes too, so its metadata stays in lockstep with the
+                // others; its acks don't count. It leaves the extents still to be copied unstamped
+                // (the repair marked them pending on the downstairs), and it is not excused: a
+                // refused flush faults it like any other replica.
                 if (link.ReceivesWrites && link.Client is { } client)
                 {
                     link.Charge(0);
-                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: link.State == ReplicaState.Active, bytes: 0, what: "flush", flushedExtents: flushed);
+                    Track(client.FlushAsync(id, flushNumber, Generation), link, client, job, counted: link.State == ReplicaState.Active, bytes: 0, what: "flush");
                 }
             }
             job.Seal();
@@ -315,8 +316,13 @@ public sealed partial class ReplicatedVolume : IBlockVolume
                         {
                             continue;
                         }
+                        (bool send, bool counted) = WriteRoleLocked(link, firstBlock, blocks);
+                        if (!send)
+                        {
+                            continue;
+                        }
                         link.Charge(data.Length);
-                        Track(client.WriteAsync(id, firstBlock, payload, payloadHashes), link, client, job, link.State == ReplicaState.Active, data.Length, "write");
+                        Track(client.WriteAsync(id, firstBlock, payload, payloadHashes), link, client, job, counted, data.Length, "write");
                     }
                     job.Seal();
                     break;
@@ -328,6 +334,33 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         {
             throw new VolumeException(VolumeError.IoError, $"write of blocks {firstBlock}+{blocks} could not be made safe on two replicas ({InServiceCount()} in service)");
         }
+    }
+
+    /// <summary>
+    /// What a write means to one replica. In service: sent, and its ack counts. Under live repair,
+    /// by the write's extents: all already copied, it is sent and counts (the replica holds them
+    /// exactly as one in service does; without this every write during a repair waits for the slower
+    /// of the other two); all still to be copied, it is not sent at all (the copy, read from a
+    /// replica that has the write, brings it; sending it is work for nothing); a mix, sent, not counted.
+    /// An extent being copied right now never gets here: its writes are deferred (TryDeferForRepairLocked).
+    /// </summary>
+    private (bool Send, bool Counted) WriteRoleLocked(ReplicaLink link, long firstBlock, int blocks)
+    {
+        if (link.State != ReplicaState.Repairing)
+        {
+            return (true, link.State == ReplicaState.Active);
+        }
+        int first = (int)(firstBlock / _extentBlocks);
+        int last = (int)((firstBlock + blocks - 1) / _extentBlocks);
+        int pending = 0;
+        for (int e = first; e <= last; e++)
+        {
+            if (link.PendingRepair.Contains(e))
+            {
+                pending++;
+            }
+        }
+        return pending == 0 ? (true, true) : pending == last - first + 1 ? (false, false) : (true, false);
     }
 
     /// <summary>
@@ -374,7 +407,9 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     /// <summary>
     /// Waits while fewer than two replicas are in service (bounded, then EIO), and applies backpressure
     /// when the second-least-loaded replica in service is past <see cref="EngineOptions.BackpressureStart"/>
-    /// of its budget: one slow replica never slows the guest; two do, smoothly.
+    /// of its budget (two slow replicas slow the guest, smoothly), or the most loaded one is past
+    /// <see cref="EngineOptions.SlowReplicaBackpressureStart"/>: one slow replica costs the guest at
+    /// most a short delay near its budget, never a stall, and is faulted if it still cannot keep up.
     /// </summary>
     private async ValueTask AdmitWriteAsync(long bytes, CancellationToken cancellationToken)
     {
@@ -382,20 +417,20 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         while (true)
         {
             Task changed;
-            double load;
+            double load, pressure;
             lock (_gate)
             {
                 changed = _stateChanged.Task;
                 load = SecondLeastLoadLocked(bytes);
-                if (InServiceCountLocked() >= 2 && load <= _options.BackpressureStart)
+                pressure = Math.Max(Excess(load, _options.BackpressureStart), Excess(HighestLoadLocked(bytes), _options.SlowReplicaBackpressureStart));
+                if (InServiceCountLocked() >= 2 && pressure == 0)
                 {
                     return;
                 }
             }
             if (InServiceCount() >= 2)
             {
-                double excess = Math.Min(1.0, (load - _options.BackpressureStart) / (1.0 - _options.BackpressureStart));
-                await Task.Delay(TimeSpan.FromTicks(Math.Max(1, (long)(_options.MaxAdmissionDelay.Ticks * excess * excess))), cancellationToken);
+                await Task.Delay(TimeSpan.FromTicks(Math.Max(1, (long)(_options.MaxAdmissionDelay.Ticks * pressure * pressure))), cancellationToken);
                 if (load < 1.0)
                 {
                     return;
@@ -413,6 +448,43 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         }
     }
 
+    /// <summary>How far <paramref name="load"/> is past <paramref name="start"/>, on the way to a full budget: 0..1.</summary>
+    private static double Excess(double load, double start) => Math.Clamp((load - start) / (1.0 - start), 0, 1);
+
+    /// <summary>A replica's share of its budget once this job is added; writes queued behind a repair copy count too.</summary>
+    private double LoadLocked(ReplicaLink link, long bytes)
+    {
+        (int deferredJobs, long deferredBytes) = DeferredLocked(link);
+        return Math.Max((link.OutstandingJobs + deferredJobs + 1) / (double)_options.MaxOutstandingJobs,
+            (link.OutstandingBytes + deferredBytes + bytes) / (double)_options.MaxOutstandingBytes);
+    }
+
+    private (int Jobs, long Bytes) DeferredLocked(ReplicaLink link)
+    {
+        foreach (RepairCopy copy in _repairCopies)
+        {
+            if (copy.Target == link)
+            {
+                return (copy.Deferred.Count, copy.DeferredBytes);
+            }
+        }
+        return (0, 0);
+    }
+
+    /// <summary>Load of the replica taking writes that is furthest behind.</summary>
+    private double HighestLoadLocked(long bytes)
+    {
+        double highest = 0;
+        foreach (ReplicaLink link in _links)
+        {
+            if (link.ReceivesWrites)
+            {
+                highest = Math.Max(highest, LoadLocked(link, bytes));
+            }
+        }
+        return highest;
+    }
+
     private double SecondLeastLoadLocked(long bytes)
     {
         Span<double> loads = stackalloc double[3];
@@ -421,7 +493,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         {
             if (link.State == ReplicaState.Active)
             {
-                loads[count++] = Math.Max((link.OutstandingJobs + 1) / (double)_options.MaxOutstandingJobs, (link.OutstandingBytes + bytes) / (double)_options.MaxOutstandingBytes);
+                loads[count++] = LoadLocked(link, bytes);
             }
         }
         if (count < 2)
@@ -665,7 +737,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
 
     /// <summary>Accounts for one replica's answer to a job; an error or a lost connection faults that replica.</summary>
     private void Track(Task<DownstairsResult> task, ReplicaLink link, IDownstairs client, ReplicatedJob job, bool counted, long bytes, string what,
-        bool alreadyAdded = false, IReadOnlyCollection<int>? flushedExtents = null)
+        bool alreadyAdded = false)
     {
         if (!alreadyAdded)
         {
@@ -680,16 +752,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
                     if (link.Client == client)
                     {
                         link.Complete(bytes, ok);
-                        if (!ok && flushedExtents is not null && t.IsCompletedSuccessfully && link.State == ReplicaState.Repairing)
-                        {
-                            // A replica under repair may refuse flushes until the extent whose fdatasync
-                            // failed is replaced (the downstairs "poisons" it). Faulting it for that would
-                            // restart the repair that is about to fix it, forever. Its flush acks don't count
-                            // anyway; the extents this flush should have stamped are copied again instead,
-                            // so its metadata ends in step with the others.
-                            link.PendingRepair.UnionWith(flushedExtents);
-                        }
-                        else if (!ok)
+                        if (!ok)
                         {
                             string reason = t.IsCompletedSuccessfully ? $"{what} failed: {t.Result}" : $"connection lost during {what}: {t.Exception?.InnerException?.Message ?? "cancelled"}";
                             FaultLocked(link, reason);
@@ -804,9 +867,10 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         {
             if (copy.Target == link && copy.Client == client && copy.First < firstBlock + blocks && firstBlock < copy.End)
             {
-                if (copy.DeferredBytes + data.Length > _options.MaxOutstandingBytes)
+                if (link.OutstandingJobs + copy.Deferred.Count + 1 > _options.MaxOutstandingJobs
+                    || link.OutstandingBytes + copy.DeferredBytes + data.Length > _options.MaxOutstandingBytes)
                 {
-                    FaultLocked(link, $"repair fell behind: {copy.DeferredBytes} bytes of writes queued behind the copy of blocks {copy.First}..{copy.End}");
+                    FaultLocked(link, $"repair fell behind: {copy.Deferred.Count} writes ({copy.DeferredBytes} bytes) queued behind the copy of blocks {copy.First}..{copy.End}, {link.OutstandingJobs} more outstanding");
                     return true;
                 }
                 // Holds the job's buffer (not counted toward its ack) until the write is sent or dropped.
@@ -837,6 +901,14 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         {
             _repairCopies.Remove(copy);
             bool send = committed && copy.Target.Client == copy.Client && copy.Target.ReceivesWrites;
+            if (send)
+            {
+                // In the same step as the copy stops deferring: from here on the replica holds this
+                // extent, so its writes are sent (and counted); none may fall between "not deferred"
+                // and "not pending", where WriteRoleLocked would skip it as still to be copied.
+                copy.Target.PendingRepair.Remove((int)(copy.First / _extentBlocks));
+                copy.Target.RepairDone++;
+            }
             foreach (var d in copy.Deferred)
             {
                 if (!send)

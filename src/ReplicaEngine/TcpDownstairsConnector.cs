@@ -33,6 +33,9 @@ internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints
         public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default) =>
             client.CommitExtentAsync(jobId, extent, meta, cancellationToken);
 
+        public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
+            client.MarkRepairPendingAsync(jobId, extents, cancellationToken);
+
         public ValueTask DisposeAsync() => client.DisposeAsync();
     }
 }

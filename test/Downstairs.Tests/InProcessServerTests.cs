@@ -208,6 +208,53 @@ public sealed class InProcessServerTests
         Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(new ExtentMeta(2, 5, false)));
         Assert.That(Directory.GetFiles(Path.Combine(_dir.Sub("r"), "extents"), "*.repair"), Is.Empty);
     }
+
+    [Test]
+    public async Task Extents_marked_pending_repair_are_not_stamped_by_flushes_until_their_copy_is_committed()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(2));
+        Assert.That((await c.MarkRepairPendingAsync(1, [1, 3])).IsOk, Is.True);
+        await c.WriteAsync(2, 0, TestData.Block(4096, 0, 1));        // extent 0: not pending
+        await c.WriteAsync(3, 512 + 7, TestData.Block(4096, 7, 1));  // extent 1: pending, holds stale data
+        Assert.That((await c.FlushAsync(4, 9, 2)).IsOk, Is.True);
+        Assert.That(_host.Region.GetExtentMeta(0), Is.EqualTo(new ExtentMeta(2, 9, false)));
+        Assert.That(_host.Region.GetExtentMeta(1), Is.EqualTo(new ExtentMeta(0, 0, true)), "pending: left dirty, not stamped");
+
+        byte[] ctx = new byte[512 * 16];
+        byte[] data = new byte[512 * 4096];
+        await c.WriteExtentAsync(5, new ExtentRange(1, 0, 512, ExtentRange.BeginFlag), ctx, data);
+        Assert.That((await c.CommitExtentAsync(6, 1, new ExtentMeta(2, 9, false))).IsOk, Is.True);
+        await c.WriteAsync(7, 512 + 8, TestData.Block(4096, 8, 1));
+        Assert.That((await c.FlushAsync(8, 10, 2)).IsOk, Is.True);
+        Assert.That(_host.Region.GetExtentMeta(1), Is.EqualTo(new ExtentMeta(2, 10, false)), "committed: stamped like any other extent");
+        Assert.That(_host.Region.IsRepairPending(3), Is.True);
+
+        (Stream s2, _) = Pair();
+        await using DownstairsClient next = await DownstairsClient.ConnectAsync(s2, Hello(3));
+        Assert.That(_host.Region.IsRepairPending(3), Is.False, "a new writer starts without the old writer's marks");
+    }
+
+    [TestCase(2, new[] { 1 }, TestName = "ExtentsPending whose count disagrees with its body")]
+    [TestCase(1, new[] { 4 }, TestName = "ExtentsPending naming an extent beyond the region")]
+    public async Task Malformed_extents_pending_closes_the_connection_and_marks_nothing(int count, int[] extents)
+    {
+        (Stream s, Task served) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello());
+        int bodySize = 4 + (4 * extents.Length);
+        byte[] frame = new byte[Wire.HeaderSize + bodySize];
+        FrameReader.WriteHeader(frame, MessageType.ExtentsPending, ResultCode.Ok, 1, bodySize);
+        BinaryPrimitives.WriteInt32LittleEndian(frame.AsSpan(Wire.HeaderSize), count);
+        for (int i = 0; i < extents.Length; i++)
+        {
+            BinaryPrimitives.WriteInt32LittleEndian(frame.AsSpan(Wire.HeaderSize + 4 + (4 * i)), extents[i]);
+        }
+        await s.WriteAsync(frame);
+        await s.FlushAsync();
+        await served.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.That(Enumerable.Range(0, 4).Select(_host.Region.IsRepairPending), Has.All.False);
+        Assert.That(_log.Lines, Has.Some.Contains("ExtentsPending"));
+    }
 }
 
 internal sealed class ListLogger : ILogger

@@ -74,10 +74,16 @@ public sealed class IncidentTests
         ExtentReadResult state = await c.ReadExtentAsync(4, new ExtentRange(0, 0, 512), ctx, data);
         Assert.That(state.Meta.Dirty, Is.True);
 
+        // Once a live repair has marked it pending, flushes go on (the replica keeps step while it
+        // is repaired) and leave the poisoned extent unstamped.
+        Assert.That((await c.MarkRepairPendingAsync(5, [0])).IsOk, Is.True);
+        Assert.That((await c.FlushAsync(6, 3, 1)).IsOk, Is.True, "a flush is not refused for a poisoned extent that is being repaired");
+        Assert.That((await c.ReadExtentAsync(7, new ExtentRange(0, 0, 512), ctx, data)).Meta.Dirty, Is.True, "and does not stamp it");
+
         // Repair (here: from its own contents, standing in for a healthy replica) clears it.
-        await c.WriteExtentAsync(5, new ExtentRange(0, 0, 512, ExtentRange.BeginFlag), ctx, data);
-        Assert.That((await c.CommitExtentAsync(6, 0, new ExtentMeta(1, 2, false))).IsOk, Is.True);
-        Assert.That((await c.FlushAsync(7, 3, 1)).IsOk, Is.True);
+        await c.WriteExtentAsync(8, new ExtentRange(0, 0, 512, ExtentRange.BeginFlag), ctx, data);
+        Assert.That((await c.CommitExtentAsync(9, 0, new ExtentMeta(1, 3, false))).IsOk, Is.True);
+        Assert.That((await c.FlushAsync(10, 4, 1)).IsOk, Is.True);
     }
 
     [Test]

@@ -13,6 +13,7 @@ internal enum OpKind
     ExtentRead,
     ExtentWrite,
     ExtentCommit,
+    MarkPending,
 }
 
 /// <summary>One request as a fake downstairs received it (at the moment the engine called the method).</summary>
@@ -29,6 +30,7 @@ internal sealed class FakeReplica
     private readonly byte[] _contexts;
     private readonly ExtentMeta[] _meta;
     private readonly (byte[] Data, byte[] Contexts)?[] _staging;
+    private readonly bool[] _repairPending;
     private readonly List<ReceivedOp> _received = [];
     private readonly List<HelloRequest> _hellos = [];
     private HashSet<OpKind> _held = [];
@@ -45,6 +47,7 @@ internal sealed class FakeReplica
         _contexts = new byte[extentBlocks * extentCount * BlockContext.Size];
         _meta = new ExtentMeta[extentCount];
         _staging = new (byte[], byte[])?[extentCount];
+        _repairPending = new bool[extentCount];
     }
 
     /// <summary>Every mutation and every record happens under this lock.</summary>
@@ -222,6 +225,7 @@ internal sealed class FakeReplica
             if (!hello.ReadOnly)
             {
                 Current = connection;
+                Array.Clear(_repairPending); // like the real downstairs: marks belong to the writer that set them
             }
             return connection;
         }
@@ -300,7 +304,7 @@ internal sealed class FakeReplica
         }
         for (int e = 0; e < ExtentCount; e++)
         {
-            if (_meta[e].Dirty)
+            if (_meta[e].Dirty && !_repairPending[e])
             {
                 _meta[e] = new ExtentMeta(generation, flushNumber, false);
             }
@@ -336,6 +340,16 @@ internal sealed class FakeReplica
         stagedData.CopyTo(_data.AsSpan((int)(first * BlockSize)));
         stagedContexts.CopyTo(_contexts.AsSpan((int)(first * BlockContext.Size)));
         _meta[extent] = meta;
+        _repairPending[extent] = false;
+        return DownstairsResult.Ok;
+    }
+
+    internal DownstairsResult ApplyMarkPending(IReadOnlyList<int> extents)
+    {
+        foreach (int e in extents)
+        {
+            _repairPending[e] = true;
+        }
         return DownstairsResult.Ok;
     }
 
@@ -408,6 +422,9 @@ internal sealed class FakeDownstairs : IDownstairs
     public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default) =>
         Enqueue(OpKind.ExtentCommit, jobId, (long)extent * _replica.ExtentBlocks, _replica.ExtentBlocks, 0,
             () => Fenced() ?? _replica.ApplyExtentCommit(extent, meta), cancellationToken);
+
+    public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
+        Enqueue(OpKind.MarkPending, jobId, 0, 0, 0, () => Fenced() ?? _replica.ApplyMarkPending([.. extents]), cancellationToken);
 
     public ValueTask DisposeAsync()
     {
@@ -496,10 +513,10 @@ internal sealed class FakeDownstairs : IDownstairs
         public TaskCompletionSource Finished { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
         public bool Overlaps(Pending other) =>
-            kind == OpKind.Flush || other.IsFlush
+            IsBarrier || other.IsBarrier
             || (!(kind == OpKind.Read && other.IsRead) && first < other.End && other.First < end);
 
-        private bool IsFlush => kind == OpKind.Flush;
+        private bool IsBarrier => kind is OpKind.Flush or OpKind.MarkPending;
 
         private bool IsRead => kind == OpKind.Read;
 

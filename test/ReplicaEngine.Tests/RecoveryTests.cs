@@ -48,7 +48,7 @@ public sealed class RecoveryTests
     public async Task Live_repair_lets_guest_IO_continue_and_ends_with_three_identical_replicas()
     {
         await using var cluster = new Cluster();
-        await cluster.StartAsync();
+        await cluster.StartAsync(Cluster.Options() with { RepairDutyCycle = 0.01, IdleRepairDutyCycle = 0.01, RepairMaxPause = TimeSpan.FromMilliseconds(100) });
         FakeReplica away = cluster.Replicas[1];
         var model = new byte[Cluster.ExtentCount * Cluster.ExtentBytes];
         for (int e = 0; e < Cluster.ExtentCount; e++)
@@ -68,8 +68,7 @@ public sealed class RecoveryTests
         await cluster.FlushAsync();
         Assert.That(cluster.Status(1).State, Is.EqualTo(ReplicaState.Faulted));
 
-        // Repair is slow (each copy step takes a while) so guest IO overlaps it.
-        away.OpDelay = TimeSpan.FromMilliseconds(15);
+        // Repair is slow (each copy is followed by a pause) so guest IO overlaps it.
         away.Reachable = true;
         await cluster.WaitForStateAsync(1, ReplicaState.Repairing);
 
@@ -100,7 +99,6 @@ public sealed class RecoveryTests
         Assert.That(writesDuringRepair, Is.GreaterThan(5), "guest writes completed while the repair ran");
         Assert.That(cluster.Status(1).RepairDone, Is.EqualTo(Cluster.ExtentCount));
 
-        away.OpDelay = TimeSpan.Zero;
         await cluster.FlushAsync();
         await cluster.WaitForIdleAsync();
         cluster.AssertReplicasIdentical();
@@ -223,6 +221,72 @@ public sealed class RecoveryTests
         Assert.That(replica.Current, Is.SameAs(serving), "no further connection replaced the one in service");
         Assert.That(serving.IsClosed, Is.False);
         Assert.That(cluster.Status(0).Faults, Is.EqualTo(2));
+        cluster.AssertReplicasIdentical();
+    }
+
+    [Test]
+    public async Task A_repairing_replica_acks_writes_to_extents_it_already_holds_but_not_to_ones_still_to_copy()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync();
+        FakeReplica repairing = cluster.Replicas[0], slow = cluster.Replicas[2];
+        repairing.Hold(OpKind.ExtentWrite);
+        repairing.DropConnection();
+        await cluster.WriteAsync(Block(1), 1); // faults replica 0; its repair must copy extent 1 and nothing else
+        await cluster.WaitForStateAsync(0, ReplicaState.Repairing);
+        await Cluster.WaitUntilAsync(() => repairing.Received.Any(op => op.Kind == OpKind.ExtentWrite), "the copy of extent 1 is in flight");
+        slow.Hold(OpKind.Write);
+
+        Task current = cluster.WriteAsync(Block(3), 3);
+        Task stillToCopy = cluster.WriteAsync(Block(1, 2), 4);
+
+        Assert.That(await Cluster.CompletesWithinAsync(current, TimeSpan.FromSeconds(2)), Is.True,
+            "acked by replica 1 and the repairing replica, which holds extent 3 like one in service");
+        Assert.That(await Cluster.CompletesWithinAsync(stillToCopy, TimeSpan.FromMilliseconds(300)), Is.False,
+            "the repairing replica does not hold extent 1 yet: its write waits for replica 2");
+        slow.Release();
+        await stillToCopy;
+        repairing.Release();
+        await cluster.WaitForAllActiveAsync();
+        await cluster.FlushAsync();
+        cluster.AssertReplicasIdentical();
+    }
+
+    [Test]
+    public async Task An_upstairs_crash_mid_repair_never_leaves_stale_data_recorded_as_current()
+    {
+        // The repairing replica takes flushes (its metadata keeps step with the others). A flush must
+        // not stamp an extent it still holds stale: after an upstairs crash, reconciliation trusts the
+        // stamps, and a stale extent stamped current would never be repaired.
+        await using var cluster = new Cluster();
+        // A crawling repair: after copying extent 1 it pauses (100,000 × the copy's time), extent 3 still to do.
+        await cluster.StartAsync(Cluster.Options() with { RepairDutyCycle = 0.00001, IdleRepairDutyCycle = 0.00001, RepairMaxPause = TimeSpan.FromMinutes(1) });
+        FakeReplica away = cluster.Replicas[2];
+        away.Reachable = false;
+        away.DropConnection();
+        await cluster.WriteAsync(Block(1), 1);    // faults replica 2, which misses it
+        await cluster.WriteAsync(Block(3, 0), 3); // missed by replica 2
+        await Cluster.WaitUntilAsync(() => cluster.Status(2).State == ReplicaState.Faulted, "replica 2 is out");
+        away.Reachable = true;
+        await Cluster.WaitUntilAsync(() => cluster.Status(2).RepairDone == 1, "extent 1 copied, extent 3 waiting");
+
+        await cluster.WriteAsync(Block(3, 5), 35);
+        await cluster.FlushAsync();
+        await Cluster.WaitUntilAsync(() => away.Received.Any(o => o.Kind == OpKind.Flush), "the repairing replica got the flush");
+        await cluster.WaitForIdleAsync();
+        Assert.That(away.Received.Where(o => o.Kind == OpKind.Write).Select(o => o.FirstBlock), Does.Not.Contain(Block(3, 5)),
+            "a write to an extent still to be copied is not sent to the repairing replica (the copy brings it)");
+        NbdServer.Downstairs.Protocol.ExtentMeta current = cluster.Replicas[1].Meta(3);
+        Assert.That(away.Meta(3), Is.Not.EqualTo(current), "the stale extent was not stamped current by the flush");
+        Assert.That(cluster.Status(2).State, Is.EqualTo(ReplicaState.Repairing), "still mid-repair");
+
+        // The upstairs dies mid-repair; a new one reconciles from what the replicas recorded.
+        await cluster.Volume.DisposeAsync();
+        await cluster.StartAsync();
+        await cluster.WaitForAllActiveAsync();
+        await cluster.FlushAsync();
+        await cluster.WaitForIdleAsync();
+        Assert.That(away.ReadBlock(Block(3, 0)), Is.EqualTo(Cluster.Pattern(3, Block(3, 0))), "the block replica 2 missed");
         cluster.AssertReplicasIdentical();
     }
 }

@@ -242,6 +242,12 @@ internal sealed class DownstairsClient : IAsyncDisposable
                 BinaryPrimitives.WriteUInt64LittleEndian(d[16..], c.meta.FlushNumber);
             }), cancellationToken);
 
+    /// <summary>Live repair, target side: these extents are stale until their copy is committed; flushes must not stamp them.</summary>
+    public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
+        SendAsync(new Pending(MessageType.ExtentsPendingReply), jobId,
+            () => OutgoingFrame.Create(MessageType.ExtentsPending, ResultCode.Ok, jobId, ExtentsPendingRequest.BodySize(extents.Count), extents,
+                static (d, x) => ExtentsPendingRequest.Write(d, x)), cancellationToken);
+
     // ------------------------------------------------------------------ plumbing
 
     private int BlockCount(int bytes)

@@ -197,6 +197,47 @@ internal readonly record struct ExtentCommitRequest(int Extent, ExtentMeta Meta)
     public const int BodySize = 24;
 }
 
+/// <summary>
+/// ExtentsPending: <c>count u32 | count × extent u32</c>. Sent by the engine when a live repair
+/// starts, before any other job of that repair: these extents hold stale data until their copy is
+/// committed, so until then a flush must not stamp them current (nor refuse because one is poisoned).
+/// </summary>
+internal static class ExtentsPendingRequest
+{
+    public const int HeaderSize = 4;
+
+    public static int BodySize(int count) => HeaderSize + (4 * count);
+
+    public static void Write(Span<byte> d, IReadOnlyList<int> extents)
+    {
+        BinaryPrimitives.WriteInt32LittleEndian(d, extents.Count);
+        for (int i = 0; i < extents.Count; i++)
+        {
+            BinaryPrimitives.WriteInt32LittleEndian(d[(HeaderSize + (4 * i))..], extents[i]);
+        }
+    }
+
+    /// <summary>The extents listed; each must be below <paramref name="extentCount"/>.</summary>
+    public static int[] Read(ref BodyReader r, long bodyLength, int extentCount)
+    {
+        int count = r.ReadInt32();
+        if (count < 0 || count > extentCount || bodyLength != BodySize(count))
+        {
+            throw new DownstairsProtocolException($"ExtentsPending: {count} extents in a {bodyLength}-byte body (region has {extentCount} extents)");
+        }
+        var extents = new int[count];
+        for (int i = 0; i < count; i++)
+        {
+            extents[i] = r.ReadInt32();
+            if (extents[i] < 0 || extents[i] >= extentCount)
+            {
+                throw new DownstairsProtocolException($"ExtentsPending: extent {extents[i]} is beyond the region's {extentCount} extents");
+            }
+        }
+        return extents;
+    }
+}
+
 /// <summary>Body of every reply whose result is not Ok: <c>errno i32 | message UTF-8</c>.</summary>
 internal readonly record struct ErrorBody(int Errno, string Message)
 {

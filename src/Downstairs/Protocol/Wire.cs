@@ -63,6 +63,7 @@ internal enum MessageType : ushort
     ExtentRead = 6,
     ExtentWrite = 7,
     ExtentCommit = 8,
+    ExtentsPending = 9,
 
     HelloReply = Hello | Wire.ReplyFlag,
     WriteReply = Write | Wire.ReplyFlag,
@@ -72,6 +73,7 @@ internal enum MessageType : ushort
     ExtentReadReply = ExtentRead | Wire.ReplyFlag,
     ExtentWriteReply = ExtentWrite | Wire.ReplyFlag,
     ExtentCommitReply = ExtentCommit | Wire.ReplyFlag,
+    ExtentsPendingReply = ExtentsPending | Wire.ReplyFlag,
 }
 
 /// <summary>Typed outcome of every reply.</summary>

@@ -26,6 +26,8 @@ internal sealed partial class DownstairsConnection
 
         public ExtentCommitRequest Commit { get; init; }
 
+        public int[]? PendingExtents { get; init; }
+
         /// <summary>Request payload (write data), pooled; returned when the job is done.</summary>
         public byte[]? Buffer { get; init; }
 
@@ -148,6 +150,10 @@ internal sealed partial class DownstairsConnection
                 case MessageType.ExtentCommit:
                     region.CommitStaging(Commit.Extent, Commit.Meta);
                     Reply(OutgoingFrame.Create(MessageType.ExtentCommitReply, ResultCode.Ok, header.JobId), null);
+                    return;
+                case MessageType.ExtentsPending:
+                    region.MarkRepairPending(PendingExtents!);
+                    Reply(OutgoingFrame.Create(MessageType.ExtentsPendingReply, ResultCode.Ok, header.JobId), null);
                     return;
                 default:
                     ReplyError(ResultCode.Invalid, $"{header.Type} cannot be a job");

@@ -299,6 +299,16 @@ internal sealed partial class DownstairsConnection
                 return;
             }
 
+            case MessageType.ExtentsPending:
+            {
+                var r = new BodyReader(body);
+                int[] extents = ExtentsPendingRequest.Read(ref r, body.Length, Region.Geometry.ExtentCount);
+                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
+                // A barrier: every flush sent after it must see the marks.
+                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { PendingExtents = extents });
+                return;
+            }
+
             default:
                 throw new DownstairsProtocolException($"{header.Type} is not a request");
         }

@@ -77,6 +77,8 @@ internal sealed class RegionHost : IDisposable
             }
             previous = _writer;
             _writer = connection;
+            // Repair marks belong to the repair that set them; a new writer starts its own.
+            Region.ClearRepairPending();
         }
         if (previous is not null && previous != connection)
         {

@@ -412,12 +412,14 @@ internal sealed class Region : IDisposable
     {
         foreach (Extent e in _extents)
         {
-            if (e.Poisoned)
+            if (e.Poisoned && !e.RepairPending)
             {
                 throw new PosixIOException(Errnos.EIO, $"flush refused: an earlier fdatasync failed ({e.PoisonReason}); the extent needs repair", e.Path);
             }
         }
-        List<Extent> dirty = [.. _extents.Where(e => e.Dirty)];
+        // Extents awaiting a live-repair copy hold stale data: never stamp them current (they stay as
+        // recorded, so a crash mid-repair leaves them looking out of date, and they are copied again).
+        List<Extent> dirty = [.. _extents.Where(e => e.Dirty && !e.RepairPending)];
         if (dirty.Count == 0)
         {
             return;
@@ -520,7 +522,31 @@ internal sealed class Region : IDisposable
         WriteRecordsAndSync([e], _ => (meta.Generation, meta.FlushNumber, meta.Dirty));
         e.Poisoned = false;
         e.PoisonReason = null;
+        e.RepairPending = false;
     }
+
+    /// <summary>
+    /// Marks extents a live repair will copy: until each one's copy is committed, flushes leave it
+    /// unstamped (and do not refuse because it is poisoned). In memory only: a restart forgets the
+    /// marks, and the records they protected were never stamped.
+    /// </summary>
+    public void MarkRepairPending(IEnumerable<int> extents)
+    {
+        foreach (int extent in extents)
+        {
+            _extents[extent].RepairPending = true;
+        }
+    }
+
+    public void ClearRepairPending()
+    {
+        foreach (Extent e in _extents)
+        {
+            e.RepairPending = false;
+        }
+    }
+
+    public bool IsRepairPending(int extent) => _extents[extent].RepairPending;
 
     private SafeFileHandle CreateStaging(string path)
     {
@@ -740,6 +766,9 @@ internal sealed class Region : IDisposable
         }
 
         public bool Poisoned { get; set; }
+
+        /// <summary>Awaiting a live-repair copy (see <see cref="MarkRepairPending"/>); written by barrier and commit jobs only.</summary>
+        public bool RepairPending { get; set; }
 
         /// <summary>Written since the last flush (changed only by writers and the flush barrier).</summary>
         public bool WrittenSinceFlush { get; set; }
