@@ -102,9 +102,6 @@ public sealed partial class IncidentTests
     }
 
     [Test]
-    [Explicit("Flaky until an open engine finding is fixed (docs/reliability.md, finding 3): after the injected "
-        + "fdatasync ENOSPC the poisoned extent makes the repairing replica refuse flushes; it now comes back, but "
-        + "in some runs its extent metadata ends out of step and compare reports a difference. Run it by name.")]
     public async Task Disk_full_on_one_replica() => AssertFullBars(await RunScenarioAsync("diskfull"));
 
     [Test]
