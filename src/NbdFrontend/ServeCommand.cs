@@ -50,6 +50,8 @@ internal sealed record ServeCommand
                                      a replica that completes nothing this long is faulted (default 5)
             --degraded-write-timeout SECONDS
                                      with one replica left, writes wait this long then fail EIO (default 3)
+            --scrub-interval SECONDS check every block of every replica this often, rewriting bad
+                                     copies (default 604800 = 7 days; 0 = only `nbd-server scrub`)
 
         OPTIONS
             --listen ADDR:PORT       where to listen (default 127.0.0.1:10809)
@@ -196,6 +198,9 @@ internal sealed record ServeCommand
                 case "--no-progress-timeout":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { NoProgressTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) } };
                     break;
+                case "--scrub-interval":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { ScrubInterval = TimeSpan.FromSeconds(ParseSecondsOrZero(Value(), arg)) } };
+                    break;
                 case "--degraded-write-timeout":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DegradedWriteTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) } };
                     break;
@@ -252,6 +257,7 @@ internal sealed record ServeCommand
         ["MaxOutstandingBytes"] = "--max-outstanding-bytes",
         ["NoProgressTimeout"] = "--no-progress-timeout",
         ["DegradedWriteTimeout"] = "--degraded-write-timeout",
+        ["ScrubInterval"] = "--scrub-interval",
         ["LogThrottleInterval"] = "--log-interval",
         ["Generation"] = "--generation",
         ["Downstairs"] = "--downstairs",
@@ -267,6 +273,11 @@ internal sealed record ServeCommand
         double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) && value > 0
             ? value
             : throw new ArgumentException($"{setting}: '{text}' is not a positive number of seconds.");
+
+    private static double ParseSecondsOrZero(string text, string setting) =>
+        double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) && value >= 0
+            ? value
+            : throw new ArgumentException($"{setting}: '{text}' is not a number of seconds (0 or more).");
 
     internal static IPEndPoint ParseEndPoint(string text, string setting)
     {

@@ -82,6 +82,17 @@ public sealed record EngineOptions
     /// </summary>
     public TimeSpan RepairMaxPause { get; init; } = TimeSpan.FromMilliseconds(100);
 
+    /// <summary>
+    /// How often the volume scrubs itself (every block of every replica checked against its stored
+    /// hash, bad copies rewritten), counted from startup and from the end of the last scrub; zero
+    /// turns the periodic scrub off (`nbd-server scrub` still works). Rot in a copy no read picks
+    /// is otherwise found only when a second copy fails too — then it is too late.
+    /// </summary>
+    public TimeSpan ScrubInterval { get; init; } = TimeSpan.FromDays(7);
+
+    /// <summary>Share of the time a scrub may keep busy while the guest does IO (paced like repair); flat out when idle.</summary>
+    public double ScrubDutyCycle { get; init; } = 0.25;
+
     /// <summary>Largest repair transfer (one ExtentRead / ExtentWrite frame).</summary>
     public int RepairChunkBytes { get; init; } = 4 * 1024 * 1024;
 
@@ -105,6 +116,10 @@ public sealed record EngineOptions
         if (BackpressureStart is <= 0 or >= 1 || SlowReplicaBackpressureStart is <= 0 or >= 1)
         {
             throw new ArgumentException($"{nameof(BackpressureStart)} and {nameof(SlowReplicaBackpressureStart)} must be in (0, 1); got {BackpressureStart} and {SlowReplicaBackpressureStart}.");
+        }
+        if (ScrubInterval < TimeSpan.Zero || ScrubInterval > TimeSpan.FromDays(49) || ScrubDutyCycle is <= 0 or > 1)
+        {
+            throw new ArgumentException($"{nameof(ScrubInterval)} must be 0 (off) to 49 days and {nameof(ScrubDutyCycle)} must be in (0, 1]; got {ScrubInterval} and {ScrubDutyCycle}.");
         }
         if (RepairMaxPause < TimeSpan.Zero)
         {

@@ -148,6 +148,10 @@ public sealed partial class ReplicatedVolume
             _maintainers.Add(Task.Run(() => MaintainAsync(link)));
         }
         _watchdog = TimeProvider.System.CreateTimer(_ => Watchdog(), null, WatchdogInterval, WatchdogInterval);
+        if (_options.ScrubInterval > TimeSpan.Zero)
+        {
+            _maintainers.Add(Task.Run(() => PeriodicScrubAsync(_stopping.Token)));
+        }
     }
 
     private HelloRequest Hello(Guid regionId, bool readOnly = false) =>
@@ -384,14 +388,7 @@ public sealed partial class ReplicatedVolume
                     {
                         EndRepairCopy(copy, committed); // on success also takes the extent off PendingRepair
                     }
-                    // Pace the repair so a busy guest keeps most of the machine (see RepairDutyCycle).
-                    bool guestBusy = Stopwatch.GetElapsedTime(Volatile.Read(ref _lastGuestIo)) < GuestIdleAfter;
-                    double duty = guestBusy ? _options.RepairDutyCycle : _options.IdleRepairDutyCycle;
-                    if (duty < 1)
-                    {
-                        TimeSpan pause = Stopwatch.GetElapsedTime(copyStarted) * ((1 - duty) / duty);
-                        await Task.Delay(pause < _options.RepairMaxPause ? pause : _options.RepairMaxPause, cancellationToken);
-                    }
+                    await PaceAsync(copyStarted, _options.RepairDutyCycle, cancellationToken);
                     break;
                 }
                 catch (RepairSourceException)
@@ -417,6 +414,22 @@ public sealed partial class ReplicatedVolume
             SignalStateChangedLocked();
         }
         EngineLog.RepairDone(_logger, link.Index, extents.Count, extents.Count * extentBytes / 1048576.0, Stopwatch.GetElapsedTime(started).TotalSeconds);
+    }
+
+    /// <summary>
+    /// Background work (repair, scrub) keeps at most <paramref name="busyDutyCycle"/> of the time while
+    /// the guest does IO: after a step that took t it pauses t·(1 − d)/d, at most
+    /// <see cref="EngineOptions.RepairMaxPause"/>. With the guest idle it runs at <see cref="EngineOptions.IdleRepairDutyCycle"/>.
+    /// </summary>
+    private async Task PaceAsync(long stepStarted, double busyDutyCycle, CancellationToken cancellationToken)
+    {
+        bool guestBusy = Stopwatch.GetElapsedTime(Volatile.Read(ref _lastGuestIo)) < GuestIdleAfter;
+        double duty = guestBusy ? busyDutyCycle : _options.IdleRepairDutyCycle;
+        if (duty < 1)
+        {
+            TimeSpan pause = Stopwatch.GetElapsedTime(stepStarted) * ((1 - duty) / duty);
+            await Task.Delay(pause < _options.RepairMaxPause ? pause : _options.RepairMaxPause, cancellationToken);
+        }
     }
 
     /// <summary>Copies one extent, chunk by chunk (contexts and data as stored), then commits it with the source's metadata.</summary>

@@ -59,9 +59,11 @@ public sealed partial class ReplicatedVolume
                 for (int first = 0; first < _extentBlocks; first += chunkBlocks)
                 {
                     int count = Math.Min(chunkBlocks, _extentBlocks - first);
+                    long chunkStarted = Stopwatch.GetTimestamp();
                     (long c, long r) = await ScrubChunkAsync(extent, first, count, cancellationToken);
                     checkedBlocks += c;
                     repaired += r;
+                    await PaceAsync(chunkStarted, _options.ScrubDutyCycle, cancellationToken);
                 }
                 lock (_scrubLock)
                 {
@@ -82,6 +84,28 @@ public sealed partial class ReplicatedVolume
             _scrubStatus = _scrubStatus with { Running = false, BlocksChecked = checkedBlocks, BlocksRepaired = repaired, Problem = problem };
         }
         EngineLog.ScrubDone(_logger, checkedBlocks, repaired, Stopwatch.GetElapsedTime(started).TotalSeconds, problem ?? "complete");
+    }
+
+    /// <summary>Scrubs every <see cref="EngineOptions.ScrubInterval"/> (after the previous one ended) while all three replicas are in service.</summary>
+    private async Task PeriodicScrubAsync(CancellationToken cancellationToken)
+    {
+        TimeSpan interval = _options.ScrubInterval;
+        try
+        {
+            while (true)
+            {
+                await Task.Delay(interval, cancellationToken);
+                // A replica out of service or under repair: wait for it rather than scrub two copies.
+                while (InServiceCount() < _links.Length)
+                {
+                    await Task.Delay(TimeSpan.FromSeconds(1), cancellationToken);
+                }
+                await StartScrub();
+            }
+        }
+        catch (OperationCanceledException)
+        {
+        }
     }
 
     /// <summary>Reads one chunk from every replica in service, repairs blocks that fail their own hash on one and pass on another.</summary>

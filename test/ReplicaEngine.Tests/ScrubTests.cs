@@ -37,4 +37,29 @@ public sealed class ScrubTests
         Assert.That((scrub.BlocksRepaired, scrub.Problem, scrub.ExtentsDone), Is.EqualTo((0L, (string?)null, scrub.ExtentTotal)));
         Assert.That(cluster.Replicas[0].ReadBlock(12), Is.EqualTo(Cluster.Pattern(5, 12)));
     }
+
+    [Test]
+    public async Task The_volume_scrubs_itself_every_scrub_interval_without_being_asked()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync(Cluster.Options() with { ScrubInterval = TimeSpan.FromMilliseconds(300) });
+        await cluster.WriteAsync(20, 7, blocks: 2);
+        await cluster.FlushAsync();
+        cluster.Replicas[0].CorruptBlock(21);
+
+        await Cluster.WaitUntilAsync(() => cluster.Volume.Scrub.BlocksRepaired == 1 && !cluster.Volume.Scrub.Running, "a periodic scrub repaired the rotted copy");
+        Assert.That(cluster.Replicas[0].ReadBlock(21), Is.EqualTo(Cluster.Pattern(7, 21)));
+    }
+
+    [Test]
+    public async Task With_a_zero_scrub_interval_nothing_scrubs_on_its_own()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync(Cluster.Options() with { ScrubInterval = TimeSpan.Zero });
+        await cluster.WriteAsync(20, 7);
+        cluster.Replicas[0].CorruptBlock(20);
+        await Task.Delay(500);
+        Assert.That(cluster.Volume.Scrub.ExtentsDone, Is.Zero, "no scrub ran");
+        Assert.That(cluster.Replicas[0].ReadBlock(20), Is.Not.EqualTo(Cluster.Pattern(7, 20)), "the rot is still there");
+    }
 }
