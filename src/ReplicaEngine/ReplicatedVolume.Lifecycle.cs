@@ -289,7 +289,16 @@ public sealed partial class ReplicatedVolume
                         }
                         await client.DisposeAsync();
                     }
-                    _throttle.Report(LogLevel.Information, $"replica {link.Index} ({link.EndPoint}) unreachable", () => $"{e.Message}; retrying");
+                    if (e is DownstairsRefusedException refused)
+                    {
+                        // Not "down" but answering no (another region at this address, a newer
+                        // generation, a shape mismatch): its own warning, not hidden behind "unreachable".
+                        _throttle.Report(LogLevel.Warning, $"replica {link.Index} ({link.EndPoint}) refused ({refused.Result.Code})", () => $"{e.Message}; retrying");
+                    }
+                    else
+                    {
+                        _throttle.Report(LogLevel.Information, $"replica {link.Index} ({link.EndPoint}) unreachable", () => $"{e.Message}; retrying");
+                    }
                     await Task.Delay(delay, stopping).ContinueWith(static _ => { }, TaskScheduler.Default);
                     delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, _options.ReconnectMaxDelay.Ticks));
                 }

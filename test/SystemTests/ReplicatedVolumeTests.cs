@@ -137,6 +137,42 @@ public sealed partial class ReplicatedVolumeTests
     }
 
     [Test]
+    public async Task A_dead_downstairs_is_replaced_by_an_empty_region_which_is_refused_by_the_running_upstairs_and_adopted_after_its_restart()
+    {
+        // The README's procedure for replacing a dead downstairs, end to end.
+        ReplicatedVolumeFixture volume = await StartAsync("repl-replace");
+        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x11 8M 2M", "write -P 0x22 100M 1M", "flush"), "qemu-io before");
+        DownstairsNode dead = volume.Downstairs[2];
+        dead.Kill();
+        Directory.Delete(dead.DataDir, recursive: true);
+        ExternalTool.Result created = await ReplicatedVolumeFixture.RunDotnetAsync("nbd-downstairs.dll",
+            ["create", "--data", dead.DataDir, "--size", VolumeSize.ToString(CultureInfo.InvariantCulture), "--block-size", "4096", "--extent-size", "256"],
+            ReplicatedVolumeFixture.ProcessTimeout);
+        Assert.That(created.ExitCode, Is.EqualTo(0), created.ToString());
+
+        // A different region at that address is never mixed in by the upstairs that knew the old one.
+        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x33 8M 1M"), "qemu-io while replica 2 is dead");
+        await dead.StartAsync([], ReplicatedVolumeFixture.ProcessTimeout);
+        await Task.Delay(TimeSpan.FromSeconds(3));
+        VolumeStatus refusing = await volume.StatusAsync();
+        Assert.That(refusing.States[2], Is.Not.EqualTo("Active").And.Not.EqualTo("Repairing"), refusing.Json);
+        Assert.That(volume.Upstairs!.Log, Does.Contain("serves region"), "the refusal names the region it found");
+        await dead.StopAsync(ReplicatedVolumeFixture.ProcessTimeout);
+
+        // Restart the upstairs (it starts on the two live replicas), write, then start the new downstairs.
+        volume.KillUpstairs();
+        await volume.StartUpstairsAsync();
+        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x44 200M 1M", "flush"), "qemu-io on two replicas");
+        await dead.StartAsync([], ReplicatedVolumeFixture.ProcessTimeout);
+        VolumeStatus adopted = await volume.WaitForStatusAsync(s => s.AllActive, TimeSpan.FromSeconds(60), "the new region adopted and live-repaired");
+        Assert.That(adopted.InService, Is.EqualTo(3), adopted.Json);
+
+        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "read -P 0x33 8M 1M", "read -P 0x11 9M 1M", "read -P 0x22 100M 1M", "read -P 0x44 200M 1M", "read -P 0 150M 1M"),
+            "qemu-io read-back after the replacement");
+        await AssertReplicasConvergedAsync();
+    }
+
+    [Test]
     public async Task Killing_one_downstairs_mid_load_keeps_IO_going_then_live_repair_brings_it_back_identical()
     {
         RealClient.Require(Fio, "fio");
