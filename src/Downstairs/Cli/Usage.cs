@@ -60,7 +60,7 @@ DESCRIPTION
 OPTIONS
     --data DIR                 Region directory (from `create`).
     --listen ADDRESS:PORT      Address to listen on (default 127.0.0.1:3810).
-    --io-threads N             Threads doing blocking file IO (default 4).
+    --io-threads N             Threads doing blocking file IO (default 2).
     --max-jobs N               Jobs per connection admitted but not yet answered (default 1024).
     --max-bytes SIZE           Payload bytes per connection held in memory (default 64MiB).
                                When either limit is reached the downstairs stops reading that
