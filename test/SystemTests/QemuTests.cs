@@ -5,20 +5,7 @@ namespace NbdServer.SystemTests;
 [CancelAfter(180_000)]
 public sealed class QemuTests
 {
-    private const string QemuIo = "/usr/bin/qemu-io";
     private const string QemuImg = "/usr/bin/qemu-img";
-
-    private static async Task<ExternalTool.Result> QemuIoAsync(string uri, params string[] commands)
-    {
-        RealClient.Require(QemuIo, "qemu-utils");
-        var args = new List<string> { "-f", "raw", uri };
-        foreach (string command in commands)
-        {
-            args.Add("-c");
-            args.Add(command);
-        }
-        return await RealClient.RunAsync(QemuIo, args, TimeSpan.FromSeconds(60));
-    }
 
     private static void AssertAllVerified(ExternalTool.Result result)
     {
@@ -33,7 +20,7 @@ public sealed class QemuTests
     public async Task Qemu_io_pattern_write_then_pattern_read_of_1_MiB_verifies()
     {
         using var server = await NbdServerProcess.StartAsync("--memory", "64M");
-        ExternalTool.Result result = await QemuIoAsync(server.Uri(),
+        ExternalTool.Result result = await RealClient.QemuIoAsync(server.Uri(),
             "write -P 0xab 0 1M",
             "read -P 0xab 0 1M",
             "write -P 0x3c 60M 4M",
@@ -47,7 +34,7 @@ public sealed class QemuTests
     {
         // The negative control: proves the pattern checks above would catch wrong data.
         using var server = await NbdServerProcess.StartAsync("--memory", "16M");
-        ExternalTool.Result result = await QemuIoAsync(server.Uri(), "write -P 0xab 0 64k", "read -P 0xee 0 64k");
+        ExternalTool.Result result = await RealClient.QemuIoAsync(server.Uri(), "write -P 0xab 0 64k", "read -P 0xee 0 64k");
         Assert.Multiple(() =>
         {
             Assert.That(result.ExitCode, Is.Not.EqualTo(0), result.ToString());
@@ -59,7 +46,7 @@ public sealed class QemuTests
     public async Task Qemu_io_unaligned_writes_land_exactly_and_leave_neighbours_untouched()
     {
         using var server = await NbdServerProcess.StartAsync("--memory", "16M");
-        ExternalTool.Result result = await QemuIoAsync(server.Uri(),
+        ExternalTool.Result result = await RealClient.QemuIoAsync(server.Uri(),
             "write -P 0x11 0 4M",
             "write -P 0xcd 1234567 70001",      // odd offset, odd length
             "write -P 0x77 3 5",                // a few bytes near the start
@@ -77,7 +64,7 @@ public sealed class QemuTests
     {
         using var scratch = new ScratchDirectory("qemu-io-zero");
         using var server = await NbdServerProcess.StartAsync("--file", scratch.File("disk.img"), "--size", "32M");
-        ExternalTool.Result result = await QemuIoAsync(server.Uri(),
+        ExternalTool.Result result = await RealClient.QemuIoAsync(server.Uri(),
             "write -P 0xef 0 8M",
             "write -z 1M 1M",                   // WRITE_ZEROES
             "write -z -u 3M 1M",                // WRITE_ZEROES, may unmap
@@ -163,7 +150,7 @@ public sealed class QemuTests
         ExternalTool.Result upload = await RealClient.RunAsync(QemuImg, ["convert", "-n", "-f", "raw", "-O", "raw", source, server.Uri()], TimeSpan.FromSeconds(60));
         Assert.That(upload.ExitCode, Is.EqualTo(0), upload.ToString());
 
-        ExternalTool.Result poke = await QemuIoAsync(server.Uri(), "write -P 0x00 5000192 1");
+        ExternalTool.Result poke = await RealClient.QemuIoAsync(server.Uri(), "write -P 0x00 5000192 1");
         Assert.That(poke.ExitCode, Is.EqualTo(0), poke.ToString());
         ExternalTool.Result compare = await RealClient.RunAsync(QemuImg, ["compare", "-f", "raw", "-F", "raw", source, server.Uri()], TimeSpan.FromSeconds(60));
 

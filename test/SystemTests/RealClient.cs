@@ -40,6 +40,20 @@ internal static class RealClient
         ExternalTool.RunAsync("/usr/bin/env", [$"PATH={SystemPath}", tool, .. args], timeout ?? DefaultTimeout, standardInput);
 
     /// <summary>Runs a python script in nbdsh; the script connects the handle <c>h</c> itself.</summary>
+    /// <summary>Runs qemu-io on a raw NBD export, one <c>-c</c> per command.</summary>
+    public static async Task<ExternalTool.Result> QemuIoAsync(string uri, params string[] commands)
+    {
+        const string qemuIo = "/usr/bin/qemu-io";
+        Require(qemuIo, "qemu-utils");
+        var args = new List<string> { "-f", "raw", uri };
+        foreach (string command in commands)
+        {
+            args.Add("-c");
+            args.Add(command);
+        }
+        return await RunAsync(qemuIo, args, DefaultTimeout);
+    }
+
     public static async Task<ExternalTool.Result> NbdshAsync(string script, TimeSpan? timeout = null)
     {
         await RequireNbdshAsync();

@@ -17,7 +17,6 @@ namespace NbdServer.SystemTests;
 [CancelAfter(120_000)]
 public sealed partial class ReplicatedVolumeTests
 {
-    private const string QemuIo = "/usr/bin/qemu-io";
     private const string Nbdcopy = "/usr/bin/nbdcopy";
     private const string Fio = "/usr/bin/fio";
     private const long VolumeSize = 256L << 20;
@@ -41,18 +40,6 @@ public sealed partial class ReplicatedVolumeTests
     {
         _volume = await ReplicatedVolumeFixture.StartAsync(name, VolumeSize, upstairsArgs);
         return _volume;
-    }
-
-    private static async Task<ExternalTool.Result> QemuIoAsync(string uri, params string[] commands)
-    {
-        RealClient.Require(QemuIo, "qemu-utils");
-        var args = new List<string> { "-f", "raw", uri };
-        foreach (string command in commands)
-        {
-            args.Add("-c");
-            args.Add(command);
-        }
-        return await RealClient.RunAsync(QemuIo, args, TimeSpan.FromSeconds(60));
     }
 
     private static void AssertQemuIoClean(ExternalTool.Result result, string what)
@@ -118,7 +105,7 @@ public sealed partial class ReplicatedVolumeTests
 
         ExternalTool.Result upload = await RealClient.RunAsync(Nbdcopy, ["--flush", source, volume.Uri], TimeSpan.FromSeconds(60));
         Assert.That(upload.ExitCode, Is.EqualTo(0), upload.ToString());
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0xa5 100M 4M", "write -P 0x5a 200M 64k", "flush",
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0xa5 100M 4M", "write -P 0x5a 200M 64k", "flush",
             "read -P 0xa5 100M 4M", "read -P 0x5a 200M 64k", "read -P 0 128M 1M"), "qemu-io");
 
         string back = Path.Combine(volume.Scratch, "back.bin");
@@ -141,7 +128,7 @@ public sealed partial class ReplicatedVolumeTests
     {
         // The README's procedure for replacing a dead downstairs, end to end.
         ReplicatedVolumeFixture volume = await StartAsync("repl-replace");
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x11 8M 2M", "write -P 0x22 100M 1M", "flush"), "qemu-io before");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0x11 8M 2M", "write -P 0x22 100M 1M", "flush"), "qemu-io before");
         DownstairsNode dead = volume.Downstairs[2];
         dead.Kill();
         Directory.Delete(dead.DataDir, recursive: true);
@@ -151,7 +138,7 @@ public sealed partial class ReplicatedVolumeTests
         Assert.That(created.ExitCode, Is.EqualTo(0), created.ToString());
 
         // A different region at that address is never mixed in by the upstairs that knew the old one.
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x33 8M 1M"), "qemu-io while replica 2 is dead");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0x33 8M 1M"), "qemu-io while replica 2 is dead");
         await dead.StartAsync([], ReplicatedVolumeFixture.ProcessTimeout);
         await Task.Delay(TimeSpan.FromSeconds(3));
         VolumeStatus refusing = await volume.StatusAsync();
@@ -162,12 +149,12 @@ public sealed partial class ReplicatedVolumeTests
         // Restart the upstairs (it starts on the two live replicas), write, then start the new downstairs.
         volume.KillUpstairs();
         await volume.StartUpstairsAsync();
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x44 200M 1M", "flush"), "qemu-io on two replicas");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0x44 200M 1M", "flush"), "qemu-io on two replicas");
         await dead.StartAsync([], ReplicatedVolumeFixture.ProcessTimeout);
         VolumeStatus adopted = await volume.WaitForStatusAsync(s => s.AllActive, TimeSpan.FromSeconds(60), "the new region adopted and live-repaired");
         Assert.That(adopted.InService, Is.EqualTo(3), adopted.Json);
 
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "read -P 0x33 8M 1M", "read -P 0x11 9M 1M", "read -P 0x22 100M 1M", "read -P 0x44 200M 1M", "read -P 0 150M 1M"),
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "read -P 0x33 8M 1M", "read -P 0x11 9M 1M", "read -P 0x22 100M 1M", "read -P 0x44 200M 1M", "read -P 0 150M 1M"),
             "qemu-io read-back after the replacement");
         await AssertReplicasConvergedAsync();
     }
@@ -215,7 +202,7 @@ public sealed partial class ReplicatedVolumeTests
         await RealClient.RequireNbdshAsync();
         const double degradedTimeout = 2;
         ReplicatedVolumeFixture volume = await StartAsync("repl-two-down", "--degraded-write-timeout", degradedTimeout.ToString(CultureInfo.InvariantCulture));
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x6b 0 1M", "flush"), "initial write");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0x6b 0 1M", "flush"), "initial write");
 
         volume.Downstairs[1].Kill();
         volume.Downstairs[2].Kill();
@@ -251,7 +238,7 @@ public sealed partial class ReplicatedVolumeTests
         // Both return: no nbd-server restart, writes work again once two are in service.
         await Task.WhenAll(volume.Downstairs[1].StartAsync([], ReplicatedVolumeFixture.ProcessTimeout), volume.Downstairs[2].StartAsync([], ReplicatedVolumeFixture.ProcessTimeout));
         await volume.WaitForStatusAsync(s => s.AllActive, TimeSpan.FromSeconds(30), "both replicas back in service");
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x2e 8M 1M", "flush", "read -P 0x2e 8M 1M", "read -P 0x6b 0 1M"), "writes after recovery");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0x2e 8M 1M", "flush", "read -P 0x2e 8M 1M", "read -P 0x6b 0 1M"), "writes after recovery");
 
         await AssertReplicasConvergedAsync();
     }
@@ -260,7 +247,7 @@ public sealed partial class ReplicatedVolumeTests
     public async Task A_corrupted_block_on_one_replica_is_read_correctly_and_the_copy_is_repaired()
     {
         ReplicatedVolumeFixture volume = await StartAsync("repl-rot");
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x3c 0 1M", "flush"), "write");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0x3c 0 1M", "flush"), "write");
 
         // Flip bytes of block 5's data in replica 0's first extent while it runs: its reads come from
         // disk (pread), and with an idle volume the least-loaded choice is replica 0.
@@ -285,10 +272,10 @@ public sealed partial class ReplicatedVolumeTests
         // Read until a read has landed on the bad copy (bounded); every read must return the right data.
         for (int attempt = 0; attempt < 10 && !volume.Upstairs!.Log.Contains("was bad", StringComparison.Ordinal); attempt++)
         {
-            AssertQemuIoClean(await QemuIoAsync(volume.Uri, "read -P 0x3c 0 1M"), "read over the corrupted block");
+            AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "read -P 0x3c 0 1M"), "read over the corrupted block");
         }
         Assert.That(volume.Upstairs!.Log, Does.Match(@"Read of blocks \d+\+\d+ from replica 0 was bad \(block 5 does not match its stored hash\); served from replica [12] and repaired"));
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "read -P 0x3c 0 1M"), "read after repair");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "read -P 0x3c 0 1M"), "read after repair");
 
         await AssertReplicasConvergedAsync();
     }
@@ -298,7 +285,7 @@ public sealed partial class ReplicatedVolumeTests
     {
         await RealClient.RequireNbdshAsync();
         ReplicatedVolumeFixture volume = await StartAsync("repl-upstairs");
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "write -P 0x91 0 2M", "write -P 0x92 50M 3M", "flush"), "flushed writes");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "write -P 0x91 0 2M", "write -P 0x92 50M 3M", "flush"), "flushed writes");
         ulong firstGeneration = (await volume.StatusAsync()).Generation;
 
         // Unflushed writes in flight when the upstairs dies: they may or may not survive, but the
@@ -316,7 +303,7 @@ public sealed partial class ReplicatedVolumeTests
         VolumeStatus status = await volume.WaitForStatusAsync(s => s.AllActive, TimeSpan.FromSeconds(20), "all replicas in service after restart");
         Assert.That(status.Generation, Is.GreaterThan(firstGeneration), status.Json);
         Assert.That(volume.Upstairs!.Log, Does.Match($@"Generation {status.Generation}: reconciled 3 replicas"));
-        AssertQemuIoClean(await QemuIoAsync(volume.Uri, "read -P 0x91 0 2M", "read -P 0x92 50M 3M", "write -P 0x93 60M 1M", "flush", "read -P 0x93 60M 1M"), "flushed data after restart");
+        AssertQemuIoClean(await RealClient.QemuIoAsync(volume.Uri, "read -P 0x91 0 2M", "read -P 0x92 50M 3M", "write -P 0x93 60M 1M", "flush", "read -P 0x93 60M 1M"), "flushed data after restart");
 
         await AssertReplicasConvergedAsync();
         foreach (DownstairsNode d in volume.Downstairs)
