@@ -134,4 +134,44 @@ public sealed class ProcessTests
         var info = await DownstairsProcess.RunToolAsync("info", "--data", staleDir);
         Assert.That(info.Stdout, Does.Match(@"\n\s+1\s+2\s+8\s+no"), info.Stdout);
     }
+
+    [Test]
+    public async Task Metrics_endpoint_counts_jobs_bytes_errors_and_latency_by_op()
+    {
+        string d = await CreateAsync("r");
+        await using DownstairsProcess ds = await DownstairsProcess.StartAsync(d, ["--metrics", "127.0.0.1:0"]);
+        string line = ds.Lines.First(l => l.Contains("/metrics", StringComparison.Ordinal));
+        int port = int.Parse(System.Text.RegularExpressions.Regex.Match(line, @"127\.0\.0\.1:(\d+)/metrics").Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+        await using (DownstairsClient c = await ds.ConnectAsync())
+        {
+            for (int i = 0; i < 4; i++)
+            {
+                Assert.That((await c.WriteAsync((ulong)i + 1, i, TestData.Block(4096, i, 1))).IsOk, Is.True);
+            }
+            Assert.That((await c.FlushAsync(10, 1, 1)).IsOk, Is.True);
+        }
+        await using (DownstairsClient ro = await ds.ConnectAsync(readOnly: true))
+        {
+            Assert.That((await ro.WriteAsync(1, 0, TestData.Block(4096, 0, 1))).Code, Is.EqualTo(ResultCode.ReadOnly));
+        }
+
+        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(10) };
+        string text = await http.GetStringAsync(new Uri($"http://127.0.0.1:{port}/metrics"));
+        Assert.Multiple(() =>
+        {
+            Assert.That(Value(text, "nbd_downstairs_jobs_total{op=\"write\"}"), Is.EqualTo(5), text);
+            Assert.That(Value(text, "nbd_downstairs_errors_total{op=\"write\"}"), Is.EqualTo(1), "the read-only connection's write");
+            Assert.That(Value(text, "nbd_downstairs_bytes_total{op=\"write\"}"), Is.EqualTo(4 * 4096), "bytes of the successful writes");
+            Assert.That(Value(text, "nbd_downstairs_jobs_total{op=\"flush\"}"), Is.EqualTo(1));
+            Assert.That(Value(text, "nbd_downstairs_job_duration_seconds_count{op=\"flush\"}"), Is.EqualTo(1));
+            Assert.That(text, Does.Contain("# TYPE nbd_downstairs_job_duration_seconds histogram"));
+        });
+    }
+
+    private static double Value(string text, string series)
+    {
+        string? line = text.Split('\n').FirstOrDefault(l => l.StartsWith(series + " ", StringComparison.Ordinal));
+        Assert.That(line, Is.Not.Null, $"no series {series} in:\n{text}");
+        return double.Parse(line![(series.Length + 1)..], System.Globalization.CultureInfo.InvariantCulture);
+    }
 }

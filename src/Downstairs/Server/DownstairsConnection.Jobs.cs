@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Posix;
 using NbdServer.Downstairs.Protocol;
@@ -12,6 +13,9 @@ internal sealed partial class DownstairsConnection
     /// <summary>One admitted request; runs on an IO thread and always produces exactly one reply.</summary>
     private sealed class RequestJob(DownstairsConnection connection, FrameHeader header, JobAccess access, long first, long end) : IoJob
     {
+        private readonly long _arrived = Stopwatch.GetTimestamp();
+        private bool _failed;
+
         public override long FirstBlock => first;
 
         public override long EndBlock => end;
@@ -48,10 +52,12 @@ internal sealed partial class DownstairsConnection
                 // a 64-extent region logged 158 lines in 5 s). The first occurrence names its extent.
                 string key = $"{Errnos.Name(errno)} {Verb()}";
                 connection._host.Throttle.Report(LogLevel.Warning, key, () => $"extent {FirstExtent()}, job {header.JobId}: {e.Message}");
+                _failed = true;
                 Reply(ErrorBody.Encode(Messages.ReplyTo(header.Type), header.JobId, code, errno, e.Message), null);
             }
             finally
             {
+                DownstairsMetrics.Record(header.Type, !_failed, BlockBytes(), _arrived);
                 if (Buffer is not null)
                 {
                     ArrayPool<byte>.Shared.Return(Buffer);
@@ -194,8 +200,18 @@ internal sealed partial class DownstairsConnection
             _ => -1,
         };
 
-        private void ReplyError(ResultCode code, string message) =>
+        private void ReplyError(ResultCode code, string message)
+        {
+            _failed = true;
             Reply(ErrorBody.Encode(Messages.ReplyTo(header.Type), header.JobId, code, 0, message), null);
+        }
+
+        private long BlockBytes() => header.Type switch
+        {
+            MessageType.Write or MessageType.Read => (long)Range.BlockCount * connection.Region.Geometry.BlockSize,
+            MessageType.ExtentRead or MessageType.ExtentWrite => (long)Extent.BlockCount * connection.Region.Geometry.BlockSize,
+            _ => 0,
+        };
 
         private void Reply(OutgoingFrame frame, byte[]? pooled) => connection.Send(frame, BudgetBytes, pooled);
     }

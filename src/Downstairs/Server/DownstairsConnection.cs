@@ -73,7 +73,15 @@ internal sealed partial class DownstairsConnection
         {
             if (await NegotiateAsync(reader, cancellationToken).ConfigureAwait(false))
             {
-                await ReceiveLoopAsync(reader, cancellationToken).ConfigureAwait(false);
+                DownstairsMetrics.ConnectionOpened();
+                try
+                {
+                    await ReceiveLoopAsync(reader, cancellationToken).ConfigureAwait(false);
+                }
+                finally
+                {
+                    DownstairsMetrics.ConnectionClosed();
+                }
             }
             else
             {
