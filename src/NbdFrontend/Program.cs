@@ -85,12 +85,15 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
     {
         if (command.Engine is { } engine)
         {
-            var replicated = await ReplicatedVolume.StartAsync(engine, logger, lifetime.ApplicationStopping);
+            // The control endpoint comes up first, so `nbd-server status` shows a long reconciliation's progress.
+            var replicated = await ReplicatedVolume.StartAsync(engine, logger, created: v =>
+            {
+                _control = new ControlServer(command.Control, v.GetStatus, () => v.StartScrub());
+                _control.Start();
+                FrontendLog.ControlListening(logger, _control.LocalEndPoint.ToString());
+            }, lifetime.ApplicationStopping);
             _volume = replicated;
             _metrics = new EngineMetrics(replicated);
-            _control = new ControlServer(command.Control, replicated.GetStatus, () => replicated.StartScrub());
-            _control.Start();
-            FrontendLog.ControlListening(logger, _control.LocalEndPoint.ToString());
         }
         else
         {

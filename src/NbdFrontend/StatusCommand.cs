@@ -188,6 +188,10 @@ internal static class StatusCommand
     {
         var text = new StringBuilder();
         CultureInfo c = CultureInfo.InvariantCulture;
+        if (status.Startup is { } startup)
+        {
+            text.AppendLine(c, $"starting, not serving yet: {startup.Phase}{(startup.ExtentTotal > 0 ? $" {startup.ExtentsDone}/{startup.ExtentTotal} extents, {startup.ExtentsRepaired} copies repaired" : "")}");
+        }
         text.AppendLine(c, $"volume: {ByteSize.Format(status.Size)} in {status.ExtentCount} extents, block {status.BlockSize} B, generation {status.Generation}, flush {status.FlushNumber}, {status.InService}/3 replicas in service");
         text.AppendLine(c, $"{"replica",-8}{"endpoint",-22}{"state",-11}{"jobs",7}{"bytes",12}{"done/s",9}{"done",11}{"errors",8}{"faults",8}  repair / last fault");
         foreach (ReplicaStatus r in status.Replicas)

@@ -24,6 +24,7 @@ public sealed partial class ReplicatedVolume
                     l.Completed, Math.Round(l.CompletedPerSecond, 1), l.Errors, l.Faults, l.LastFault, l.RepairDone, l.RepairTotal))])
             {
                 Scrub = Scrub,
+                Startup = _startup,
             };
         }
     }
@@ -88,6 +89,10 @@ public sealed partial class ReplicatedVolume
         long lastProgressLog = reconcileStarted;
         for (int e = 0; e < _extentCount; e++)
         {
+            lock (_gate)
+            {
+                _startup = new StartupStatus("reconciling", e, _extentCount, repaired);
+            }
             if (Stopwatch.GetElapsedTime(lastProgressLog) > ProgressLogInterval)
             {
                 // A replaced or long-dead replica can need every extent copied before the guest is served.
@@ -551,4 +556,10 @@ public sealed record ReplicaStatus(int Index, string EndPoint, ReplicaState Stat
 public sealed record EngineStatus(ulong Generation, ulong FlushNumber, long Size, int BlockSize, int ExtentCount, int InService, ReplicaStatus[] Replicas)
 {
     public ScrubStatus? Scrub { get; init; }
+
+    /// <summary>Set until the volume serves: what startup is doing (a long reconciliation shows its progress here).</summary>
+    public StartupStatus? Startup { get; init; }
 }
+
+/// <summary>Startup before the volume serves: "probing" the replicas, then "reconciling" extent by extent.</summary>
+public sealed record StartupStatus(string Phase, int ExtentsDone, int ExtentTotal, int ExtentsRepaired);

@@ -33,6 +33,13 @@ public sealed partial class ReplicatedVolume
     /// </summary>
     public Task StartScrub()
     {
+        lock (_gate)
+        {
+            if (_startup is not null)
+            {
+                return Task.CompletedTask; // not serving yet: nothing to scrub against
+            }
+        }
         lock (_scrubLock)
         {
             if (_scrub is { IsCompleted: false })

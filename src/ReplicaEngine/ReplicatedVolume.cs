@@ -41,6 +41,7 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     private readonly Lock _gate = new();
     private readonly List<(long First, long End, TaskCompletionSource Released)> _rangeLocks = [];
     private readonly List<RepairCopy> _repairCopies = [];
+    private StartupStatus? _startup = new("probing", 0, 0, 0);
     private readonly HashSet<int> _dirty = [];
     private readonly Dictionary<ulong, HashSet<int>> _flushing = [];
     private readonly CancellationTokenSource _stopping = new();
@@ -94,12 +95,22 @@ public sealed partial class ReplicatedVolume : IBlockVolume
     public static Task<ReplicatedVolume> StartAsync(EngineOptions options, ILogger logger, CancellationToken cancellationToken) =>
         StartAsync(options, logger, new TcpDownstairsConnector(options.Downstairs), cancellationToken);
 
-    internal static async Task<ReplicatedVolume> StartAsync(EngineOptions options, ILogger logger, IDownstairsConnector connector, CancellationToken cancellationToken)
+    /// <param name="created">Called with the volume before it activates, e.g. to serve its status (<see cref="EngineStatus.Startup"/>) during a long reconciliation.</param>
+    public static Task<ReplicatedVolume> StartAsync(EngineOptions options, ILogger logger, Action<ReplicatedVolume>? created, CancellationToken cancellationToken) =>
+        StartAsync(options, logger, new TcpDownstairsConnector(options.Downstairs), cancellationToken, created);
+
+    internal static async Task<ReplicatedVolume> StartAsync(EngineOptions options, ILogger logger, IDownstairsConnector connector, CancellationToken cancellationToken,
+        Action<ReplicatedVolume>? created = null)
     {
         var volume = new ReplicatedVolume(options, logger, connector);
         try
         {
+            created?.Invoke(volume);
             await volume.ActivateAsync(cancellationToken);
+            lock (volume._gate)
+            {
+                volume._startup = null;
+            }
         }
         catch
         {

@@ -165,4 +165,30 @@ public sealed class StartupTests
         await Task.Delay(400);
         Assert.That(cluster.Replicas[1].Hellos, Has.Count.EqualTo(hellos), "no probing goes on after startup gave up");
     }
+
+    [Test]
+    public async Task A_long_reconciliation_shows_its_progress_in_the_status_before_the_volume_serves()
+    {
+        await using var cluster = new Cluster();
+        FakeReplica[] r = cluster.Replicas;
+        r[0].SetExtent(2, 0xC0, new ExtentMeta(1, 1, false));
+        r[1].SetExtent(2, 0xC0, new ExtentMeta(1, 1, false));
+        r[2].SetExtent(2, 0xC2, new ExtentMeta(1, 2, false)); // replica 2 alone is ahead: the others get its copy
+        r[0].Hold(OpKind.ExtentWrite);
+
+        ReplicatedVolume? early = null;
+        using var cts = new CancellationTokenSource(Cluster.Patience);
+        Task<ReplicatedVolume> starting = ReplicatedVolume.StartAsync(Cluster.Options(), cluster.Log, cluster.Connector, cts.Token, created: v => early = v);
+        await Cluster.WaitUntilAsync(() => early?.GetStatus().Startup is { Phase: "reconciling" }, "startup reports reconciling");
+        StartupStatus progress = early!.GetStatus().Startup!;
+        Assert.That((progress.ExtentsDone, progress.ExtentTotal), Is.EqualTo((2, Cluster.ExtentCount)), "held at extent 2's copy");
+        Assert.That(early.StartScrub().IsCompleted, Is.True, "no scrub before the volume serves");
+        Assert.That(starting.IsCompleted, Is.False);
+
+        r[0].Release();
+        await using ReplicatedVolume volume = await starting;
+        Assert.That(volume, Is.SameAs(early));
+        Assert.That(volume.GetStatus().Startup, Is.Null, "serving: no startup status");
+        Assert.That(r[0].ReadBlock(Cluster.ExtentBlocks * 2), Is.EqualTo(r[2].ReadBlock(Cluster.ExtentBlocks * 2)));
+    }
 }
