@@ -50,7 +50,7 @@ public sealed partial class ConfigurationDocTests
     [Test]
     public void Configuration_doc_lists_every_limit_with_its_current_default()
     {
-        string path = Path.Combine(RepoRoot, "docs/configuration.md");
+        string path = Path.Combine(Repository.Root, "docs/configuration.md");
         string doc = File.ReadAllText(path);
         int begin = doc.IndexOf(Begin, StringComparison.Ordinal);
         int end = doc.IndexOf(End, StringComparison.Ordinal);
@@ -149,19 +149,6 @@ public sealed partial class ConfigurationDocTests
             return sb.ToString().Trim().Replace("|", "\\|", StringComparison.Ordinal);
         }
         return "";
-    }
-
-    private static string RepoRoot
-    {
-        get
-        {
-            string dir = AppContext.BaseDirectory;
-            while (!File.Exists(Path.Combine(dir, "nbd-server.sln")))
-            {
-                dir = Path.GetDirectoryName(dir) ?? throw new InvalidOperationException("repository root not found");
-            }
-            return dir;
-        }
     }
 
     // "--max-payload SIZE       largest READ..." / "-h, --help  this text": options, an upper-case placeholder, the text.

@@ -16,19 +16,7 @@ namespace NbdServer.SystemTests;
 [NonParallelizable]
 public sealed partial class IncidentTests
 {
-    private static readonly string Root = FindRoot();
-
-    private static string FindRoot()
-    {
-        for (string? d = AppContext.BaseDirectory; d is not null; d = Path.GetDirectoryName(d))
-        {
-            if (File.Exists(Path.Combine(d, "scripts", "incident", "lib.sh")))
-            {
-                return d;
-            }
-        }
-        throw new InvalidOperationException("scripts/incident/lib.sh not found above " + AppContext.BaseDirectory);
-    }
+    private static string Root => Repository.Root;
 
     private static async Task<Dictionary<string, string>> RunScenarioAsync(string name)
     {

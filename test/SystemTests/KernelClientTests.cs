@@ -41,7 +41,7 @@ public sealed class KernelClientTests
 
     private static async Task RunKernelTestAsync(NbdServerProcess server, string name)
     {
-        string root = FindRepositoryRoot();
+        string root = Repository.Root;
         string consoleLog = Path.Combine(TestContext.CurrentContext.WorkDirectory, $"kernel-test-{name}-console.log");
 
         ExternalTool.Result result = await ExternalTool.RunAsync(
@@ -65,17 +65,5 @@ public sealed class KernelClientTests
         Assert.That(serverLog, Does.Not.Contain(" failed: "), "no command should fail");
         Assert.That(serverLog, Does.Not.Contain("dropped:"), "no protocol violation");
         Assert.That(server.HasExited, Is.False, "nbd-server must survive the kernel client");
-    }
-
-    private static string FindRepositoryRoot()
-    {
-        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-        {
-            if (File.Exists(Path.Combine(dir.FullName, "nbd-server.sln")))
-            {
-                return dir.FullName;
-            }
-        }
-        throw new InvalidOperationException($"nbd-server.sln not found above {AppContext.BaseDirectory}");
     }
 }

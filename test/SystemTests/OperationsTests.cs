@@ -18,19 +18,6 @@ public sealed class OperationsTests
     private static readonly TimeSpan Start = TimeSpan.FromSeconds(60);
     private string _root = null!;
 
-    private static string RepoRoot
-    {
-        get
-        {
-            string dir = AppContext.BaseDirectory;
-            while (!File.Exists(Path.Combine(dir, "nbd-server.sln")))
-            {
-                dir = Path.GetDirectoryName(dir) ?? throw new InvalidOperationException("repository root not found");
-            }
-            return dir;
-        }
-    }
-
     [SetUp]
     public void SetUp() => _root = Directory.CreateTempSubdirectory("nbd-ops-").FullName;
 
@@ -52,7 +39,7 @@ public sealed class OperationsTests
     {
         string published = await PublishAsync();
         string destdir = Path.Combine(_root, "destdir");
-        ExternalTool.Result install = await ExternalTool.RunAsync(Path.Combine(RepoRoot, "scripts/install.sh"), ["--destdir", destdir, "--from", published], TimeSpan.FromMinutes(1));
+        ExternalTool.Result install = await ExternalTool.RunAsync(Path.Combine(Repository.Root, "scripts/install.sh"), ["--destdir", destdir, "--from", published], TimeSpan.FromMinutes(1));
         Assert.That(install.ExitCode, Is.Zero, install.ToString());
         string bin = Path.Combine(destdir, "usr/local/bin");
         string conf = Path.Combine(destdir, "etc/nbd-server");
@@ -149,17 +136,17 @@ public sealed class OperationsTests
     /// </summary>
     private static async Task<string> PublishAsync()
     {
-        string output = Path.Combine(RepoRoot, "artifacts/publish-test/linux-x64");
+        string output = Path.Combine(Repository.Root, "artifacts/publish-test/linux-x64");
         string[] binaries = [Path.Combine(output, "nbd-server"), Path.Combine(output, "nbd-downstairs")];
-        DateTime newestSource = Directory.EnumerateFiles(Path.Combine(RepoRoot, "src"), "*", SearchOption.AllDirectories)
+        DateTime newestSource = Directory.EnumerateFiles(Path.Combine(Repository.Root, "src"), "*", SearchOption.AllDirectories)
             .Where(f => !f.Contains("/bin/", StringComparison.Ordinal) && !f.Contains("/obj/", StringComparison.Ordinal))
-            .Append(Path.Combine(RepoRoot, "Directory.Packages.props"))
+            .Append(Path.Combine(Repository.Root, "Directory.Packages.props"))
             .Max(File.GetLastWriteTimeUtc);
         if (binaries.All(File.Exists) && binaries.Min(File.GetLastWriteTimeUtc) > newestSource)
         {
             return output;
         }
-        ExternalTool.Result publish = await ExternalTool.RunAsync(Path.Combine(RepoRoot, "scripts/publish.sh"), ["--no-r2r", "--output", output], TimeSpan.FromMinutes(9));
+        ExternalTool.Result publish = await ExternalTool.RunAsync(Path.Combine(Repository.Root, "scripts/publish.sh"), ["--no-r2r", "--output", output], TimeSpan.FromMinutes(9));
         Assert.That(publish.ExitCode, Is.Zero, publish.ToString());
         foreach (string b in binaries)
         {

@@ -1,6 +1,7 @@
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
+using NbdServer.Common.Net;
 
 namespace NbdServer.Common.Hosting;
 
@@ -33,28 +34,7 @@ public sealed class LocalHttpEndpoint(IPEndPoint endPoint, Func<string, string, 
         _socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
         _socket.Bind(endPoint);
         _socket.Listen(16);
-        _loop = AcceptAsync(_socket);
-    }
-
-    private async Task AcceptAsync(Socket listener)
-    {
-        while (!_stopping.IsCancellationRequested)
-        {
-            Socket client;
-            try
-            {
-                client = await listener.AcceptAsync(_stopping.Token);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                if (_stopping.IsCancellationRequested)
-                {
-                    return;
-                }
-                continue;
-            }
-            _ = AnswerAsync(client);
-        }
+        _loop = AcceptLoop.RunAsync(_socket, client => _ = AnswerAsync(client), _stopping.Token);
     }
 
     private async Task AnswerAsync(Socket client)

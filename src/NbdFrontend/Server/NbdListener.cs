@@ -3,6 +3,7 @@ using System.Net;
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
+using NbdServer.Common.Net;
 
 namespace NbdServer.Frontend.Server;
 
@@ -48,7 +49,7 @@ internal sealed class NbdListener : IAsyncDisposable
         socket.Listen(128);
         _socket = socket;
         FrontendLog.Listening(_logger, LocalEndPoint.ToString(), string.Join(", ", _exports.All.Select(e => $"'{e.Name}' ({e.Volume.Size} bytes{(e.IsReadOnly ? ", read-only" : "")})")));
-        _acceptLoop = AcceptLoopAsync(socket);
+        _acceptLoop = AcceptLoop.RunAsync(socket, Accepted, _stopping.Token);
     }
 
     /// <summary>Serves an already-connected stream (in-process tests use a duplex pipe).</summary>
@@ -58,34 +59,18 @@ internal sealed class NbdListener : IAsyncDisposable
         return RunConnection(id, new Transport(stream, null, ReadBufferSize));
     }
 
-    private async Task AcceptLoopAsync(Socket listener)
+    private void Accepted(Socket client)
     {
-        while (!_stopping.IsCancellationRequested)
+        long id = Interlocked.Increment(ref _nextId);
+        if (_connections.Count >= _options.MaxConnections)
         {
-            Socket client;
-            try
-            {
-                client = await listener.AcceptAsync(_stopping.Token);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                if (_stopping.IsCancellationRequested)
-                {
-                    return;
-                }
-                continue;
-            }
-            long id = Interlocked.Increment(ref _nextId);
-            if (_connections.Count >= _options.MaxConnections)
-            {
-                FrontendLog.TooManyConnections(_logger, id, _options.MaxConnections, client.RemoteEndPoint?.ToString() ?? "?");
-                client.Dispose();
-                continue;
-            }
-            client.NoDelay = true;
-            FrontendLog.ConnectionOpened(_logger, id, client.RemoteEndPoint?.ToString() ?? "?");
-            _ = RunConnection(id, new Transport(new NetworkStream(client, ownsSocket: true), client, ReadBufferSize));
+            FrontendLog.TooManyConnections(_logger, id, _options.MaxConnections, client.RemoteEndPoint?.ToString() ?? "?");
+            client.Dispose();
+            return;
         }
+        client.NoDelay = true;
+        FrontendLog.ConnectionOpened(_logger, id, client.RemoteEndPoint?.ToString() ?? "?");
+        _ = RunConnection(id, new Transport(new NetworkStream(client, ownsSocket: true), client, ReadBufferSize));
     }
 
     private Task RunConnection(long id, Transport transport)
