@@ -4,6 +4,7 @@ using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Posix;
 using NbdServer.Common.Hosting;
+using NbdServer.Common.Tls;
 using NbdServer.Downstairs.Cli;
 using NbdServer.Downstairs.Server;
 using NbdServer.Downstairs.Storage;
@@ -18,7 +19,7 @@ NativeLibrary.SetDllImportResolver(typeof(PosixFile).Assembly, static (name, _, 
 
 string command = args.Length == 0 ? "--help" : args[0];
 string[] rest = args.Length == 0 ? [] : args[1..];
-var flags = new HashSet<string>(StringComparer.Ordinal) { "--preallocate", "--verbose", "--fill", "--sticky-dirty" };
+var flags = new HashSet<string>(StringComparer.Ordinal) { "--preallocate", "--verbose", "--fill", "--sticky-dirty", "--insecure" };
 try
 {
     switch (command)
@@ -50,7 +51,7 @@ try
                 return PrintHelp(Usage.Run);
             }
             // Config file < NBD_DOWNSTAIRS_* environment < command line, all through the one parser.
-            ConfigArgs config = ConfigArgs.Build(rest, ConfigArgs.OptionsIn(Usage.Run), new HashSet<string>(StringComparer.Ordinal) { "--verbose", "--sticky-dirty" },
+            ConfigArgs config = ConfigArgs.Build(rest, ConfigArgs.OptionsIn(Usage.Run), new HashSet<string>(StringComparer.Ordinal) { "--verbose", "--sticky-dirty", "--insecure" },
                 "NBD_DOWNSTAIRS_", "/etc/nbd-server/nbd-downstairs.json");
             try
             {
@@ -60,11 +61,20 @@ try
                 System.Net.IPEndPoint? metrics = a.String("--metrics") is { } m ? CommandArgs.Endpoint("--metrics", m) : null;
                 DownstairsOptions options = Commands.RunOptions(a);
                 a.RejectUnknown();
-                return await RunAsync(options, verbose, logJson, metrics, config.ConfigFile);
+                // Loaded before anything starts, so a missing or unreadable file is one line and exit 2.
+                TlsServerPolicy? tls = options.TlsDir is { } tlsDir
+                    ? new TlsServerPolicy(TlsCredentials.LoadServer(tlsDir), requireClientCertificate: true, options.TlsAllowClients)
+                    : null;
+                return await RunAsync(options, tls, verbose, logJson, metrics, config.ConfigFile);
             }
             catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
             {
                 Console.Error.WriteLine($"nbd-downstairs: {config.Explain(e.Message)}");
+                return 2;
+            }
+            catch (TlsSetupException e)
+            {
+                Console.Error.WriteLine($"nbd-downstairs: --tls-dir: {e.Message}");
                 return 2;
             }
         }
@@ -90,7 +100,7 @@ static int PrintHelp(string text)
     return 0;
 }
 
-static async Task<int> RunAsync(DownstairsOptions options, bool verbose, string? logJson, System.Net.IPEndPoint? metrics, string? configFile)
+static async Task<int> RunAsync(DownstairsOptions options, TlsServerPolicy? tls, bool verbose, string? logJson, System.Net.IPEndPoint? metrics, string? configFile)
 {
     Log.Logger = ServiceLogging.Create(verbose, logJson);
     if (configFile is not null)
@@ -104,6 +114,10 @@ static async Task<int> RunAsync(DownstairsOptions options, bool verbose, string?
         builder.Services.AddSerilog();
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(region);
+        if (tls is not null)
+        {
+            builder.Services.AddSingleton(tls);
+        }
         builder.Services.AddOperations(metrics);
         builder.Services.AddHostedService<DownstairsService>();
         using IHost host = builder.Build();
@@ -122,7 +136,7 @@ static async Task<int> RunAsync(DownstairsOptions options, bool verbose, string?
 }
 
 /// <summary>Serves the region for the lifetime of the host (SIGINT/SIGTERM stop it).</summary>
-internal sealed class DownstairsService(Region region, DownstairsOptions options, ILogger<DownstairsService> logger) : IHostedService
+internal sealed class DownstairsService(Region region, DownstairsOptions options, ILogger<DownstairsService> logger, TlsServerPolicy? tls = null) : IHostedService
 {
     private RegionHost? _host;
     private DownstairsServer? _server;
@@ -132,7 +146,7 @@ internal sealed class DownstairsService(Region region, DownstairsOptions options
         _host = new RegionHost(region, options, logger);
         RegionGeometry g = region.Geometry;
         DownstairsLog.RegionOpened(logger, Path.GetFullPath(options.DataDir), region.Uuid, g.SizeBytes, g.BlockCount, g.BlockSize, g.ExtentCount, region.HighestGeneration);
-        _server = new DownstairsServer(_host);
+        _server = new DownstairsServer(_host, tls);
         _server.Start();
         return Task.CompletedTask;
     }

@@ -79,6 +79,12 @@ internal static class Commands
             LogSummaryInterval = a.Seconds("--log-interval", d.LogSummaryInterval),
             ReceiveBufferBytes = checked((int)a.Size("--receive-buffer", d.ReceiveBufferBytes)),
             StickyDirty = a.Flag("--sticky-dirty"),
+            TlsDir = a.String("--tls-dir"),
+            TlsAllowClients = a.String("--tls-allow-client") is { } allow
+                ? [.. allow.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)]
+                : d.TlsAllowClients,
+            TlsHandshakeTimeout = a.Seconds("--tls-handshake-timeout", d.TlsHandshakeTimeout),
+            Insecure = a.Flag("--insecure"),
             FailWritesWhen = a.String("--fail-writes-when"),
             FailFlushesWhen = a.String("--fail-flushes-when"),
         };

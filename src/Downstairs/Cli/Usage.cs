@@ -68,6 +68,17 @@ OPTIONS
     --max-frame SIZE           Largest frame body (default 33MiB: a 32 MiB write plus hashes).
     --max-connections N        Concurrent connections (default 16).
     --hello-timeout SECONDS    Drop a peer that has not negotiated by then (default 10).
+    --tls-dir DIR              Require mutual TLS: DIR holds ca-cert.pem, server-cert.pem and
+                               server-key.pem (make them with nbd-certs). A client must present a
+                               certificate issued by ca-cert.pem before anything else is read.
+                               Default: plaintext, refused on a non-loopback --listen.
+    --tls-allow-client NAMES   Comma list of client certificate names (common name or DNS name)
+                               allowed to connect (default: any certificate issued by the CA).
+    --tls-handshake-timeout SECONDS
+                               Drop a peer that has not completed the TLS handshake by then
+                               (default 10).
+    --insecure                 Allow plaintext on a non-loopback --listen (anyone who can reach
+                               the port can then read and overwrite the region).
     --log-interval SECONDS     Repeated errors are summarised once per interval (default 5).
     --receive-buffer SIZE      Socket read size per connection (default 64K).
     --sticky-dirty             Keep an extent written since the last flush marked dirty across
@@ -83,9 +94,9 @@ OPTIONS
 
 CONFIGURATION
     Every option of `run` can also come from the config file, a JSON object whose keys are the
-    option names without dashes ({"data": "/var/lib/nbd-server/r0", "listen": "0.0.0.0:3810"}),
-    or from an environment variable NBD_DOWNSTAIRS_ + the name in capitals with underscores
-    (NBD_DOWNSTAIRS_LISTEN=0.0.0.0:3810). The command line overrides the environment, which
+    option names without dashes ({"data": "/var/lib/nbd-server/r0", "listen": "0.0.0.0:3810",
+    "tls-dir": "/etc/nbd-server/tls"}), or from an environment variable NBD_DOWNSTAIRS_ + the name
+    in capitals with underscores (NBD_DOWNSTAIRS_TLS_DIR=/etc/nbd-server/tls). The command line overrides the environment, which
     overrides the file; a bad or unknown setting stops the server with a message naming it.
 
 SYSTEMD

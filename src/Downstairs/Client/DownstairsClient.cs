@@ -4,6 +4,7 @@ using System.Collections.Concurrent;
 using System.IO.Pipelines;
 using System.Net;
 using System.Net.Sockets;
+using NbdServer.Common.Tls;
 using NbdServer.Downstairs.Protocol;
 using NbdServer.Downstairs.Storage;
 
@@ -21,6 +22,12 @@ internal sealed record DownstairsClientOptions
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
     public int ReceiveBufferBytes { get; init; } = 64 << 10;
+
+    /// <summary>Mutual TLS towards the downstairs (our client certificate, its certificate checked against our CA); null: plaintext.</summary>
+    public TlsClientPolicy? Tls { get; init; }
+
+    /// <summary>The name the downstairs' certificate must carry; null: the address connected to (it must be an IP alternative name).</summary>
+    public string? TlsServerName { get; init; }
 }
 
 /// <summary>Typed outcome of one job.</summary>
@@ -100,7 +107,20 @@ internal sealed class DownstairsClient : IAsyncDisposable
             using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             timeout.CancelAfter(options.ConnectTimeout);
             await socket.ConnectAsync(endpoint, timeout.Token).ConfigureAwait(false);
-            return await ConnectAsync(new NetworkStream(socket, ownsSocket: true), hello, options, timeout.Token).ConfigureAwait(false);
+            Stream stream = new NetworkStream(socket, ownsSocket: true);
+            if (options.Tls is { } tls)
+            {
+                try
+                {
+                    // The connect timeout covers the handshake too: a peer that accepts and stays silent is as dead as one that never accepts.
+                    stream = await tls.AuthenticateAsync(stream, options.TlsServerName ?? endpoint.Address.ToString(), options.ConnectTimeout, timeout.Token).ConfigureAwait(false);
+                }
+                catch (TlsHandshakeException e)
+                {
+                    throw new DownstairsConnectionException($"TLS with downstairs {endpoint}: {e.Message}", e);
+                }
+            }
+            return await ConnectAsync(stream, hello, options, timeout.Token).ConfigureAwait(false);
         }
         catch
         {

@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
@@ -18,6 +19,15 @@ internal sealed class FrameSender
     /// <summary>At most this many frames or bytes per gather send (keeps the segment list small).</summary>
     private const int MaxFramesPerSend = 64;
     private const int MaxBytesPerSend = 4 << 20;
+
+    /// <summary>
+    /// Without a socket (a TLS stream) frames are copied into one buffer of this size per write.
+    /// Each SslStream write ends at least one TLS record (and one send of it), so writing a header,
+    /// then a 4 KiB payload, then the next header made three records per frame; one write per batch
+    /// lets records fill to their 16 KiB maximum. Payloads at least this big go out directly: they
+    /// fill their records anyway and a copy would only cost memory bandwidth.
+    /// </summary>
+    internal const int CoalesceBytes = 256 << 10;
 
     private readonly Stream _stream;
     private readonly Socket? _socket;
@@ -88,20 +98,7 @@ internal sealed class FrameSender
     {
         if (_socket is null)
         {
-            // In-process transports (tests): plain sequential writes.
-            foreach (OutgoingFrame frame in batch)
-            {
-                await _stream.WriteAsync(frame.Prefix.AsMemory(0, frame.PrefixLength)).ConfigureAwait(false);
-                if (!frame.Payload1.IsEmpty)
-                {
-                    await _stream.WriteAsync(frame.Payload1).ConfigureAwait(false);
-                }
-                if (!frame.Payload2.IsEmpty)
-                {
-                    await _stream.WriteAsync(frame.Payload2).ConfigureAwait(false);
-                }
-            }
-            await _stream.FlushAsync().ConfigureAwait(false);
+            await WriteCoalescedAsync(batch).ConfigureAwait(false);
             return;
         }
         segments.Clear();
@@ -116,6 +113,57 @@ internal sealed class FrameSender
         {
             throw new IOException($"short gather send: {sent} of {bytes} bytes");
         }
+    }
+
+    private async Task WriteCoalescedAsync(List<OutgoingFrame> batch)
+    {
+        byte[] buffer = ArrayPool<byte>.Shared.Rent(CoalesceBytes);
+        int filled = 0;
+        try
+        {
+            foreach (OutgoingFrame frame in batch)
+            {
+                filled = await AppendAsync(buffer, filled, frame.Prefix.AsMemory(0, frame.PrefixLength)).ConfigureAwait(false);
+                filled = await AppendAsync(buffer, filled, frame.Payload1).ConfigureAwait(false);
+                filled = await AppendAsync(buffer, filled, frame.Payload2).ConfigureAwait(false);
+            }
+            if (filled > 0)
+            {
+                await _stream.WriteAsync(buffer.AsMemory(0, filled)).ConfigureAwait(false);
+            }
+            await _stream.FlushAsync().ConfigureAwait(false);
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+        }
+    }
+
+    /// <summary>Copies <paramref name="piece"/> into the buffer, writing the buffer out each time it fills; returns the new fill.</summary>
+    private async ValueTask<int> AppendAsync(byte[] buffer, int filled, ReadOnlyMemory<byte> piece)
+    {
+        if (piece.Length >= CoalesceBytes)
+        {
+            if (filled > 0)
+            {
+                await _stream.WriteAsync(buffer.AsMemory(0, filled)).ConfigureAwait(false);
+            }
+            await _stream.WriteAsync(piece).ConfigureAwait(false);
+            return 0;
+        }
+        while (!piece.IsEmpty)
+        {
+            int take = Math.Min(piece.Length, buffer.Length - filled);
+            piece.Span[..take].CopyTo(buffer.AsSpan(filled));
+            filled += take;
+            piece = piece[take..];
+            if (filled == buffer.Length)
+            {
+                await _stream.WriteAsync(buffer.AsMemory(0, filled)).ConfigureAwait(false);
+                filled = 0;
+            }
+        }
+        return filled;
     }
 
     private static void AddSegment(List<ArraySegment<byte>> segments, ReadOnlyMemory<byte> payload)

@@ -35,4 +35,10 @@ internal static partial class DownstairsLog
 
     [LoggerMessage(EventId = 2010, Level = LogLevel.Warning, Message = "Fault injection enabled: writes fail while {Writes} exists, flushes fail while {Flushes} exists")]
     public static partial void FaultInjection(ILogger logger, string writes, string flushes);
+
+    [LoggerMessage(EventId = 2011, Level = LogLevel.Information, Message = "TLS required: client certificates from {Directory}/ca-cert.pem; allowed: {Allowed}")]
+    public static partial void TlsRequired(ILogger logger, string directory, string allowed);
+
+    [LoggerMessage(EventId = 2012, Level = LogLevel.Debug, Message = "{Remote}: TLS client {Peer} authenticated ({Protocol}, {Cipher})")]
+    public static partial void TlsAuthenticated(ILogger logger, EndPoint? remote, string peer, string protocol, string cipher);
 }

@@ -37,6 +37,33 @@ internal sealed record DownstairsOptions
     /// <summary>A peer that has not said Hello by then is dropped (it holds a connection slot).</summary>
     public TimeSpan HelloTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
+    /// <summary>
+    /// TLS directory (ca-cert.pem, server-cert.pem, server-key.pem): every connection must complete a
+    /// mutual TLS handshake with a client certificate issued by ca-cert.pem before a byte of its Hello
+    /// is read. Null: plaintext, allowed only on a loopback address or with <see cref="Insecure"/>.
+    /// </summary>
+    public string? TlsDir { get; init; }
+
+    /// <summary>
+    /// Client certificate names (common name or DNS alternative name) allowed to connect; empty: any
+    /// client certificate issued by the CA. Lets one CA serve several volumes whose upstairs must not
+    /// reach each other's replicas.
+    /// </summary>
+    public IReadOnlyList<string> TlsAllowClients { get; init; } = [];
+
+    /// <summary>
+    /// A peer that has not completed the TLS handshake by then is dropped. Like the Hello timeout, it
+    /// bounds how long a silent stranger holds a connection slot; 10 s covers a handshake over a slow
+    /// WAN link many times over.
+    /// </summary>
+    public TimeSpan TlsHandshakeTimeout { get; init; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>
+    /// Serve plaintext on a non-loopback address. Off: such a configuration refuses to start, because
+    /// anyone who can reach the port could read and overwrite the region.
+    /// </summary>
+    public bool Insecure { get; init; }
+
     /// <summary>Repeated errors are summarised once per this interval (DESIGN §4).</summary>
     public TimeSpan LogSummaryInterval { get; init; } = TimeSpan.FromSeconds(5);
 
@@ -66,6 +93,11 @@ internal sealed record DownstairsOptions
         Check(HelloTimeout > TimeSpan.Zero, "--hello-timeout must be positive");
         Check(LogSummaryInterval > TimeSpan.Zero, "--log-interval must be positive");
         Check(ReceiveBufferBytes is >= 4096 and <= 16 << 20, "--receive-buffer must be 4 KiB to 16 MiB");
+        Check(TlsHandshakeTimeout > TimeSpan.Zero, "--tls-handshake-timeout must be positive");
+        Check(TlsAllowClients.Count == 0 || TlsDir is not null, "--tls-allow-client needs --tls-dir");
+        Check(TlsDir is not null || Insecure || IPAddress.IsLoopback(Listen.Address),
+            $"--listen {Listen} is not a loopback address and --tls-dir is not set: anyone who can reach it could read and overwrite the region. " +
+            "Set --tls-dir (certificates: nbd-certs), or --insecure to serve plaintext anyway");
     }
 
     private static void Check(bool ok, string message)

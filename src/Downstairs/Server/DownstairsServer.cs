@@ -1,17 +1,30 @@
 using System.Collections.Concurrent;
 using System.Net;
+using System.Net.Security;
 using System.Net.Sockets;
+using System.Security.Cryptography.X509Certificates;
 using Microsoft.Extensions.Logging;
+using NbdServer.Common.Tls;
 
 namespace NbdServer.Downstairs.Server;
 
-/// <summary>Accepts engine connections for one region.</summary>
-internal sealed class DownstairsServer(RegionHost host) : IAsyncDisposable
+/// <summary>
+/// Accepts engine connections for one region. With <paramref name="tls"/>, each accepted socket must
+/// complete a mutual TLS handshake (a client certificate from our CA, on the allowlist if there is
+/// one) before the connection reads its first Hello byte.
+/// </summary>
+internal sealed class DownstairsServer(RegionHost host, TlsServerPolicy? tls = null) : IAsyncDisposable
 {
     private readonly CancellationTokenSource _stop = new();
     private readonly ConcurrentDictionary<DownstairsConnection, Task> _connections = new();
     private Socket? _listener;
     private Task? _acceptLoop;
+
+    /// <summary>Handshakes refused so far (tests; the log has the reasons, throttled).</summary>
+    public long TlsRefusals => Interlocked.Read(ref _tlsRefusals);
+
+    private long _tlsRefusals;
+    private int _handshaking;
 
     public IPEndPoint? LocalEndPoint => _listener?.LocalEndPoint as IPEndPoint;
 
@@ -24,6 +37,10 @@ internal sealed class DownstairsServer(RegionHost host) : IAsyncDisposable
         _listener = listener;
         var bound = (IPEndPoint)listener.LocalEndPoint!;
         DownstairsLog.Listening(host.Logger, bound);
+        if (tls is not null)
+        {
+            DownstairsLog.TlsRequired(host.Logger, tls.Credentials.Directory, tls.AllowedClients.Count == 0 ? "any client certificate issued by the CA" : string.Join(", ", tls.AllowedClients));
+        }
         _acceptLoop = AcceptLoopAsync(listener);
         return bound;
     }
@@ -55,16 +72,54 @@ internal sealed class DownstairsServer(RegionHost host) : IAsyncDisposable
                 await Task.Delay(100).ConfigureAwait(false);
                 continue;
             }
-            if (_connections.Count >= host.Options.MaxConnections)
+            // Connections still in their TLS handshake hold a slot too: a flood of silent strangers
+            // must not get past the cap by never finishing the handshake.
+            int open = _connections.Count + Volatile.Read(ref _handshaking);
+            if (open >= host.Options.MaxConnections)
             {
-                DownstairsLog.TooManyConnections(host.Logger, socket.RemoteEndPoint, _connections.Count);
+                DownstairsLog.TooManyConnections(host.Logger, socket.RemoteEndPoint, open);
                 socket.Dispose();
                 continue;
             }
             socket.NoDelay = true;
-            var connection = new DownstairsConnection(host, new NetworkStream(socket, ownsSocket: true), socket.RemoteEndPoint);
-            _ = RunAsync(connection);
+            if (tls is null)
+            {
+                _ = RunAsync(new DownstairsConnection(host, new NetworkStream(socket, ownsSocket: true), socket.RemoteEndPoint));
+                continue;
+            }
+            Interlocked.Increment(ref _handshaking);
+            _ = HandshakeThenRunAsync(tls, socket);
         }
+    }
+
+    private async Task HandshakeThenRunAsync(TlsServerPolicy policy, Socket socket)
+    {
+        EndPoint? remote = socket.RemoteEndPoint;
+        SslStream stream;
+        try
+        {
+            stream = await policy.AuthenticateAsync(new NetworkStream(socket, ownsSocket: true), host.Options.TlsHandshakeTimeout, _stop.Token).ConfigureAwait(false);
+        }
+        catch (TlsHandshakeException e)
+        {
+            Interlocked.Decrement(ref _handshaking);
+            Interlocked.Increment(ref _tlsRefusals);
+            // One line per reason per interval: a scanner or a misconfigured peer retrying every
+            // 100 ms must not flood the journal.
+            host.Throttle.Report(LogLevel.Warning, $"TLS refused: {e.Message}", () => $"{remote}: refused before Hello: {e.Message}");
+            return;
+        }
+        catch (OperationCanceledException)
+        {
+            Interlocked.Decrement(ref _handshaking);
+            return; // stopping; the policy disposed the socket
+        }
+        string peer = stream.RemoteCertificate is X509Certificate2 c ? TlsPeerVerifier.Describe(c) : "(none)";
+        DownstairsLog.TlsAuthenticated(host.Logger, remote, peer, stream.SslProtocol.ToString(), stream.NegotiatedCipherSuite.ToString());
+        // RunAsync registers the connection before its first await, so the slot is never uncounted.
+        Task run = RunAsync(new DownstairsConnection(host, stream, remote));
+        Interlocked.Decrement(ref _handshaking);
+        await run.ConfigureAwait(false);
     }
 
     private async Task RunAsync(DownstairsConnection connection)
