@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Net;
 using NbdServer.Common.Text;
+using NbdServer.Common.Tls;
 using NbdServer.Frontend.Server;
 using NbdServer.ReplicaEngine;
 
@@ -15,7 +16,7 @@ internal sealed record ServeCommand
     public const string EnvironmentPrefix = "NBD_SERVER_";
 
     /// <summary>Options that take no value (true/false in a config file or the environment).</summary>
-    public static readonly IReadOnlySet<string> Flags = new HashSet<string>(StringComparer.Ordinal) { "--read-only", "--verbose" };
+    public static readonly IReadOnlySet<string> Flags = new HashSet<string>(StringComparer.Ordinal) { "--read-only", "--verbose", "--insecure" };
 
     public const string Usage = """
         nbd-server - a network block device server (NBD protocol, fixed newstyle)
@@ -52,6 +53,19 @@ internal sealed record ServeCommand
                                      with one replica left, writes wait this long then fail EIO (default 3)
             --scrub-interval SECONDS check every block of every replica this often, rewriting bad
                                      copies (default 604800 = 7 days; 0 = only `nbd-server scrub`)
+            --downstairs-tls-dir DIR mutual TLS to the downstairs: DIR holds ca-cert.pem,
+                                     client-cert.pem and client-key.pem (make them with nbd-certs);
+                                     each downstairs must present a certificate from that CA.
+                                     Default: plaintext, refused unless every downstairs is on
+                                     127.0.0.0/8 or ::1
+            --downstairs-tls-name NAME[,NAME,NAME]
+                                     the name each downstairs' certificate must carry: one for
+                                     all or one per downstairs (default: the address in
+                                     --downstairs, which must then be an IP name in the certificate)
+            --downstairs-tls-pin SHA256[,SHA256,SHA256]
+                                     accept a downstairs only with this certificate fingerprint
+                                     (`nbd-certs show`), instead of checking its name
+            --insecure               allow plaintext links to downstairs on other hosts
 
         OPTIONS
             --listen ADDR:PORT       where to listen (default 127.0.0.1:10809)
@@ -128,6 +142,7 @@ internal sealed record ServeCommand
     {
         var command = new ServeCommand();
         var frontend = new FrontendOptions();
+        bool insecure = false;
         for (int i = 0; i < args.Count; i++)
         {
             string arg = args[i];
@@ -201,6 +216,18 @@ internal sealed record ServeCommand
                 case "--scrub-interval":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { ScrubInterval = TimeSpan.FromSeconds(ParseSecondsOrZero(Value(), arg)) } };
                     break;
+                case "--downstairs-tls-dir":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DownstairsTlsDir = Value() } };
+                    break;
+                case "--downstairs-tls-name":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DownstairsTlsNames = List(Value()) } };
+                    break;
+                case "--downstairs-tls-pin":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DownstairsTlsPins = List(Value()) } };
+                    break;
+                case "--insecure":
+                    insecure = true;
+                    break;
                 case "--degraded-write-timeout":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DegradedWriteTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) } };
                     break;
@@ -226,7 +253,7 @@ internal sealed record ServeCommand
         }
         if (command.Engine is not null)
         {
-            command = command with { Engine = command.Engine with { LogThrottleInterval = frontend.LogThrottleInterval } };
+            command = command with { Engine = command.Engine with { LogThrottleInterval = frontend.LogThrottleInterval, Insecure = insecure } };
         }
         try
         {
@@ -235,12 +262,25 @@ internal sealed record ServeCommand
         }
         catch (ArgumentException e)
         {
-            // The records speak of properties; the operator set options.
-            throw new ArgumentException(OptionNames.Aggregate(e.Message, (m, p) => m.Replace(p.Key, p.Value, StringComparison.Ordinal)), e);
+            // The records speak of properties; the operator set options. Longest first: Downstairs is a
+            // prefix of DownstairsTlsDir.
+            throw new ArgumentException(OptionNames.OrderByDescending(p => p.Key.Length).Aggregate(e.Message, (m, p) => m.Replace(p.Key, p.Value, StringComparison.Ordinal)), e);
         }
         if (command.Engine is not null && command.FilePath is not null)
         {
             throw new ArgumentException("--downstairs and --file are different backends; choose one.");
+        }
+        if (command.Engine?.DownstairsTlsDir is { } tlsDir)
+        {
+            // Loaded once here so a missing or mismatched file stops the start with one line naming it.
+            try
+            {
+                using TlsCredentials check = TlsCredentials.LoadClient(tlsDir, requireCertificate: true);
+            }
+            catch (TlsSetupException e)
+            {
+                throw new ArgumentException($"--downstairs-tls-dir: {e.Message}", e);
+            }
         }
         return command with { Frontend = frontend };
     }
@@ -262,7 +302,13 @@ internal sealed record ServeCommand
         ["Generation"] = "--generation",
         ["Downstairs"] = "--downstairs",
         ["Listen"] = "--listen",
+        ["DownstairsTlsDir"] = "--downstairs-tls-dir",
+        ["DownstairsTlsNames"] = "--downstairs-tls-name",
+        ["DownstairsTlsPins"] = "--downstairs-tls-pin",
+        ["Insecure"] = "--insecure",
     };
+
+    private static string[] List(string text) => text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
 
     private static int ParseInt(string text, string setting) =>
         int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int value) && value > 0

@@ -1,4 +1,5 @@
 using System.Net;
+using NbdServer.Common.Tls;
 
 namespace NbdServer.ReplicaEngine;
 
@@ -10,6 +11,32 @@ public sealed record EngineOptions
 {
     /// <summary>The three downstairs, in a fixed order (replica 0, 1, 2).</summary>
     public IReadOnlyList<IPEndPoint> Downstairs { get; init; } = [];
+
+    /// <summary>
+    /// TLS directory for the links to the downstairs (ca-cert.pem, client-cert.pem, client-key.pem):
+    /// each link presents the client certificate and accepts only a downstairs whose certificate was
+    /// issued by ca-cert.pem for the expected name (or matches a pin). Probes, IO and repair all use
+    /// these links. Null: plaintext, allowed only to loopback addresses or with <see cref="Insecure"/>.
+    /// </summary>
+    public string? DownstairsTlsDir { get; init; }
+
+    /// <summary>
+    /// The names the downstairs' certificates must carry: one for all, or one per downstairs in order.
+    /// Empty: each downstairs' address as written in <see cref="Downstairs"/> (then an IP alternative name).
+    /// </summary>
+    public IReadOnlyList<string> DownstairsTlsNames { get; init; } = [];
+
+    /// <summary>
+    /// SHA-256 fingerprints of the downstairs' certificates, one per downstairs in order (or one for
+    /// all): when set, a pin replaces the name check (the certificate must still chain to the CA).
+    /// </summary>
+    public IReadOnlyList<string> DownstairsTlsPins { get; init; } = [];
+
+    /// <summary>
+    /// Allow plaintext links to downstairs that are not on this host. Off: such a configuration
+    /// refuses to start, because anyone on the path could read the volume and forge replies.
+    /// </summary>
+    public bool Insecure { get; init; }
 
     /// <summary>Activation generation; null = one above the highest any replica has seen.</summary>
     public ulong? Generation { get; init; }
@@ -132,6 +159,39 @@ public sealed record EngineOptions
         if (NoProgressTimeout <= TimeSpan.Zero || DegradedWriteTimeout < TimeSpan.Zero)
         {
             throw new ArgumentException("timeouts must be positive.");
+        }
+        ValidateTls();
+    }
+
+    private void ValidateTls()
+    {
+        if (DownstairsTlsDir is null)
+        {
+            if (DownstairsTlsNames.Count > 0 || DownstairsTlsPins.Count > 0)
+            {
+                throw new ArgumentException($"{nameof(DownstairsTlsNames)} and {nameof(DownstairsTlsPins)} need {nameof(DownstairsTlsDir)}.");
+            }
+            if (!Insecure && Downstairs.FirstOrDefault(e => !IPAddress.IsLoopback(e.Address)) is { } remote)
+            {
+                throw new ArgumentException($"{nameof(Downstairs)} {remote} is not on this host and {nameof(DownstairsTlsDir)} is not set: " +
+                    $"the link would be plaintext, readable and forgeable by anyone on the path. Set {nameof(DownstairsTlsDir)} (certificates: nbd-certs), or {nameof(Insecure)} to allow it anyway.");
+            }
+            return;
+        }
+        if (DownstairsTlsNames.Count is not (0 or 1) && DownstairsTlsNames.Count != Downstairs.Count)
+        {
+            throw new ArgumentException($"{nameof(DownstairsTlsNames)} needs one name, or one per downstairs ({Downstairs.Count}); got {DownstairsTlsNames.Count}.");
+        }
+        if (DownstairsTlsPins.Count is not (0 or 1) && DownstairsTlsPins.Count != Downstairs.Count)
+        {
+            throw new ArgumentException($"{nameof(DownstairsTlsPins)} needs one pin, or one per downstairs ({Downstairs.Count}); got {DownstairsTlsPins.Count}.");
+        }
+        foreach (string pin in DownstairsTlsPins)
+        {
+            if (!TlsPeerVerifier.TryParsePin(pin, out _))
+            {
+                throw new ArgumentException($"{nameof(DownstairsTlsPins)}: '{pin}' is not a SHA-256 fingerprint (64 hex digits, colons allowed; `nbd-certs show` prints it).");
+            }
         }
     }
 }

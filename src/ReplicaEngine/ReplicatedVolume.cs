@@ -93,11 +93,11 @@ public sealed partial class ReplicatedVolume : IBlockVolume
 
     /// <summary>Connects to the three downstairs, fences older upstairs, reconciles, and returns a volume ready for the guest.</summary>
     public static Task<ReplicatedVolume> StartAsync(EngineOptions options, ILogger logger, CancellationToken cancellationToken) =>
-        StartAsync(options, logger, new TcpDownstairsConnector(options.Downstairs), cancellationToken);
+        StartAsync(options, logger, TcpDownstairsConnector.Create(options), cancellationToken);
 
     /// <param name="created">Called with the volume before it activates, e.g. to serve its status (<see cref="EngineStatus.Startup"/>) during a long reconciliation.</param>
     public static Task<ReplicatedVolume> StartAsync(EngineOptions options, ILogger logger, Action<ReplicatedVolume>? created, CancellationToken cancellationToken) =>
-        StartAsync(options, logger, new TcpDownstairsConnector(options.Downstairs), cancellationToken, created);
+        StartAsync(options, logger, TcpDownstairsConnector.Create(options), cancellationToken, created);
 
     internal static async Task<ReplicatedVolume> StartAsync(EngineOptions options, ILogger logger, IDownstairsConnector connector, CancellationToken cancellationToken,
         Action<ReplicatedVolume>? created = null)

@@ -1,14 +1,48 @@
 using System.Net;
+using NbdServer.Common.Tls;
 using NbdServer.Downstairs.Client;
 using NbdServer.Downstairs.Protocol;
 
 namespace NbdServer.ReplicaEngine;
 
-/// <summary>Connects to real downstairs processes over TCP.</summary>
-internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints) : IDownstairsConnector
+/// <summary>
+/// Connects to real downstairs processes over TCP, with mutual TLS when configured. Every
+/// connection of the volume (startup probes, activation, reconnects, and with them repair) comes
+/// through here, so none of them can be plaintext when TLS is set.
+/// </summary>
+internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints, IReadOnlyList<DownstairsClientOptions>? options = null) : IDownstairsConnector
 {
+    /// <summary>The connector <paramref name="engine"/> describes; loads its TLS directory (throws <see cref="TlsSetupException"/> naming a missing file).</summary>
+    public static TcpDownstairsConnector Create(EngineOptions engine)
+    {
+        if (engine.DownstairsTlsDir is not { } dir)
+        {
+            return new TcpDownstairsConnector(engine.Downstairs);
+        }
+        // Loaded once for the life of the volume; the policies share it.
+        TlsCredentials credentials = TlsCredentials.LoadClient(dir, requireCertificate: true);
+        var perReplica = new DownstairsClientOptions[engine.Downstairs.Count];
+        for (int i = 0; i < perReplica.Length; i++)
+        {
+            byte[]? pin = null;
+            if (engine.DownstairsTlsPins.Count > 0)
+            {
+                TlsPeerVerifier.TryParsePin(engine.DownstairsTlsPins[engine.DownstairsTlsPins.Count == 1 ? 0 : i], out byte[] parsed);
+                pin = parsed;
+            }
+            string? name = engine.DownstairsTlsNames.Count switch
+            {
+                0 => null,
+                1 => engine.DownstairsTlsNames[0],
+                _ => engine.DownstairsTlsNames[i],
+            };
+            perReplica[i] = new DownstairsClientOptions { Tls = new TlsClientPolicy(credentials, pin), TlsServerName = name };
+        }
+        return new TcpDownstairsConnector(engine.Downstairs, perReplica);
+    }
+
     public async Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, CancellationToken cancellationToken) =>
-        new Adapter(await DownstairsClient.ConnectAsync(endPoints[replica], hello, new DownstairsClientOptions(), cancellationToken));
+        new Adapter(await DownstairsClient.ConnectAsync(endPoints[replica], hello, options?[replica] ?? new DownstairsClientOptions(), cancellationToken));
 
     /// <summary>The client already has the right shape; this only names it as the engine's interface.</summary>
     private sealed class Adapter(DownstairsClient client) : IDownstairs

@@ -44,6 +44,10 @@ public sealed partial class ConfigurationDocTests
         ["LogSummaryInterval"] = "--log-interval",
         ["ReceiveBufferBytes"] = "--receive-buffer",
         ["FailWritesWhen"] = "--fail-writes-when",
+        ["TlsDir"] = "--tls-dir",
+        ["TlsAllowClients"] = "--tls-allow-client",
+        ["TlsHandshakeTimeout"] = "--tls-handshake-timeout",
+        ["Insecure"] = "--insecure",
         ["FailFlushesWhen"] = "--fail-flushes-when",
     };
 
