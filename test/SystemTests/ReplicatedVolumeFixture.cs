@@ -32,6 +32,9 @@ internal sealed partial class DownstairsNode : IDisposable
 
     public bool IsRunning => _process is { HasExited: false };
 
+    /// <summary>Arguments every start of this node gets (the TLS settings of a TLS volume), before the per-start ones.</summary>
+    public string[] BaseArgs { get; set; } = [];
+
     public int ProcessId => _process?.Id ?? throw new InvalidOperationException($"downstairs {Index} is not running");
 
     public string Log
@@ -61,7 +64,7 @@ internal sealed partial class DownstairsNode : IDisposable
             UseShellExecute = false,
         };
         foreach (string arg in (string[])[Path.Combine(AppContext.BaseDirectory, "nbd-downstairs.dll"), "run", "--data", DataDir,
-                     "--listen", $"127.0.0.1:{Port.ToString(CultureInfo.InvariantCulture)}", .. extraArgs])
+                     "--listen", $"127.0.0.1:{Port.ToString(CultureInfo.InvariantCulture)}", .. BaseArgs, .. extraArgs])
         {
             info.ArgumentList.Add(arg);
         }
@@ -186,12 +189,34 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
 
     public string[] RegionDirs => [.. Downstairs.Select(d => d.DataDir)];
 
+    /// <summary>In TLS mode: the upstairs' TLS directory (ca-cert.pem, client-cert.pem, client-key.pem); null otherwise.</summary>
+    public string? UpstairsTlsDir { get; private set; }
+
+    /// <summary>In TLS mode: the CA directory nbd-certs made (to issue more certificates in a test).</summary>
+    public string? CaDir { get; private set; }
+
     /// <summary>Creates three regions (4 KiB blocks, 1 MiB extents) and starts everything.</summary>
-    public static async Task<ReplicatedVolumeFixture> StartAsync(string name, long size, params string[] upstairsArgs)
+    public static Task<ReplicatedVolumeFixture> StartAsync(string name, long size, params string[] upstairsArgs) =>
+        StartAsync(name, size, tls: false, upstairsArgs);
+
+    /// <summary>
+    /// Like <see cref="StartAsync(string, long, string[])"/>, with mutual TLS on every upstairs ↔
+    /// downstairs link: nbd-certs makes a CA, a server certificate per downstairs (IP 127.0.0.1)
+    /// and a client certificate "upstairs"; each downstairs allows only that client.
+    /// </summary>
+    public static Task<ReplicatedVolumeFixture> StartTlsAsync(string name, long size, params string[] upstairsArgs) =>
+        StartAsync(name, size, tls: true, upstairsArgs);
+
+    private static async Task<ReplicatedVolumeFixture> StartAsync(string name, long size, bool tls, string[] upstairsArgs)
     {
         var fixture = new ReplicatedVolumeFixture(new ScratchDirectory(name), size);
         try
         {
+            if (tls)
+            {
+                await fixture.MakeCertificatesAsync();
+                upstairsArgs = ["--downstairs-tls-dir", fixture.UpstairsTlsDir!, .. upstairsArgs];
+            }
             await Task.WhenAll(fixture.Downstairs.Select(async d =>
             {
                 ExternalTool.Result r = await RunDotnetAsync("nbd-downstairs.dll",
@@ -207,6 +232,27 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
             fixture.Dispose();
             throw;
         }
+    }
+
+    private async Task MakeCertificatesAsync()
+    {
+        CaDir = _scratch.File("tls/ca");
+        UpstairsTlsDir = _scratch.File("tls/upstairs");
+        await CertsAsync("ca", "--dir", CaDir);
+        await CertsAsync("client", "--ca", CaDir, "--name", "upstairs", "--out", UpstairsTlsDir);
+        foreach (DownstairsNode d in Downstairs)
+        {
+            string dir = _scratch.File($"tls/ds{d.Index}");
+            await CertsAsync("server", "--ca", CaDir, "--name", $"ds{d.Index}", "--ip", "127.0.0.1", "--out", dir);
+            d.BaseArgs = ["--tls-dir", dir, "--tls-allow-client", "upstairs"];
+        }
+    }
+
+    /// <summary>Runs the real nbd-certs tool; fails the test if it fails.</summary>
+    public static async Task CertsAsync(params string[] args)
+    {
+        ExternalTool.Result r = await RunDotnetAsync("nbd-certs.dll", args, ProcessTimeout);
+        Assert.That(r.ExitCode, Is.EqualTo(0), $"nbd-certs {string.Join(' ', args)}: {r}");
     }
 
     /// <summary>Starts nbd-server against the three downstairs (a previous one must be gone).</summary>
