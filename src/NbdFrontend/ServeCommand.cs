@@ -58,13 +58,14 @@ internal sealed record ServeCommand
                                      each downstairs must present a certificate from that CA.
                                      Default: plaintext, refused unless every downstairs is on
                                      127.0.0.0/8 or ::1
-            --downstairs-tls-name NAME[,NAME,NAME]
+            --downstairs-tls-name NAME,...
                                      the name each downstairs' certificate must carry: one for
-                                     all or one per downstairs (default: the address in
-                                     --downstairs, which must then be an IP name in the certificate)
-            --downstairs-tls-pin SHA256[,SHA256,SHA256]
-                                     accept a downstairs only with this certificate fingerprint
-                                     (`nbd-certs show`), instead of checking its name
+                                     all or one per downstairs (default: each address given to
+                                     the downstairs option, then an IP name in its certificate)
+            --downstairs-tls-pin SHA256,...
+                                     accept a downstairs only with this certificate fingerprint,
+                                     one for all or one per downstairs (`nbd-certs show` prints
+                                     it); replaces the name check
             --insecure               allow plaintext links to downstairs on other hosts
 
         OPTIONS
