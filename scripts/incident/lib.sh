@@ -4,19 +4,23 @@
 # Everything listens on 127.0.0.1 only; every loop is bounded in count and time.
 # Environment: INCIDENT_SHORT=1 (short timings for the test suite), INCIDENT_KEEP=1 (keep the temp dir),
 # INCIDENT_NO_BUILD=1 (use the existing Release build), INCIDENT_BIN_DIR (see below), INCIDENT_SIZE
-# (region size, default 64MiB).
+# (region size, default 64MiB), INCIDENT_TLS=1 (mutual TLS on every upstairs-downstairs link, with
+# certificates made by nbd-certs in the work dir; the proxies of slow/stuck pass TLS through as bytes).
 set -euo pipefail
 
 INC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 INC_DIR="$INC_ROOT/scripts/incident"
 INC_BIN_DS="$INC_ROOT/src/Downstairs/bin/Release/net10.0/nbd-downstairs.dll"
 INC_BIN_UP="$INC_ROOT/src/NbdFrontend/bin/Release/net10.0/nbd-server.dll"
-# INCIDENT_BIN_DIR: a directory holding both nbd-server.dll and nbd-downstairs.dll (the test suite's
-# output directory); then nothing is built.
+INC_BIN_CERTS="$INC_ROOT/src/Tools/Certs/bin/Release/net10.0/nbd-certs.dll"
+# INCIDENT_BIN_DIR: a directory holding nbd-server.dll, nbd-downstairs.dll and nbd-certs.dll (the
+# test suite's output directory); then nothing is built.
 if [ -n "${INCIDENT_BIN_DIR:-}" ]; then
   INC_BIN_DS="$INCIDENT_BIN_DIR/nbd-downstairs.dll"
   INC_BIN_UP="$INCIDENT_BIN_DIR/nbd-server.dll"
+  INC_BIN_CERTS="$INCIDENT_BIN_DIR/nbd-certs.dll"
 fi
+INC_TLS=${INCIDENT_TLS:-0}
 INC_SHORT=${INCIDENT_SHORT:-0}
 INC_SIZE=${INCIDENT_SIZE:-64MiB}
 INC_EXTENT_BLOCKS=${INCIDENT_EXTENT_BLOCKS:-256}   # 1 MiB extents: the unit of live repair
@@ -25,6 +29,7 @@ INC_QD=${INCIDENT_QD:-16}
 declare -a DS_PID=("" "" "") DS_PORT=(0 0 0) DS_DIR=("" "" "") DS_EXTRA=("" "" "") DS_CONNECT=("" "" "")
 UP_PID="" UP_NBD="" UP_CONTROL="" LOAD_PID="" SAMPLER_PID="" INC_MOUNTS=() INC_HELPERS=()
 UP_EXTRA=()
+UP_TLS=()
 
 say() { echo "[$(date +%T.%3N)] $INC_NAME: $*" >&2; }
 now() { date +%s.%N; }
@@ -35,7 +40,7 @@ event() { echo "$1$INC_SUFFIX $(now)" >>"$W/events"; }
 inc_build() {
   [ "${INCIDENT_NO_BUILD:-0}" = 1 ] || [ -n "${INCIDENT_BIN_DIR:-}" ] && return 0
   local p tries
-  for p in src/Downstairs/Downstairs.csproj src/NbdFrontend/NbdFrontend.csproj; do
+  for p in src/Downstairs/Downstairs.csproj src/NbdFrontend/NbdFrontend.csproj src/Tools/Certs/Certs.csproj; do
     for tries in 1 2 3; do
       if dotnet build "$INC_ROOT/$p" -c Release -v quiet -nologo >"/tmp/incident-build.$$.log" 2>&1; then break; fi
       [ "$tries" = 3 ] && { cat "/tmp/incident-build.$$.log" >&2; exit 1; }
@@ -92,13 +97,35 @@ inc_create_regions() {
     DS_DIR[$i]=${1:-$W/ds$i}; shift || true
     dotnet "$INC_BIN_DS" create --data "${DS_DIR[$i]}" --size "$INC_SIZE" --block-size 4096 --extent-size "$INC_EXTENT_BLOCKS" >/dev/null
   done
+  inc_tls_setup
+}
+
+# inc_tls_setup: with INCIDENT_TLS=1, a CA, a certificate per downstairs (IP 127.0.0.1) and one for
+# the upstairs ("upstairs", the only client each downstairs allows) under $W/tls.
+inc_tls_setup() {
+  [ "$INC_TLS" = 1 ] || return 0
+  [ -e "$W/tls/ca/ca-cert.pem" ] && return 0
+  local i
+  dotnet "$INC_BIN_CERTS" ca --dir "$W/tls/ca" --name "incident CA" >/dev/null
+  dotnet "$INC_BIN_CERTS" client --ca "$W/tls/ca" --name upstairs --out "$W/tls/upstairs" >/dev/null
+  for i in 0 1 2; do
+    dotnet "$INC_BIN_CERTS" server --ca "$W/tls/ca" --name "ds$i" --ip 127.0.0.1 --out "$W/tls/ds$i" >/dev/null
+  done
+  UP_TLS=(--downstairs-tls-dir "$W/tls/upstairs")
+  fact tls 1
+  say "mutual TLS on the downstairs links (certificates in $W/tls)"
+}
+
+inc_ds_tls_args() { # inc_ds_tls_args I: the TLS options of downstairs I (none without INCIDENT_TLS)
+  [ "$INC_TLS" = 1 ] && echo "--tls-dir $W/tls/ds$1 --tls-allow-client upstairs"
+  return 0
 }
 
 # inc_start_ds I: starts (or restarts, on the same port) downstairs I; its log appends to $W/dsI.log.
 inc_start_ds() {
   local i=$1 port=${DS_PORT[$1]} n
   # shellcheck disable=SC2086
-  setsid dotnet "$INC_BIN_DS" run --data "${DS_DIR[$i]}" --listen "127.0.0.1:$port" ${DS_EXTRA[$i]} >>"$W/ds$i.log" 2>&1 &
+  setsid dotnet "$INC_BIN_DS" run --data "${DS_DIR[$i]}" --listen "127.0.0.1:$port" $(inc_ds_tls_args "$i") ${DS_EXTRA[$i]} >>"$W/ds$i.log" 2>&1 &
   DS_PID[$i]=$!
   echo "ds$i ${DS_PID[$i]}" >>"$W/pids"
   if [ "$port" = 0 ]; then
@@ -128,7 +155,7 @@ inc_connect_list() {
 inc_start_up() {
   local n mark
   mark=$(wc -l <"$W/up.log" 2>/dev/null || echo 0)
-  setsid dotnet "$INC_BIN_UP" --downstairs "$(inc_connect_list)" --listen 127.0.0.1:0 --control 127.0.0.1:0 "${UP_EXTRA[@]}" >>"$W/up.log" 2>&1 &
+  setsid dotnet "$INC_BIN_UP" --downstairs "$(inc_connect_list)" --listen 127.0.0.1:0 --control 127.0.0.1:0 "${UP_TLS[@]}" "${UP_EXTRA[@]}" >>"$W/up.log" 2>&1 &
   UP_PID=$!
   echo "up $UP_PID" >>"$W/pids"
   UP_NBD="" UP_CONTROL=""

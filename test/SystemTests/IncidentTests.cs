@@ -18,7 +18,7 @@ public sealed partial class IncidentTests
 {
     private static string Root => Repository.Root;
 
-    private static async Task<Dictionary<string, string>> RunScenarioAsync(string name)
+    private static async Task<Dictionary<string, string>> RunScenarioAsync(string name, bool tls = false)
     {
         var psi = new ProcessStartInfo("bash", [Path.Combine(Root, "scripts", "incident", name + ".sh")])
         {
@@ -29,6 +29,10 @@ public sealed partial class IncidentTests
         psi.Environment["INCIDENT_SHORT"] = "1";
         psi.Environment["INCIDENT_SIZE"] = "16MiB";
         psi.Environment["INCIDENT_BIN_DIR"] = AppContext.BaseDirectory;
+        if (tls)
+        {
+            psi.Environment["INCIDENT_TLS"] = "1";
+        }
         using var p = Process.Start(psi)!;
         Task<string> stdout = p.StandardOutput.ReadToEndAsync();
         Task<string> stderr = p.StandardError.ReadToEndAsync();
@@ -100,6 +104,15 @@ public sealed partial class IncidentTests
 
     [Test]
     public async Task Slow_replica_link() => AssertFullBars(await RunScenarioAsync("slow"));
+
+    /// <summary>The same bars with mutual TLS on every upstairs ↔ downstairs link: the reconnect and the live repair go over TLS.</summary>
+    [Test]
+    public async Task Dead_replica_SIGKILL_and_restart_over_tls()
+    {
+        var f = await RunScenarioAsync("dead", tls: true);
+        Assert.That(f.GetValueOrDefault("tls"), Is.EqualTo("1"), "the scenario ran with TLS on its links");
+        AssertFullBars(f);
+    }
 
     [Test]
     public async Task Rot_in_one_replica_is_read_around_and_repaired()
