@@ -52,6 +52,8 @@ install_config() { # FILE NAME: never clobber an operator's edits
 }
 
 install -d -m 0755 "$destdir$bindir" "$destdir$unitdir" "$destdir$unitdir/nbd@nbd0.service.d" "$destdir$confdir" "$destdir$docdir"
+# TLS directory (README "Install as a service"): root only; the units pass the files on as credentials.
+install -d -m 0700 "$destdir$confdir/tls"
 install -m 0755 "$from/nbd-server" "$from/nbd-downstairs" "$from/nbd-certs" "$destdir$bindir/"
 for unit in nbd-server.service nbd-downstairs@.service; do
   rewrite "$src/$unit" >"$destdir$unitdir/$unit"; chmod 0644 "$destdir$unitdir/$unit"

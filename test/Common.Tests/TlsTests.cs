@@ -147,6 +147,7 @@ public sealed class TlsTests
         TlsCertificates.WriteClient(_dir, _ca, _client, overwrite: false);
         Assert.That(File.GetUnixFileMode(Path.Combine(_dir, TlsFiles.ServerKey)), Is.EqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite));
         Assert.That(File.GetUnixFileMode(Path.Combine(_dir, TlsFiles.ClientKey)), Is.EqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite));
+        Assert.That(File.GetUnixFileMode(_dir), Is.EqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute));
         Assert.That(Directory.GetFiles(_dir).Select(Path.GetFileName), Is.EquivalentTo(new[] { "ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem" }));
         using TlsCredentials server = TlsCredentials.LoadServer(_dir);
         using TlsCredentials client = TlsCredentials.LoadClient(_dir);
