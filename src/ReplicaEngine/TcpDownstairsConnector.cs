@@ -36,7 +36,7 @@ internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints
                 1 => engine.DownstairsTlsNames[0],
                 _ => engine.DownstairsTlsNames[i],
             };
-            perReplica[i] = new DownstairsClientOptions { Tls = new TlsClientPolicy(credentials, pin), TlsServerName = name };
+            perReplica[i] = new DownstairsClientOptions { Tls = new TlsClientPolicy(credentials, pin) { CoalesceWrites = true }, TlsServerName = name };
         }
         return new TcpDownstairsConnector(engine.Downstairs, perReplica);
     }

@@ -67,7 +67,7 @@ public sealed class TlsLinkTests
             LogSummaryInterval = TimeSpan.FromSeconds(30),
         };
         _host = new RegionHost(region, options, _log);
-        var policy = new TlsServerPolicy(TlsCredentials.FromCertificates([_ca], _serverCertificate), requireClientCertificate: true, ["upstairs"]);
+        var policy = new TlsServerPolicy(TlsCredentials.FromCertificates([_ca], _serverCertificate), requireClientCertificate: true, ["upstairs"]) { CoalesceWrites = true };
         _server = new DownstairsServer(_host, policy);
         _endpoint = _server.Start();
 
@@ -88,7 +88,7 @@ public sealed class TlsLinkTests
 
     private DownstairsClientOptions UpstairsOptions(X509Certificate2? clientCertificate = null, string? name = null, byte[]? pin = null) => new()
     {
-        Tls = new TlsClientPolicy(TlsCredentials.FromCertificates([_ca], clientCertificate ?? _upstairsCertificate), pin),
+        Tls = new TlsClientPolicy(TlsCredentials.FromCertificates([_ca], clientCertificate ?? _upstairsCertificate), pin) { CoalesceWrites = true },
         TlsServerName = name,
     };
 

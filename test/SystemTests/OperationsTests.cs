@@ -35,6 +35,7 @@ public sealed class OperationsTests
 
     [Test]
     [CancelAfter(600_000)]
+    [System.Runtime.Versioning.SupportedOSPlatform("linux")]
     public async Task Published_and_installed_binaries_pass_systemd_verify_and_serve_from_the_installed_config()
     {
         string published = await PublishAsync();
@@ -59,8 +60,27 @@ public sealed class OperationsTests
         Assert.That(verify.ExitCode, Is.Zero, verify.ToString());
         Assert.That(verify.Error.Trim(), Is.Empty, "systemd-analyze warned:\n" + verify);
 
-        // Three regions and three downstairs from the installed binary and shared config; the
-        // config's "listen" (0.0.0.0:3810) is overridden by the environment, as downstairs-rN.env would.
+        // TLS as the README's install does it: the installed nbd-certs makes the CA and the directories
+        // (loopback addresses here), used as the units use their credentials directory.
+        Assert.That(File.GetUnixFileMode(Path.Combine(conf, "tls")), Is.EqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute));
+        string certs = Path.Combine(bin, "nbd-certs");
+        string ca = Path.Combine(_root, "nbd-ca");
+        string dsTls = Path.Combine(_root, "tls-ds");
+        string upTls = Path.Combine(_root, "tls-guest");
+        foreach (string[] args in new[]
+                 {
+                     new[] { "ca", "--dir", ca },
+                     ["server", "--ca", ca, "--name", "s1", "--ip", "127.0.0.1", "--out", dsTls],
+                     ["client", "--ca", ca, "--name", "upstairs", "--out", upTls],
+                 })
+        {
+            ExternalTool.Result made = await ExternalTool.RunAsync(certs, args, TimeSpan.FromMinutes(1));
+            Assert.That(made.ExitCode, Is.Zero, made.ToString());
+        }
+
+        // Three regions and three downstairs from the installed binary and shared config (which
+        // allows only the client "upstairs"); the config's "listen" (0.0.0.0:3810) is overridden by
+        // the environment, as downstairs-rN.env would, and --tls-dir is what the unit adds.
         var downstairs = new List<LoggedProcess>();
         LoggedProcess? server = null;
         using var notify = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
@@ -74,7 +94,7 @@ public sealed class OperationsTests
                 string data = Path.Combine(_root, $"r{i}");
                 ExternalTool.Result create = await ExternalTool.RunAsync(Path.Combine(bin, "nbd-downstairs"), ["create", "--data", data, "--size", "64MiB", "--extent-size", "1024"], TimeSpan.FromMinutes(1));
                 Assert.That(create.ExitCode, Is.Zero, create.ToString());
-                LoggedProcess ds = LoggedProcess.Start(Path.Combine(bin, "nbd-downstairs"), ["run", "--config", Path.Combine(conf, "nbd-downstairs.json"), "--data", data],
+                LoggedProcess ds = LoggedProcess.Start(Path.Combine(bin, "nbd-downstairs"), ["run", "--config", Path.Combine(conf, "nbd-downstairs.json"), "--data", data, "--tls-dir", dsTls],
                     new Dictionary<string, string> { ["NBD_DOWNSTAIRS_LISTEN"] = "127.0.0.1:0" });
                 downstairs.Add(ds);
                 endPoints.Add($"127.0.0.1:{await ds.WaitForPortAsync(@"Listening on 127\.0\.0\.1:(\d+)", Start)}");
@@ -83,6 +103,7 @@ public sealed class OperationsTests
             var environment = new Dictionary<string, string>
             {
                 ["NBD_SERVER_DOWNSTAIRS"] = string.Join(',', endPoints),
+                ["NBD_SERVER_DOWNSTAIRS_TLS_DIR"] = upTls,
                 ["NBD_SERVER_LISTEN"] = "127.0.0.1:0",
                 ["NBD_SERVER_CONTROL"] = "127.0.0.1:0",
                 ["NBD_SERVER_METRICS"] = "127.0.0.1:0",
@@ -108,6 +129,8 @@ public sealed class OperationsTests
             string metrics = await ScrapeAsync(metricsPort);
             Assert.That(metrics, Does.Contain("nbd_frontend_requests_total{command=\"write\"}"));
             Assert.That(metrics, Does.Contain("nbd_replica_outstanding_jobs{replica=\"0\"}"));
+
+            Assert.That(downstairs[0].Log, Does.Contain("TLS required").And.Contain("allowed: upstairs"));
 
             // Under the journal: "<6>message", no timestamp.
             Assert.That(server.Log, Does.Match(@"(?m)^<6>Serving NBD on "));
@@ -137,7 +160,7 @@ public sealed class OperationsTests
     private static async Task<string> PublishAsync()
     {
         string output = Path.Combine(Repository.Root, "artifacts/publish-test/linux-x64");
-        string[] binaries = [Path.Combine(output, "nbd-server"), Path.Combine(output, "nbd-downstairs")];
+        string[] binaries = [Path.Combine(output, "nbd-server"), Path.Combine(output, "nbd-downstairs"), Path.Combine(output, "nbd-certs")];
         DateTime newestSource = Directory.EnumerateFiles(Path.Combine(Repository.Root, "src"), "*", SearchOption.AllDirectories)
             .Where(f => !f.Contains("/bin/", StringComparison.Ordinal) && !f.Contains("/obj/", StringComparison.Ordinal))
             .Append(Path.Combine(Repository.Root, "Directory.Packages.props"))

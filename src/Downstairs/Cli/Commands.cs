@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Net;
 using System.Text;
 using NbdServer.Common.Text;
+using NbdServer.Common.Tls;
 using NbdServer.Downstairs.Client;
 using NbdServer.Downstairs.Protocol;
 using NbdServer.Downstairs.Server;
@@ -111,13 +112,16 @@ internal static class Commands
         int flushEvery = a.Int("--flush-every", 64);
         long span = a.Size("--span", 0);
         bool fill = a.Flag("--fill");
+        string? tlsDir = a.String("--tls-dir");
         a.RejectUnknown();
         if (pattern is not ("randwrite" or "seqwrite" or "randread"))
         {
             throw new ArgumentException("--pattern must be randwrite, seqwrite or randread");
         }
+        using TlsCredentials? credentials = tlsDir is null ? null : TlsCredentials.LoadClient(tlsDir);
+        var clientOptions = new DownstairsClientOptions { Tls = credentials is null ? null : new TlsClientPolicy(credentials) { CoalesceWrites = true } };
         await using DownstairsClient client = await DownstairsClient.ConnectAsync(target,
-            new HelloRequest(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), (ulong)DateTimeOffset.UtcNow.ToUnixTimeSeconds())).ConfigureAwait(false);
+            new HelloRequest(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), (ulong)DateTimeOffset.UtcNow.ToUnixTimeSeconds()), clientOptions).ConfigureAwait(false);
         int bs = client.BlockSize;
         long regionBytes = client.Region.RegionBytes;
         span = span <= 0 || span > regionBytes ? regionBytes : span;

@@ -131,9 +131,11 @@ NAME
 SYNOPSIS
     nbd-downstairs bench --target ADDRESS:PORT --pattern randwrite|seqwrite|randread
                          [--io-size SIZE] [--depth N] [--seconds S] [--flush-every N] [--span SIZE]
+                         [--tls-dir DIR]
 
 DESCRIPTION
     Drives one downstairs with a fixed queue depth and prints one line:
-    "pattern=... io=... depth=... ops=... seconds=... iops=... mibps=...".
+    "pattern=... io=... depth=... ops=... seconds=... iops=... mibps=...". With --tls-dir (ca-cert.pem,
+    client-cert.pem, client-key.pem) it connects with mutual TLS, as nbd-server does.
 """;
 }

@@ -11,7 +11,8 @@ namespace NbdServer.Downstairs.Server;
 /// <summary>
 /// Accepts engine connections for one region. With <paramref name="tls"/>, each accepted socket must
 /// complete a mutual TLS handshake (a client certificate from our CA, on the allowlist if there is
-/// one) before the connection reads its first Hello byte.
+/// one) before the connection reads its first Hello byte. The policy should have
+/// <see cref="TlsServerPolicy.CoalesceWrites"/> on: the connection's frame sender flushes after each batch.
 /// </summary>
 internal sealed class DownstairsServer(RegionHost host, TlsServerPolicy? tls = null) : IAsyncDisposable
 {
