@@ -317,4 +317,37 @@ public sealed class TlsLinkTests
         Assert.That((await _honest.ReadAsync(302, 200, small)).IsOk, Is.True);
         Assert.That(small.AsSpan(63 * 4096).ToArray(), Is.EqualTo(TestData.Block(4096, 263, 7)));
     }
+
+    [Test]
+    public async Task Silent_strangers_hold_handshake_slots_only_until_the_handshake_deadline()
+    {
+        // The honest upstairs holds one slot; silent strangers take every other one.
+        var silent = new List<Socket>();
+        try
+        {
+            for (int i = 1; i < _host.Options.MaxConnections; i++)
+            {
+                var s = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+                await s.ConnectAsync(_endpoint);
+                silent.Add(s);
+            }
+            await Task.Delay(300); // let the accept loop take them all
+            Assert.That(async () => await DownstairsClient.ConnectAsync(_endpoint, Hello(0, readOnly: true), UpstairsOptions()),
+                Throws.InstanceOf<IOException>(), "no slot is free while the handshakes are pending");
+
+            // Past the handshake deadline (3 s here) the strangers are gone and a new link gets in.
+            await Task.Delay(_host.Options.TlsHandshakeTimeout + TimeSpan.FromSeconds(1));
+            await using DownstairsClient reader = await DownstairsClient.ConnectAsync(_endpoint, Hello(0, readOnly: true), UpstairsOptions());
+            Assert.That(reader.Region.RegionId, Is.EqualTo(_host.Region.Uuid));
+            Assert.That(_log.Lines, Has.Some.Contains("TLS handshake not completed within 3 s"));
+            await AssertHonestUpstairsStillServedAsync();
+        }
+        finally
+        {
+            foreach (Socket s in silent)
+            {
+                s.Dispose();
+            }
+        }
+    }
 }

@@ -95,10 +95,11 @@ internal sealed class DownstairsServer(RegionHost host, TlsServerPolicy? tls = n
 
     private async Task HandshakeThenRunAsync(TlsServerPolicy policy, Socket socket)
     {
-        EndPoint? remote = socket.RemoteEndPoint;
+        EndPoint? remote = null;
         SslStream stream;
         try
         {
+            remote = socket.RemoteEndPoint;
             stream = await policy.AuthenticateAsync(new NetworkStream(socket, ownsSocket: true), host.Options.TlsHandshakeTimeout, _stop.Token).ConfigureAwait(false);
         }
         catch (TlsHandshakeException e)
@@ -110,10 +111,17 @@ internal sealed class DownstairsServer(RegionHost host, TlsServerPolicy? tls = n
             host.Throttle.Report(LogLevel.Warning, $"TLS refused: {e.Message}", () => $"{remote}: refused before Hello: {e.Message}");
             return;
         }
-        catch (OperationCanceledException)
+        catch (Exception e)
         {
+            // Stopping, or a socket that died before the handshake began; whatever it was, it must
+            // neither end the process nor keep the connection slot.
             Interlocked.Decrement(ref _handshaking);
-            return; // stopping; the policy disposed the socket
+            socket.Dispose();
+            if (e is not OperationCanceledException)
+            {
+                host.Throttle.Report(LogLevel.Warning, $"TLS handshake failed: {e.GetType().Name}", () => $"{remote}: TLS handshake failed: {e.Message}");
+            }
+            return;
         }
         string peer = stream.RemoteCertificate is X509Certificate2 c ? TlsPeerVerifier.Describe(c) : "(none)";
         DownstairsLog.TlsAuthenticated(host.Logger, remote, peer, stream.SslProtocol.ToString(), stream.NegotiatedCipherSuite.ToString());
