@@ -141,6 +141,15 @@ public sealed class TlsTests
     }
 
     [Test]
+    public void A_forged_name_cannot_inject_log_lines()
+    {
+        using X509Certificate2 forged = TlsCertificates.CreateClient(_otherCa, "evil\n12:00:00 INF all is well", Year);
+        Assert.That(TlsPeerVerifier.Describe(forged), Is.EqualTo("'evil?12:00:00 INF all is well'"));
+        using X509Certificate2 huge = TlsCertificates.CreateClient(_otherCa, new string('x', 1000), Year);
+        Assert.That(TlsPeerVerifier.Describe(huge), Has.Length.LessThan(140));
+    }
+
+    [Test]
     public void Written_directories_load_back_and_keys_are_private()
     {
         TlsCertificates.WriteServer(_dir, _ca, _server, overwrite: false);

@@ -122,7 +122,7 @@ public static class TlsPeerVerifier
         string name = expectedName.Trim('[', ']');
         return certificate.MatchesHostname(name, allowWildcards: true, allowCommonName: false)
             ? null
-            : $"server certificate {Describe(certificate)} is not for '{expectedName}' (its names: {string.Join(", ", Names(certificate, includeCommonName: false))}); set the expected name or a pin";
+            : $"server certificate {Describe(certificate)} is not for '{expectedName}' (its names: {Printable(string.Join(", ", Names(certificate, includeCommonName: false)))}); set the expected name or a pin";
     }
 
     /// <summary>Checks a certificate's SHA-256 fingerprint (of the DER encoding) against a pin.</summary>
@@ -214,10 +214,29 @@ public static class TlsPeerVerifier
         return names;
     }
 
-    /// <summary>How a certificate is named in a log line: its common name, quoted.</summary>
+    /// <summary>
+    /// How a certificate is named in a log line: its common name, quoted. The name comes from the peer,
+    /// so control characters are replaced and the length is capped: a forged certificate must not be
+    /// able to write fake log lines or flood one.
+    /// </summary>
     public static string Describe(X509Certificate2 certificate)
     {
         string cn = certificate.GetNameInfo(X509NameType.SimpleName, forIssuer: false);
-        return $"'{(cn.Length > 0 ? cn : certificate.Subject)}'";
+        return $"'{Printable(cn.Length > 0 ? cn : certificate.Subject)}'";
     }
+
+    /// <summary>A peer's string made safe for one log line: control characters replaced, length capped.</summary>
+    private static string Printable(string text)
+    {
+        string capped = text.Length > MaxLoggedNameLength ? text[..MaxLoggedNameLength] + "…" : text;
+        return string.Create(capped.Length, capped, static (span, n) =>
+        {
+            for (int i = 0; i < n.Length; i++)
+            {
+                span[i] = char.IsControl(n[i]) ? '?' : n[i];
+            }
+        });
+    }
+
+    private const int MaxLoggedNameLength = 128;
 }
