@@ -350,4 +350,22 @@ public sealed class TlsLinkTests
             }
         }
     }
+
+    [Test]
+    public async Task A_storm_of_strangers_with_ever_new_names_is_one_log_line()
+    {
+        long refusals = _server.TlsRefusals;
+        for (int i = 0; i < 20; i++)
+        {
+            using X509Certificate2 forged = TlsCertificates.CreateClient(_otherCa, $"scanner-{i}", Year);
+            Assert.That(await StrangerAsync(forged), Is.Empty);
+        }
+        while (_server.TlsRefusals < refusals + 20)
+        {
+            await Task.Delay(10);
+        }
+        Assert.That(_log.Lines.Count(l => l.Contains("refused before Hello", StringComparison.Ordinal)), Is.EqualTo(1), "the rest are counted for the summary line");
+        Assert.That(_host.Throttle.TotalReported, Is.GreaterThanOrEqualTo(20));
+        await AssertHonestUpstairsStillServedAsync();
+    }
 }

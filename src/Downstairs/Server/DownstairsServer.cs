@@ -14,7 +14,7 @@ namespace NbdServer.Downstairs.Server;
 /// one) before the connection reads its first Hello byte. The policy should have
 /// <see cref="TlsServerPolicy.CoalesceWrites"/> on: the connection's frame sender flushes after each batch.
 /// </summary>
-internal sealed class DownstairsServer(RegionHost host, TlsServerPolicy? tls = null) : IAsyncDisposable
+internal sealed partial class DownstairsServer(RegionHost host, TlsServerPolicy? tls = null) : IAsyncDisposable
 {
     private readonly CancellationTokenSource _stop = new();
     private readonly ConcurrentDictionary<DownstairsConnection, Task> _connections = new();
@@ -108,7 +108,7 @@ internal sealed class DownstairsServer(RegionHost host, TlsServerPolicy? tls = n
             Interlocked.Increment(ref _tlsRefusals);
             // One line per reason per interval: a scanner or a misconfigured peer retrying every
             // 100 ms must not flood the journal.
-            host.Throttle.Report(LogLevel.Warning, $"TLS refused: {e.Message}", () => $"{remote}: refused before Hello: {e.Message}");
+            host.Throttle.Report(LogLevel.Warning, ThrottleKey(e.Message), () => $"{remote}: refused before Hello: {e.Message}");
             return;
         }
         catch (Exception e)
@@ -162,4 +162,14 @@ internal sealed class DownstairsServer(RegionHost host, TlsServerPolicy? tls = n
         _stop.Dispose();
         DownstairsLog.Stopped(host.Logger);
     }
+
+    /// <summary>
+    /// The throttle key of a refusal: its reason without the parts the peer chooses (quoted
+    /// certificate names, dates, numbers), so a scanner that varies its certificate still lands in
+    /// one key per kind of refusal instead of one log line per attempt.
+    /// </summary>
+    private static string ThrottleKey(string reason) => "TLS refused: " + PeerChosen().Replace(reason, "_");
+
+    [System.Text.RegularExpressions.GeneratedRegex(@"'[^']*'|\([^)]*\)|[0-9]+")]
+    private static partial System.Text.RegularExpressions.Regex PeerChosen();
 }
