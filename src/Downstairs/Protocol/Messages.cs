@@ -129,7 +129,14 @@ internal readonly record struct BlockRange(long FirstBlock, int BlockCount)
 {
     public const int FixedSize = 16;
 
+    /// <summary>One past the last block; only meaningful once <see cref="IsWithin"/> held (it cannot overflow then).</summary>
     public long EndBlock => FirstBlock + BlockCount;
+
+    /// <summary>
+    /// True when every block lies in [0, <paramref name="blockCount"/>). Written without adding first and
+    /// count: a peer-chosen first block near 2^63 would make that sum wrap negative and pass.
+    /// </summary>
+    public bool IsWithin(long blockCount) => FirstBlock >= 0 && BlockCount > 0 && BlockCount <= blockCount && FirstBlock <= blockCount - BlockCount;
 
     public void Write(Span<byte> d)
     {
@@ -169,6 +176,10 @@ internal readonly record struct ExtentRange(int Extent, int FirstBlock, int Bloc
     public const uint BeginFlag = 1;
 
     public bool Begin => (Flags & BeginFlag) != 0;
+
+    /// <summary>True when the extent exists and the blocks lie inside it (no first + count sum: see <see cref="BlockRange.IsWithin"/>).</summary>
+    public bool IsWithin(int extentCount, int extentBlocks) =>
+        Extent >= 0 && Extent < extentCount && FirstBlock >= 0 && BlockCount > 0 && BlockCount <= extentBlocks && FirstBlock <= extentBlocks - BlockCount;
 
     public void Write(Span<byte> d)
     {

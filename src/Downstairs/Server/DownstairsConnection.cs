@@ -105,6 +105,13 @@ internal sealed partial class DownstairsConnection
         {
             reason = e.InnerException?.Message ?? e.Message;
         }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // Anything else is a bug or a case no check foresaw: this connection ends, the process and
+            // every other connection go on.
+            _host.Throttle.Report(LogLevel.Error, "unexpected error on a connection", () => $"{Remote}: {e}");
+            reason = $"unexpected error: {e.Message}";
+        }
         finally
         {
             _host.Unregister(this);
@@ -338,12 +345,12 @@ internal sealed partial class DownstairsConnection
         ((long)extent * Region.Geometry.ExtentBlocks, (long)(extent + 1) * Region.Geometry.ExtentBlocks);
 
     private ValueTask<bool> RefuseOutOfRangeAsync(FrameHeader header, BlockRange range, CancellationToken ct) =>
-        range.EndBlock > Region.Geometry.BlockCount
-            ? RefuseAsync(header, ResultCode.OutOfRange, $"blocks {range.FirstBlock}..{range.EndBlock} are beyond the region's {Region.Geometry.BlockCount} blocks", ct)
+        !range.IsWithin(Region.Geometry.BlockCount)
+            ? RefuseAsync(header, ResultCode.OutOfRange, $"blocks {range.FirstBlock}+{range.BlockCount} are beyond the region's {Region.Geometry.BlockCount} blocks", ct)
             : ValueTask.FromResult(false);
 
     private ValueTask<bool> RefuseOutOfRangeAsync(FrameHeader header, ExtentRange range, CancellationToken ct) =>
-        range.Extent >= Region.Geometry.ExtentCount || (long)range.FirstBlock + range.BlockCount > Region.Geometry.ExtentBlocks
+        !range.IsWithin(Region.Geometry.ExtentCount, Region.Geometry.ExtentBlocks)
             ? RefuseAsync(header, ResultCode.OutOfRange, $"extent {range.Extent} blocks {range.FirstBlock}+{range.BlockCount} are beyond the region ({Region.Geometry.ExtentCount} extents of {Region.Geometry.ExtentBlocks} blocks)", ct)
             : ValueTask.FromResult(false);
 

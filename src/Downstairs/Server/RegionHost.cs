@@ -19,8 +19,8 @@ internal sealed class RegionHost : IDisposable
         Region = region;
         Options = options;
         Logger = logger;
-        Scheduler = new JobScheduler(options.IoThreads);
         Throttle = new LogThrottle(logger, options.LogSummaryInterval);
+        Scheduler = new JobScheduler(options.IoThreads, Throttle);
         region.StickyDirty = options.StickyDirty;
         if (options.FailWritesWhen is not null || options.FailFlushesWhen is not null)
         {
