@@ -42,6 +42,7 @@ public sealed partial class ConfigurationDocTests
         ["MaxConnections"] = "--max-connections",
         ["HelloTimeout"] = "--hello-timeout",
         ["LogSummaryInterval"] = "--log-interval",
+        ["MaxGenerationStep"] = "--max-generation-step",
         ["ReceiveBufferBytes"] = "--receive-buffer",
         ["FailWritesWhen"] = "--fail-writes-when",
         ["FailFlushesWhen"] = "--fail-flushes-when",

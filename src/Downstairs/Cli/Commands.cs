@@ -76,6 +76,7 @@ internal static class Commands
             MaxFrameBytes = checked((int)a.Size("--max-frame", d.MaxFrameBytes)),
             MaxConnections = a.Int("--max-connections", d.MaxConnections),
             HelloTimeout = a.Seconds("--hello-timeout", d.HelloTimeout),
+            MaxGenerationStep = a.ULong("--max-generation-step", d.MaxGenerationStep),
             LogSummaryInterval = a.Seconds("--log-interval", d.LogSummaryInterval),
             ReceiveBufferBytes = checked((int)a.Size("--receive-buffer", d.ReceiveBufferBytes)),
             StickyDirty = a.Flag("--sticky-dirty"),

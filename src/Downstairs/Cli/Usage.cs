@@ -68,6 +68,9 @@ OPTIONS
     --max-frame SIZE           Largest frame body (default 33MiB: a 32 MiB write plus hashes).
     --max-connections N        Concurrent connections (default 16).
     --hello-timeout SECONDS    Drop a peer that has not negotiated by then (default 10).
+    --max-generation-step N    How far one read-write Hello may raise the region's highest
+                               generation (default 1000000). Stops a peer from recording
+                               2^64-1, after which no upstairs could ever start again.
     --log-interval SECONDS     Repeated errors are summarised once per interval (default 5).
     --receive-buffer SIZE      Socket read size per connection (default 64K).
     --sticky-dirty             Keep an extent written since the last flush marked dirty across

@@ -116,8 +116,28 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
         for (int i = 0; i < extentCount; i++)
         {
             extents[i] = ExtentMeta.Read(ref r);
+            // A real region's highest generation covers every extent's (it is computed from them at open).
+            if (extents[i].Generation > highest)
+            {
+                throw new DownstairsProtocolException($"misbehaving replica: extent {i} has generation {extents[i].Generation}, above the highest generation {highest} it reports");
+            }
         }
-        return new HelloReply(version, (flags & HelloRequest.ReadOnlyFlag) != 0, region, blockSize, extentBlocks, extentCount, maxFrame, maxJobs, highest, extents);
+        var reply = new HelloReply(version, (flags & HelloRequest.ReadOnlyFlag) != 0, region, blockSize, extentBlocks, extentCount, maxFrame, maxJobs, highest, extents);
+        reply.Validate();
+        return reply;
+    }
+
+    /// <summary>
+    /// Refuses a reply no honest downstairs sends, before anything is sized or computed from it: the
+    /// engine starts at highest generation + 1, so a replica reporting 2^64 − 1 would make that 0.
+    /// </summary>
+    /// <exception cref="DownstairsProtocolException">The replica is misbehaving; do not use it.</exception>
+    public void Validate()
+    {
+        if (HighestGeneration >= Wire.MaxGeneration)
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: it reports highest generation {HighestGeneration}, at or above the maximum {Wire.MaxGeneration}");
+        }
     }
 }
 

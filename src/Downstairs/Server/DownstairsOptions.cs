@@ -37,6 +37,15 @@ internal sealed record DownstairsOptions
     /// <summary>A peer that has not said Hello by then is dropped (it holds a connection slot).</summary>
     public TimeSpan HelloTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
+    /// <summary>
+    /// How far one read-write Hello may raise the region's highest generation. The highest generation
+    /// is durable and the upstairs starts at highest + 1, so a peer that could record 2^64 − 1 would
+    /// brick the volume with one packet; an honest upstairs raises it by one per activation (or to an
+    /// explicit --generation). A million keeps ~9·10^12 activations of headroom below the cap and
+    /// still lets an operator jump ahead; raise it for a larger deliberate jump.
+    /// </summary>
+    public ulong MaxGenerationStep { get; init; } = 1_000_000;
+
     /// <summary>Repeated errors are summarised once per this interval (DESIGN §4).</summary>
     public TimeSpan LogSummaryInterval { get; init; } = TimeSpan.FromSeconds(5);
 
@@ -64,6 +73,7 @@ internal sealed record DownstairsOptions
         Check(MaxBytesPerConnection >= MaxFrameBytes, "--max-bytes must be at least --max-frame");
         Check(MaxConnections >= 1, "--max-connections must be at least 1");
         Check(HelloTimeout > TimeSpan.Zero, "--hello-timeout must be positive");
+        Check(MaxGenerationStep is >= 1 and <= Wire.MaxGeneration, $"--max-generation-step must be 1 to {Wire.MaxGeneration}");
         Check(LogSummaryInterval > TimeSpan.Zero, "--log-interval must be positive");
         Check(ReceiveBufferBytes is >= 4096 and <= 16 << 20, "--receive-buffer must be 4 KiB to 16 MiB");
     }

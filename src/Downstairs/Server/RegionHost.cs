@@ -54,6 +54,10 @@ internal sealed class RegionHost : IDisposable
         {
             return null;
         }
+        if (hello.Generation is 0 or > Wire.MaxGeneration)
+        {
+            return (ResultCode.Invalid, 0, $"generation {hello.Generation} is not valid for a writer (1 to {Wire.MaxGeneration})");
+        }
         DownstairsConnection? previous;
         lock (_fenceLock)
         {
@@ -61,6 +65,11 @@ internal sealed class RegionHost : IDisposable
             if (hello.Generation < highest)
             {
                 return (ResultCode.Fenced, 0, $"generation {hello.Generation} is older than generation {highest}, which has already taken over this region");
+            }
+            // hello.Generation >= highest here, so the subtraction cannot wrap.
+            if (hello.Generation - highest > Options.MaxGenerationStep)
+            {
+                return (ResultCode.Invalid, 0, $"generation {hello.Generation} would raise this region's highest generation {highest} by more than --max-generation-step ({Options.MaxGenerationStep})");
             }
             if (hello.Generation == highest && _writer is { } w && w.UpstairsId != hello.UpstairsId)
             {
