@@ -330,6 +330,7 @@ public sealed partial class ReplicatedVolume
     {
         List<int> extents;
         Task<DownstairsResult> marked;
+        Task<DownstairsResult>? announced;
         lock (_gate)
         {
             link.Client = client;
@@ -363,6 +364,11 @@ public sealed partial class ReplicatedVolume
             // flushes must leave these extents unstamped until their copies are committed, or a crash
             // mid-repair would leave stale data recorded as current.
             marked = client.MarkRepairPendingAsync(++_nextJobId, extents);
+            // Then a flush with the current flush number: the downstairs accepts a repair commit at our
+            // generation only up to a flush number it has seen, and this replica may have missed the
+            // flushes that stamped the source's copies. It stamps nothing: every extent dirty on the
+            // replica is in the pending set, and nothing has been written on this connection yet.
+            announced = _flushNumber > 0 ? client.FlushAsync(++_nextJobId, _flushNumber, Generation) : null;
             link.State = ReplicaState.Repairing;
             link.RepairTotal = extents.Count;
             link.RepairDone = 0;
@@ -372,6 +378,10 @@ public sealed partial class ReplicatedVolume
         if (!mark.IsOk)
         {
             throw new InvalidOperationException($"marking {extents.Count} extents for repair failed: {mark}");
+        }
+        if (announced is not null && await announced.WaitAsync(cancellationToken) is { IsOk: false } announce)
+        {
+            throw new InvalidOperationException($"announcing flush number {_flushNumber} before repair failed: {announce}");
         }
         if (link.ReconnectDelay == TimeSpan.Zero)
         {

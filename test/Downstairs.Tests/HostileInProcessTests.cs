@@ -63,9 +63,9 @@ public sealed class HostileInProcessTests
         new(Wire.ProtocolVersion, readOnly, Guid.Empty, upstairs ?? Guid.NewGuid(), Guid.NewGuid(), generation);
 
     /// <summary>The honest upstairs: connected read-write, one block written and flushed.</summary>
-    private async Task<(DownstairsClient Client, byte[] Block)> HonestAsync(ulong generation)
+    private async Task<(DownstairsClient Client, byte[] Block)> HonestAsync(ulong generation, Guid? upstairs = null)
     {
-        DownstairsClient c = await DownstairsClient.ConnectAsync(Connect(), Hello(generation));
+        DownstairsClient c = await DownstairsClient.ConnectAsync(Connect(), Hello(generation, upstairs: upstairs));
         byte[] block = TestData.Block(4096, 700, 1);
         Assert.That((await c.WriteAsync(1, 700, block)).IsOk, Is.True);
         Assert.That((await c.FlushAsync(2, 1, generation)).IsOk, Is.True);
@@ -113,5 +113,84 @@ public sealed class HostileInProcessTests
         Assert.That(await RawHelloAsync(Connect(), 0, readOnly: false), Is.EqualTo(ResultCode.Invalid));
         Assert.That(DiskState.Of(RegionDir), Is.EqualTo(before));
         Assert.That(await RawHelloAsync(Connect(), 0, readOnly: true), Is.EqualTo(ResultCode.Ok), "the read-only probe still works");
+    }
+
+    [Test]
+    public async Task Flush_with_a_forged_generation_is_refused_and_stamps_nothing()
+    {
+        (DownstairsClient writer, byte[] block) = await HonestAsync(5);
+        await using (writer)
+        {
+            Assert.That((await writer.WriteAsync(3, 1100, TestData.Block(4096, 1100, 1))).IsOk, Is.True);
+            ExtentMeta before = _host.Region.GetExtentMeta(2);
+            // A generation far above its own would make this extent win every later reconciliation.
+            Assert.That((await writer.FlushAsync(4, 2, 1_000_000_000)).Code, Is.EqualTo(ResultCode.Invalid));
+            Assert.That((await writer.FlushAsync(5, 2, 4)).Code, Is.EqualTo(ResultCode.Invalid), "nor below it");
+            Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(before), "nothing stamped");
+            Assert.That(_host.Region.HighestGeneration, Is.EqualTo(5UL));
+            Assert.That((await writer.FlushAsync(6, 2, 5)).IsOk, Is.True, "the honest flush still works");
+            Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(new ExtentMeta(5, 2, false)));
+            await AssertStillServedAsync(writer, block);
+        }
+    }
+
+    [Test]
+    public async Task Flush_number_beyond_the_maximum_is_refused()
+    {
+        (DownstairsClient writer, byte[] block) = await HonestAsync(5);
+        await using (writer)
+        {
+            Assert.That((await writer.WriteAsync(3, 1100, TestData.Block(4096, 1100, 1))).IsOk, Is.True);
+            ExtentMeta before = _host.Region.GetExtentMeta(2);
+            Assert.That((await writer.FlushAsync(4, ulong.MaxValue, 5)).Code, Is.EqualTo(ResultCode.Invalid), "the upstairs would compute max + 1 = 0");
+            Assert.That((await writer.FlushAsync(5, 0, 5)).Code, Is.EqualTo(ResultCode.Invalid), "flush numbers start at 1");
+            Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(before));
+            await AssertStillServedAsync(writer, block);
+        }
+    }
+
+    [TestCase(6UL, 1UL, TestName = "ExtentCommit with a generation above the connection's is refused")]
+    [TestCase(5UL, 999UL, TestName = "ExtentCommit claiming a flush of its own generation that never happened is refused")]
+    [TestCase(4UL, ulong.MaxValue, TestName = "ExtentCommit with a flush number beyond the maximum is refused")]
+    public async Task Forged_extent_commit_is_refused_and_the_extent_is_unchanged(ulong generation, ulong flush)
+    {
+        (DownstairsClient writer, byte[] block) = await HonestAsync(5);
+        await using (writer)
+        {
+            string before = DiskState.Of(RegionDir);
+            byte[] ctx = new byte[512 * 16];
+            byte[] data = new byte[512 * 4096];
+            Assert.That((await writer.WriteExtentAsync(3, new ExtentRange(1, 0, 512, ExtentRange.BeginFlag), ctx, data)).IsOk, Is.True);
+            DownstairsResult r = await writer.CommitExtentAsync(4, 1, new ExtentMeta(generation, flush, false));
+            Assert.That(r.Code, Is.EqualTo(ResultCode.Invalid), r.ToString());
+            Assert.That(DiskState.Of(RegionDir), Is.EqualTo(before), "the extent and its record are unchanged");
+            await AssertStillServedAsync(writer, block);
+        }
+    }
+
+    [Test]
+    public async Task Honest_repair_commits_are_accepted_older_generation_and_own_flushes()
+    {
+        Guid upstairs = Guid.NewGuid();
+        (DownstairsClient writer, _) = await HonestAsync(5, upstairs);
+        await using (writer)
+        {
+            byte[] ctx = new byte[512 * 16];
+            byte[] data = new byte[512 * 4096];
+            // Reconciliation: a healthy copy from an older generation with a flush this replica never saw.
+            await writer.WriteExtentAsync(3, new ExtentRange(1, 0, 512, ExtentRange.BeginFlag), ctx, data);
+            Assert.That((await writer.CommitExtentAsync(4, 1, new ExtentMeta(4, 900, false))).IsOk, Is.True);
+            // Live repair: the engine announces its current flush number (a flush after marking the
+            // extents pending), then commits copies stamped up to it.
+            Assert.That((await writer.MarkRepairPendingAsync(5, [2])).IsOk, Is.True);
+            Assert.That((await writer.FlushAsync(6, 57, 5)).IsOk, Is.True);
+            await writer.WriteExtentAsync(7, new ExtentRange(2, 0, 512, ExtentRange.BeginFlag), ctx, data);
+            Assert.That((await writer.CommitExtentAsync(8, 2, new ExtentMeta(5, 57, false))).IsOk, Is.True);
+            Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(new ExtentMeta(5, 57, false)));
+        }
+        // The same upstairs reconnecting (same generation) may claim what the region durably recorded for it.
+        await using DownstairsClient again = await DownstairsClient.ConnectAsync(Connect(), Hello(5, upstairs: upstairs));
+        await again.WriteExtentAsync(1, new ExtentRange(3, 0, 1, ExtentRange.BeginFlag), new byte[16], new byte[4096]);
+        Assert.That((await again.CommitExtentAsync(2, 3, new ExtentMeta(5, 57, false))).IsOk, Is.True);
     }
 }

@@ -122,9 +122,9 @@ internal static class DiskState
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         foreach (string file in Directory.GetFiles(dir, "*", SearchOption.AllDirectories).Order(StringComparer.Ordinal))
         {
-            if (Path.GetFileName(file) == Storage.RegionLayout.LockFileName)
+            if (Path.GetFileName(file) == Storage.RegionLayout.LockFileName || file.EndsWith(Storage.RegionLayout.StagingSuffix, StringComparison.Ordinal))
             {
-                continue; // empty, and held open exclusively by the running downstairs
+                continue; // the lock is held open exclusively; a staging copy is not the region until committed
             }
             sha.AppendData(System.Text.Encoding.UTF8.GetBytes(Path.GetRelativePath(dir, file)));
             sha.AppendData(File.ReadAllBytes(file));

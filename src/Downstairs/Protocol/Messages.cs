@@ -138,6 +138,13 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
         {
             throw new DownstairsProtocolException($"misbehaving replica: it reports highest generation {HighestGeneration}, at or above the maximum {Wire.MaxGeneration}");
         }
+        foreach (ExtentMeta m in Extents)
+        {
+            if (m.FlushNumber > Wire.MaxFlushNumber)
+            {
+                throw new DownstairsProtocolException($"misbehaving replica: it reports flush number {m.FlushNumber}, above the maximum {Wire.MaxFlushNumber}");
+            }
+        }
     }
 }
 

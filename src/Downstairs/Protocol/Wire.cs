@@ -58,6 +58,12 @@ internal static class Wire
     /// billion years.
     /// </summary>
     public const ulong MaxGeneration = long.MaxValue;
+
+    /// <summary>
+    /// Highest flush number accepted or reported: 2^63 − 1, for the same reason (the upstairs continues
+    /// from the highest flush number it finds, + 1). At a million flushes a second it lasts 292,000 years.
+    /// </summary>
+    public const ulong MaxFlushNumber = long.MaxValue;
 }
 
 /// <summary>Message types. Replies use the request type with <see cref="Wire.ReplyFlag"/> set.</summary>

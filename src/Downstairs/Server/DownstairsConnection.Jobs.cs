@@ -127,7 +127,7 @@ internal sealed partial class DownstairsConnection
                     return;
                 }
                 case MessageType.Flush:
-                    region.Flush(Flush.FlushNumber, Flush.Generation);
+                    region.Flush(Flush.FlushNumber, connection.Generation);
                     Reply(OutgoingFrame.Create(MessageType.FlushReply, ResultCode.Ok, header.JobId), null);
                     return;
                 case MessageType.ExtentRead:

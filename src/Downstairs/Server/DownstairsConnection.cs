@@ -23,6 +23,9 @@ internal sealed partial class DownstairsConnection
     private readonly InFlightBudget _budget;
     private readonly FrameSender _sender;
     private volatile bool _fenced;
+
+    /// <summary>Highest flush number this connection has sent (receive loop only: no lock).</summary>
+    private ulong _highestFlushSent;
     private int _shutdown;
 
     public DownstairsConnection(RegionHost host, Stream stream, EndPoint? remote)
@@ -258,6 +261,19 @@ internal sealed partial class DownstairsConnection
                 Messages.ExpectLength(body, FlushRequest.BodySize, "Flush");
                 var r = new BodyReader(body);
                 var flush = new FlushRequest(r.ReadUInt64(), r.ReadUInt64());
+                // The stamp is this connection's generation, never one the request names: a flush that
+                // could stamp any generation could make its extents win every later reconciliation.
+                if (!ReadOnly && flush.Generation != Generation)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, $"flush names generation {flush.Generation}; this connection holds generation {Generation}", cancellationToken).ConfigureAwait(false);
+                    return;
+                }
+                if (flush.FlushNumber is 0 or > Wire.MaxFlushNumber)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, $"flush number {flush.FlushNumber} is not 1 to {Wire.MaxFlushNumber}", cancellationToken).ConfigureAwait(false);
+                    return;
+                }
+                _highestFlushSent = Math.Max(_highestFlushSent, flush.FlushNumber);
                 await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
                 _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { Flush = flush });
                 return;
@@ -308,6 +324,11 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
+                if (!ReadOnly && ImplausibleCommit(commit.Meta) is { } why)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, why, cancellationToken).ConfigureAwait(false);
+                    return;
+                }
                 await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
                 (long first, long end) = ExtentBlocks(extent);
                 _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, first, end) { Commit = commit });
@@ -327,6 +348,30 @@ internal sealed partial class DownstairsConnection
             default:
                 throw new DownstairsProtocolException($"{header.Type} is not a request");
         }
+    }
+
+    /// <summary>
+    /// Why a repair commit's metadata cannot be honest, or null. Reconciliation picks the highest
+    /// generation, then the highest flush number, so a commit may claim no more than this connection
+    /// could truthfully know (docs/downstairs.md, "Repair commits"): a generation up to its own; at its
+    /// own generation, a flush number it has sent on this connection or that this region durably
+    /// recorded for that generation; and never a number the upstairs could not add one to.
+    /// </summary>
+    private string? ImplausibleCommit(ExtentMeta meta)
+    {
+        if (meta.Generation > Generation)
+        {
+            return $"commit names generation {meta.Generation}, above this connection's generation {Generation}";
+        }
+        if (meta.FlushNumber > Wire.MaxFlushNumber)
+        {
+            return $"commit names flush number {meta.FlushNumber}, above the maximum {Wire.MaxFlushNumber}";
+        }
+        if (meta.Generation == Generation && meta.FlushNumber > _highestFlushSent && meta.FlushNumber > Region.HighestFlushNumber(Generation))
+        {
+            return $"commit names flush {meta.FlushNumber} of generation {Generation}, which neither this connection (up to {_highestFlushSent}) nor this region has seen";
+        }
+        return null;
     }
 
     private static BlockRange ParseRange(ReadOnlySequence<byte> body, string what)

@@ -93,6 +93,23 @@ internal sealed class Region : IDisposable
 
     public bool IsPoisoned(int extent) => _extents[extent].Poisoned;
 
+    /// <summary>The highest flush number recorded on any extent stamped with <paramref name="generation"/> (0 if none).</summary>
+    public ulong HighestFlushNumber(ulong generation)
+    {
+        ulong highest = 0;
+        lock (_recordLock)
+        {
+            foreach (Extent e in _extents)
+            {
+                if (e.Generation == generation && e.Flush > highest)
+                {
+                    highest = e.Flush;
+                }
+            }
+        }
+        return highest;
+    }
+
     // ---------------------------------------------------------------- create / open
 
     /// <param name="progress">Called with (extents done, extent count) after each extent file: a
