@@ -1,4 +1,5 @@
 using System.IO.Pipelines;
+using System.Net;
 using Nerdbank.Streams;
 using NbdServer.Downstairs.Client;
 using NbdServer.Downstairs.Protocol;
@@ -192,5 +193,94 @@ public sealed class HostileInProcessTests
         await using DownstairsClient again = await DownstairsClient.ConnectAsync(Connect(), Hello(5, upstairs: upstairs));
         await again.WriteExtentAsync(1, new ExtentRange(3, 0, 1, ExtentRange.BeginFlag), new byte[16], new byte[4096]);
         Assert.That((await again.CommitExtentAsync(2, 3, new ExtentMeta(5, 57, false))).IsOk, Is.True);
+    }
+
+    /// <summary>Restarts the server listening on loopback TCP (the accept loop is what applies the pre-Hello limit).</summary>
+    private async Task<IPEndPoint> ListenAsync(DownstairsOptions options)
+    {
+        await RestartAsync(options with { Listen = new IPEndPoint(IPAddress.Loopback, 0) });
+        return _server.Start();
+    }
+
+    private static HelloRequest HelloFor(ulong generation, bool readOnly = false) => Hello(generation, readOnly);
+
+    [Test]
+    public async Task Idle_connections_at_the_limit_do_not_lock_out_the_writer()
+    {
+        IPEndPoint endpoint = await ListenAsync(_host.Options with { MaxConnections = 4 });
+        var strangers = new List<RawPeer>();
+        try
+        {
+            for (int i = 0; i < 4; i++)
+            {
+                RawPeer p = await RawPeer.ConnectAsync(endpoint);
+                strangers.Add(p);
+                Assert.That(await p.HelloAsync(0, readOnly: true), Is.EqualTo(ResultCode.Ok));
+            }
+            for (int i = 0; i < 6; i++)
+            {
+                strangers.Add(await RawPeer.ConnectAsync(endpoint)); // silent: never says Hello
+            }
+            await Task.Delay(200);
+
+            await using DownstairsClient writer = await DownstairsClient.ConnectAsync(endpoint, HelloFor(1));
+            byte[] block = TestData.Block(4096, 700, 1);
+            Assert.That((await writer.WriteAsync(1, 700, block)).IsOk, Is.True);
+            await AssertStillServedAsync(writer, block);
+
+            RawPeer extra = await RawPeer.ConnectAsync(endpoint);
+            strangers.Add(extra);
+            Assert.That(await extra.HelloAsync(0, readOnly: true), Is.EqualTo(ResultCode.Unavailable), "a fifth reader is refused with a clear error");
+        }
+        finally
+        {
+            foreach (RawPeer p in strangers)
+            {
+                await p.DisposeAsync();
+            }
+        }
+    }
+
+    [Test]
+    public async Task Silent_connection_after_Hello_is_closed_at_the_idle_timeout_and_a_pinging_client_stays()
+    {
+        IPEndPoint endpoint = await ListenAsync(_host.Options with { IdleTimeout = TimeSpan.FromSeconds(1) });
+        await using DownstairsClient writer = await DownstairsClient.ConnectAsync(endpoint, HelloFor(1), new DownstairsClientOptions { PingInterval = TimeSpan.FromMilliseconds(200) });
+        await using RawPeer idle = await RawPeer.ConnectAsync(endpoint);
+        Assert.That(await idle.HelloAsync(0, readOnly: true), Is.EqualTo(ResultCode.Ok));
+        Assert.That(await idle.ClosedByPeerAsync().WaitAsync(TimeSpan.FromSeconds(10)), Is.True);
+        await Task.Delay(500);
+        Assert.That(writer.Failure, Is.Null, "the client that pings when idle keeps its connection");
+        Assert.That((await writer.WriteAsync(1, 5, TestData.Block(4096, 5, 1))).IsOk, Is.True);
+        Assert.That(_log.Lines, Has.Some.Contains("--idle-timeout"));
+    }
+
+    [Test]
+    public async Task Frame_body_trickled_slower_than_the_frame_timeout_is_cut_off()
+    {
+        IPEndPoint endpoint = await ListenAsync(_host.Options with { FrameTimeout = TimeSpan.FromSeconds(1) });
+        await using DownstairsClient writer = await DownstairsClient.ConnectAsync(endpoint, HelloFor(1));
+        await using RawPeer slow = await RawPeer.ConnectAsync(endpoint);
+        Assert.That(await slow.HelloAsync(0, readOnly: true), Is.EqualTo(ResultCode.Ok));
+        // A Write announcing 256 blocks, then its body one byte at a time: never idle, never done.
+        byte[] header = new byte[Wire.HeaderSize];
+        FrameReader.WriteHeader(header, MessageType.Write, ResultCode.Ok, 1, BlockRange.FixedSize + (256 * (8 + 4096)));
+        await slow.SendAsync(header);
+        Task<bool> closed = slow.ClosedByPeerAsync();
+        for (int i = 0; i < 100 && !closed.IsCompleted; i++)
+        {
+            try
+            {
+                await slow.Stream.WriteAsync(new byte[1]);
+            }
+            catch (IOException)
+            {
+                break;
+            }
+            await Task.Delay(100);
+        }
+        Assert.That(closed.IsCompleted, Is.True, "closed within 10 s");
+        Assert.That((await writer.WriteAsync(1, 5, TestData.Block(4096, 5, 1))).IsOk, Is.True);
+        Assert.That(_log.Lines, Has.Some.Contains("--frame-timeout"));
     }
 }

@@ -80,4 +80,54 @@ public sealed class HostilePeerTests
         await AssertStillServedAsync(ds, honest, block);
         Assert.That(DiskState.Of(d), Is.EqualTo(before), "nothing on disk changed");
     }
+
+    [Test]
+    public async Task Large_frames_from_many_peers_stay_within_max_memory_and_the_writer_is_served()
+    {
+        string d = await CreateAsync();
+        await using DownstairsProcess ds = await DownstairsProcess.StartAsync(d, ["--max-memory", "256MiB"]);
+        await using DownstairsClient writer = await ds.ConnectAsync(generation: 1);
+        byte[] block = await WriteAndFlushAsync(writer, 1);
+        long baseline = ds.RssBytes();
+
+        // 15 peers each start a 33 MiB Write and send all of it but the last byte.
+        const int frameBody = (32 << 20) + (1 << 20);
+        byte[] frame = new byte[Wire.HeaderSize + frameBody - 1];
+        FrameReader.WriteHeader(frame, MessageType.Write, ResultCode.Ok, 1, frameBody);
+        using var stop = new CancellationTokenSource();
+        var peers = new List<RawPeer>();
+        var sends = new List<Task>();
+        try
+        {
+            for (int i = 0; i < 15; i++)
+            {
+                RawPeer p = await RawPeer.ConnectAsync(ds.Endpoint);
+                peers.Add(p);
+                Assert.That(await p.HelloAsync(0, readOnly: true), Is.EqualTo(ResultCode.Ok));
+                sends.Add(p.Stream.WriteAsync(frame, stop.Token).AsTask());
+            }
+            long peak = 0;
+            for (int i = 0; i < 30; i++)
+            {
+                await Task.Delay(200);
+                peak = Math.Max(peak, ds.RssBytes() - baseline);
+            }
+            // 256 MiB less the writer's reserve (64 + 33 MiB) is all the others may buffer; without
+            // the cap the process takes 15 × 33 MiB ≈ 500 MiB.
+            Assert.That(peak, Is.LessThan(250L << 20), $"RSS grew by {peak >> 20} MiB");
+            await AssertStillServedAsync(ds, writer, block);
+            byte[] big = new byte[1 << 20];
+            Random.Shared.NextBytes(big);
+            Assert.That((await writer.WriteAsync(10, 1024, big)).IsOk, Is.True, "the writer's own large writes still pass");
+        }
+        finally
+        {
+            await stop.CancelAsync();
+            foreach (RawPeer p in peers)
+            {
+                await p.DisposeAsync();
+            }
+            await Task.WhenAll(sends).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+        }
+    }
 }

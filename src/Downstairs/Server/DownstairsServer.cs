@@ -6,12 +6,34 @@ using Microsoft.Extensions.Logging;
 namespace NbdServer.Downstairs.Server;
 
 /// <summary>Accepts engine connections for one region.</summary>
-internal sealed class DownstairsServer(RegionHost host) : IAsyncDisposable
+internal sealed class DownstairsServer : IAsyncDisposable
 {
     private readonly CancellationTokenSource _stop = new();
     private readonly ConcurrentDictionary<DownstairsConnection, Task> _connections = new();
+    private readonly ITimer _sweep;
     private Socket? _listener;
     private Task? _acceptLoop;
+
+    /// <summary>Checks every connection's idle and frame deadlines a few times per the shortest of them.</summary>
+    private static TimeSpan SweepPeriod(DownstairsOptions o) =>
+        TimeSpan.FromTicks(Math.Clamp(Math.Min(o.IdleTimeout.Ticks, o.FrameTimeout.Ticks) / 4, TimeSpan.TicksPerMillisecond * 50, TimeSpan.TicksPerSecond));
+
+    public DownstairsServer(RegionHost host)
+    {
+        this.host = host;
+        _sweep = TimeProvider.System.CreateTimer(_ => Sweep(), null, SweepPeriod(host.Options), SweepPeriod(host.Options));
+    }
+
+    private readonly RegionHost host;
+
+    private void Sweep()
+    {
+        long now = System.Diagnostics.Stopwatch.GetTimestamp();
+        foreach (DownstairsConnection c in _connections.Keys)
+        {
+            c.CheckDeadlines(now);
+        }
+    }
 
     public IPEndPoint? LocalEndPoint => _listener?.LocalEndPoint as IPEndPoint;
 
@@ -55,15 +77,37 @@ internal sealed class DownstairsServer(RegionHost host) : IAsyncDisposable
                 await Task.Delay(100).ConfigureAwait(false);
                 continue;
             }
-            if (_connections.Count >= host.Options.MaxConnections)
-            {
-                DownstairsLog.TooManyConnections(host.Logger, socket.RemoteEndPoint, _connections.Count);
-                socket.Dispose();
-                continue;
-            }
+            EvictOldestSilentIfFull(socket.RemoteEndPoint);
             socket.NoDelay = true;
             var connection = new DownstairsConnection(host, new NetworkStream(socket, ownsSocket: true), socket.RemoteEndPoint);
             _ = RunAsync(connection);
+        }
+    }
+
+    /// <summary>
+    /// Connections that have not said Hello yet are capped at --max-connections. A new one does not
+    /// wait for a slot: it takes the slot of the oldest silent one, so a flood of silent sockets
+    /// cannot keep the real upstairs from reaching Hello (and after Hello the writer is always admitted).
+    /// </summary>
+    private void EvictOldestSilentIfFull(EndPoint? remote)
+    {
+        DownstairsConnection? oldest = null;
+        int silent = 0;
+        foreach (DownstairsConnection c in _connections.Keys)
+        {
+            if (!c.Negotiated)
+            {
+                silent++;
+                if (oldest is null || c.Started < oldest.Started)
+                {
+                    oldest = c;
+                }
+            }
+        }
+        if (silent >= host.Options.MaxConnections && oldest is not null)
+        {
+            host.Throttle.Report(LogLevel.Warning, "connections before Hello at --max-connections", () => $"{silent} connections have not said Hello; closing the oldest ({oldest.Remote}) for {remote}");
+            oldest.Close("evicted: too many connections before Hello (--max-connections)");
         }
     }
 
@@ -84,6 +128,7 @@ internal sealed class DownstairsServer(RegionHost host) : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
+        await _sweep.DisposeAsync().ConfigureAwait(false);
         await _stop.CancelAsync().ConfigureAwait(false);
         _listener?.Dispose();
         foreach (DownstairsConnection c in _connections.Keys)
