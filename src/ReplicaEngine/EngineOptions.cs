@@ -1,5 +1,6 @@
 using System.Net;
 using NbdServer.Common.Tls;
+using NbdServer.Downstairs.Protocol;
 
 namespace NbdServer.ReplicaEngine;
 
@@ -128,6 +129,10 @@ public sealed record EngineOptions
 
     public void Validate()
     {
+        if (Generation is 0 or > Wire.MaxGeneration)
+        {
+            throw new ArgumentException($"{nameof(Generation)} must be 1 to {Wire.MaxGeneration}; got {Generation}.");
+        }
         if (Downstairs.Count != 3)
         {
             throw new ArgumentException($"exactly three downstairs are needed (got {Downstairs.Count}).");

@@ -61,7 +61,8 @@ public sealed partial class ReplicatedVolume
         int perBlock = _blockSize + BlockContext.Size;
         _maxIoBytes = Math.Max(1, Math.Min(32 << 20, frameRoom) / perBlock) * _blockSize;
         ulong highest = probes.Where(p => p is not null).Max(p => p!.HighestGeneration);
-        Generation = _options.Generation ?? highest + 1;
+        // Validate() kept every highest below Wire.MaxGeneration: this cannot wrap (checked says so).
+        Generation = _options.Generation ?? checked(highest + 1);
         if (Generation <= highest && _options.Generation is not null && Generation < highest)
         {
             throw new InvalidOperationException($"generation {Generation} is older than generation {highest}, which a replica has already seen; choose a higher one (or omit --generation)");
@@ -190,8 +191,17 @@ public sealed partial class ReplicatedVolume
                 try
                 {
                     await using IDownstairs probe = await _connector.ConnectAsync(i, Hello(Guid.Empty, readOnly: true), cancellationToken);
+                    probe.Region.Validate();
                     probes[i] = probe.Region;
                     return;
+                }
+                catch (DownstairsProtocolException e)
+                {
+                    // Not down: answering with nonsense. Left out of this activation (the others decide the
+                    // generation); the reconnect loop keeps trying it later like any absent replica.
+                    _throttle.Report(LogLevel.Warning, $"replica {i} ({link.EndPoint}) misbehaving", () => $"{e.Message}; not used");
+                    await Task.Delay(delay, cancellationToken).ContinueWith(static _ => { }, TaskScheduler.Default);
+                    delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, _options.ReconnectMaxDelay.Ticks));
                 }
                 catch (Exception e) when (e is not OperationCanceledException)
                 {
@@ -256,6 +266,7 @@ public sealed partial class ReplicatedVolume
                 {
                     client = await _connector.ConnectAsync(link.Index, Hello(link.RegionId), stopping);
                     HelloReply r = client.Region;
+                    r.Validate();
                     if (r.BlockSize != _blockSize || r.ExtentBlocks != _extentBlocks || r.ExtentCount != _extentCount)
                     {
                         throw new InvalidOperationException($"region has a different shape ({r.ExtentCount} extents of {r.ExtentBlocks} × {r.BlockSize} bytes)");
@@ -319,6 +330,7 @@ public sealed partial class ReplicatedVolume
     {
         List<int> extents;
         Task<DownstairsResult> marked;
+        Task<DownstairsResult>? announced;
         lock (_gate)
         {
             link.Client = client;
@@ -352,6 +364,11 @@ public sealed partial class ReplicatedVolume
             // flushes must leave these extents unstamped until their copies are committed, or a crash
             // mid-repair would leave stale data recorded as current.
             marked = client.MarkRepairPendingAsync(++_nextJobId, extents);
+            // Then a flush with the current flush number: the downstairs accepts a repair commit at our
+            // generation only up to a flush number it has seen, and this replica may have missed the
+            // flushes that stamped the source's copies. It stamps nothing: every extent dirty on the
+            // replica is in the pending set, and nothing has been written on this connection yet.
+            announced = _flushNumber > 0 ? client.FlushAsync(++_nextJobId, _flushNumber, Generation) : null;
             link.State = ReplicaState.Repairing;
             link.RepairTotal = extents.Count;
             link.RepairDone = 0;
@@ -361,6 +378,10 @@ public sealed partial class ReplicatedVolume
         if (!mark.IsOk)
         {
             throw new InvalidOperationException($"marking {extents.Count} extents for repair failed: {mark}");
+        }
+        if (announced is not null && await announced.WaitAsync(cancellationToken) is { IsOk: false } announce)
+        {
+            throw new InvalidOperationException($"announcing flush number {_flushNumber} before repair failed: {announce}");
         }
         if (link.ReconnectDelay == TimeSpan.Zero)
         {

@@ -34,8 +34,9 @@ public sealed class CodecTests
     [Test]
     public void Hello_reply_round_trips_with_extent_state()
     {
-        ExtentMeta[] extents = [new(1, 2, false), new(3, 4, true), new(ulong.MaxValue, 0, true)];
-        var reply = new HelloReply(1, false, Guid.NewGuid(), 4096, 8192, 3, 1 << 20, 100, 7, extents);
+        // Full-width values where the wire allows them; generations stay at or below the highest (a real region's).
+        ExtentMeta[] extents = [new(1, 2, false), new(3, 4, true), new(Wire.MaxGeneration - 1, Wire.MaxFlushNumber, true)];
+        var reply = new HelloReply(1, false, Guid.NewGuid(), 4096, 8192, 3, 1 << 20, 100, Wire.MaxGeneration - 1, extents);
         (FrameHeader h, ReadOnlySequence<byte> body) = ReadOne(Bytes(reply.Encode()));
         HelloReply parsed = HelloReply.Parse(body);
         Assert.That(h.Type, Is.EqualTo(MessageType.HelloReply));

@@ -112,6 +112,10 @@ public sealed class ProcessTests
         await dst.WriteAsync(1, 600, TestData.Block(4096, 600, 99)); // divergent, unflushed
         await src.FlushAsync(5000, 8, 2);
 
+        // As the engine does: mark the extent pending, then announce the current flush number (the
+        // stale replica missed flush 8; a commit at this generation may claim only flushes it has seen).
+        Assert.That((await dst.MarkRepairPendingAsync(4000, [1])).IsOk, Is.True);
+        Assert.That((await dst.FlushAsync(4001, 8, 2)).IsOk, Is.True);
         const int chunk = 128;
         for (int first = 0; first < 512; first += chunk)
         {

@@ -60,6 +60,9 @@ internal sealed class CommandArgs
     public int Int(string name, int fallback) =>
         String(name) is { } s ? int.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out int v) ? v : throw new FormatException($"{name}: '{s}' is not a whole number") : fallback;
 
+    public ulong ULong(string name, ulong fallback) =>
+        String(name) is { } s ? ulong.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out ulong v) ? v : throw new FormatException($"{name}: '{s}' is not a whole number") : fallback;
+
     public long Size(string name, long fallback) => String(name) is { } s ? ByteSize.Parse(s, name) : fallback;
 
     public TimeSpan Seconds(string name, TimeSpan fallback) =>

@@ -66,7 +66,10 @@ OPTIONS
                                When either limit is reached the downstairs stops reading that
                                connection until replies have been sent: memory stays flat.
     --max-frame SIZE           Largest frame body (default 33MiB: a 32 MiB write plus hashes).
-    --max-connections N        Concurrent connections (default 16).
+    --max-connections N        Connections besides the writer, and separately connections that
+                               have not said Hello yet (default 16 each). The writer (a
+                               read-write Hello that passes fencing) is always admitted; a new
+                               connection evicts the oldest one still silent.
     --hello-timeout SECONDS    Drop a peer that has not negotiated by then (default 10).
     --tls-dir DIR              Require mutual TLS: DIR holds ca-cert.pem, server-cert.pem and
                                server-key.pem (make them with nbd-certs). A client must present a
@@ -79,6 +82,17 @@ OPTIONS
                                (default 10).
     --insecure                 Allow plaintext on a non-loopback --listen (anyone who can reach
                                the port can then read and overwrite the region).
+    --idle-timeout SECONDS     Close a negotiated connection that sends nothing for this long
+                               (default 30; the engine pings an idle link every 5 s).
+    --frame-timeout SECONDS    Once a frame has begun to arrive, all of it must arrive within
+                               this time (default 30).
+    --max-memory SIZE          Frame bodies being received plus payloads in flight, over all
+                               connections (default 512MiB; at least twice --max-bytes plus
+                               --max-frame). --max-bytes + --max-frame of it is reserved for the
+                               writer; a connection that would exceed it waits, unread.
+    --max-generation-step N    How far one read-write Hello may raise the region's highest
+                               generation (default 1000000). Stops a peer from recording
+                               2^64-1, after which no upstairs could ever start again.
     --log-interval SECONDS     Repeated errors are summarised once per interval (default 5).
     --receive-buffer SIZE      Socket read size per connection (default 64K).
     --sticky-dirty             Keep an extent written since the last flush marked dirty across

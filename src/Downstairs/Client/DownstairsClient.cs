@@ -28,6 +28,11 @@ internal sealed record DownstairsClientOptions
 
     /// <summary>The name the downstairs' certificate must carry; null: the address connected to (it must be an IP alternative name).</summary>
     public string? TlsServerName { get; init; }
+    /// <summary>
+    /// When nothing has been sent for this long, a Ping is: it checks an idle link, and the downstairs
+    /// closes a connection silent for its --idle-timeout (30 s by default). Zero: never.
+    /// </summary>
+    public TimeSpan PingInterval { get; init; } = TimeSpan.FromSeconds(5);
 }
 
 /// <summary>Typed outcome of one job.</summary>
@@ -72,8 +77,11 @@ internal sealed class DownstairsClient : IAsyncDisposable
     private readonly ConcurrentDictionary<ulong, Pending> _pending = new();
     private readonly int _maxFrameBytes;
     private readonly Task _receiveLoop;
+    private readonly ITimer? _pinger;
+    private readonly TimeSpan _pingInterval;
     private Exception? _failure;
     private long _internalIds;
+    private long _lastSend;
 
     private DownstairsClient(Stream stream, FrameSender sender, PipeReader reader, HelloReply region, DownstairsClientOptions options)
     {
@@ -83,6 +91,24 @@ internal sealed class DownstairsClient : IAsyncDisposable
         _maxFrameBytes = options.MaxFrameBytes;
         _slots = new SemaphoreSlim(Math.Max(1, Math.Min(options.MaxInFlightJobs, region.MaxJobs)));
         _receiveLoop = Task.Run(() => ReceiveLoopAsync(reader));
+        _lastSend = System.Diagnostics.Stopwatch.GetTimestamp();
+        _pingInterval = options.PingInterval;
+        if (_pingInterval > TimeSpan.Zero)
+        {
+            // Checked four times per interval, so the link is never silent much longer than the interval.
+            TimeSpan period = _pingInterval / 4;
+            _pinger = TimeProvider.System.CreateTimer(_ => PingIfIdle(), null, period, period);
+        }
+    }
+
+    private void PingIfIdle()
+    {
+        if (Failure is not null || System.Diagnostics.Stopwatch.GetElapsedTime(Volatile.Read(ref _lastSend)) < _pingInterval)
+        {
+            return;
+        }
+        // The outcome does not matter here: a broken link fails the jobs that are waiting on it.
+        _ = PingAsync().ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
     }
 
     /// <summary>What the downstairs said in its Hello reply: geometry, limits, per-extent state.</summary>
@@ -303,6 +329,7 @@ internal sealed class DownstairsClient : IAsyncDisposable
         }
         else
         {
+            Volatile.Write(ref _lastSend, System.Diagnostics.Stopwatch.GetTimestamp());
             _sender.Enqueue(build());
         }
         return await pending.Task.ConfigureAwait(false);
@@ -339,6 +366,7 @@ internal sealed class DownstairsClient : IAsyncDisposable
         finally
         {
             Interlocked.CompareExchange(ref _failure, failure, null);
+            _pinger?.Dispose();
             _sender.Complete();
             await reader.CompleteAsync().ConfigureAwait(false);
             await _stream.DisposeAsync().ConfigureAwait(false);
@@ -450,6 +478,10 @@ internal sealed class DownstairsClient : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         Interlocked.CompareExchange(ref _failure, new DownstairsConnectionException("client disposed"), null);
+        if (_pinger is not null)
+        {
+            await _pinger.DisposeAsync().ConfigureAwait(false);
+        }
         _sender.Complete();
         if (_stream is NetworkStream { Socket: { } socket })
         {

@@ -116,8 +116,35 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
         for (int i = 0; i < extentCount; i++)
         {
             extents[i] = ExtentMeta.Read(ref r);
+            // A real region's highest generation covers every extent's (it is computed from them at open).
+            if (extents[i].Generation > highest)
+            {
+                throw new DownstairsProtocolException($"misbehaving replica: extent {i} has generation {extents[i].Generation}, above the highest generation {highest} it reports");
+            }
         }
-        return new HelloReply(version, (flags & HelloRequest.ReadOnlyFlag) != 0, region, blockSize, extentBlocks, extentCount, maxFrame, maxJobs, highest, extents);
+        var reply = new HelloReply(version, (flags & HelloRequest.ReadOnlyFlag) != 0, region, blockSize, extentBlocks, extentCount, maxFrame, maxJobs, highest, extents);
+        reply.Validate();
+        return reply;
+    }
+
+    /// <summary>
+    /// Refuses a reply no honest downstairs sends, before anything is sized or computed from it: the
+    /// engine starts at highest generation + 1, so a replica reporting 2^64 − 1 would make that 0.
+    /// </summary>
+    /// <exception cref="DownstairsProtocolException">The replica is misbehaving; do not use it.</exception>
+    public void Validate()
+    {
+        if (HighestGeneration >= Wire.MaxGeneration)
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: it reports highest generation {HighestGeneration}, at or above the maximum {Wire.MaxGeneration}");
+        }
+        foreach (ExtentMeta m in Extents)
+        {
+            if (m.FlushNumber > Wire.MaxFlushNumber)
+            {
+                throw new DownstairsProtocolException($"misbehaving replica: it reports flush number {m.FlushNumber}, above the maximum {Wire.MaxFlushNumber}");
+            }
+        }
     }
 }
 
@@ -129,7 +156,14 @@ internal readonly record struct BlockRange(long FirstBlock, int BlockCount)
 {
     public const int FixedSize = 16;
 
+    /// <summary>One past the last block; only meaningful once <see cref="IsWithin"/> held (it cannot overflow then).</summary>
     public long EndBlock => FirstBlock + BlockCount;
+
+    /// <summary>
+    /// True when every block lies in [0, <paramref name="blockCount"/>). Written without adding first and
+    /// count: a peer-chosen first block near 2^63 would make that sum wrap negative and pass.
+    /// </summary>
+    public bool IsWithin(long blockCount) => FirstBlock >= 0 && BlockCount > 0 && BlockCount <= blockCount && FirstBlock <= blockCount - BlockCount;
 
     public void Write(Span<byte> d)
     {
@@ -169,6 +203,10 @@ internal readonly record struct ExtentRange(int Extent, int FirstBlock, int Bloc
     public const uint BeginFlag = 1;
 
     public bool Begin => (Flags & BeginFlag) != 0;
+
+    /// <summary>True when the extent exists and the blocks lie inside it (no first + count sum: see <see cref="BlockRange.IsWithin"/>).</summary>
+    public bool IsWithin(int extentCount, int extentBlocks) =>
+        Extent >= 0 && Extent < extentCount && FirstBlock >= 0 && BlockCount > 0 && BlockCount <= extentBlocks && FirstBlock <= extentBlocks - BlockCount;
 
     public void Write(Span<byte> d)
     {

@@ -50,6 +50,20 @@ internal static class Wire
     public const int MinMaxFrameBytes = 64 << 10;
 
     public const ushort ReplyFlag = 0x8000;
+
+    /// <summary>
+    /// Highest generation any upstairs may use, and highest a replica may report: 2^63 − 1. Half the
+    /// range stays unused so that "highest + 1" can never wrap to 0 (a brick: every later activation
+    /// would be older than what the replicas have seen); at one activation per second it lasts 292
+    /// billion years.
+    /// </summary>
+    public const ulong MaxGeneration = long.MaxValue;
+
+    /// <summary>
+    /// Highest flush number accepted or reported: 2^63 − 1, for the same reason (the upstairs continues
+    /// from the highest flush number it finds, + 1). At a million flushes a second it lasts 292,000 years.
+    /// </summary>
+    public const ulong MaxFlushNumber = long.MaxValue;
 }
 
 /// <summary>Message types. Replies use the request type with <see cref="Wire.ReplyFlag"/> set.</summary>

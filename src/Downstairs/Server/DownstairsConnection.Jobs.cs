@@ -15,6 +15,7 @@ internal sealed partial class DownstairsConnection
     {
         private readonly long _arrived = Stopwatch.GetTimestamp();
         private bool _failed;
+        private bool _replied;
 
         public override long FirstBlock => first;
 
@@ -54,6 +55,17 @@ internal sealed partial class DownstairsConnection
                 connection._host.Throttle.Report(LogLevel.Warning, key, () => $"extent {FirstExtent()}, job {header.JobId}: {e.Message}");
                 _failed = true;
                 Reply(ErrorBody.Encode(Messages.ReplyTo(header.Type), header.JobId, code, errno, e.Message), null);
+            }
+            catch (Exception e)
+            {
+                // A bug or a request no check foresaw: answer this job Invalid and keep serving. An
+                // exception escaping here would end the IO thread, and with it the process.
+                connection._host.Throttle.Report(LogLevel.Error, $"unexpected error {Verb()}", () => $"job {header.JobId} ({header.Type}): {e}");
+                if (!_replied)
+                {
+                    _failed = true;
+                    Reply(ErrorBody.Encode(Messages.ReplyTo(header.Type), header.JobId, ResultCode.Invalid, 0, $"request failed: {e.Message}"), null);
+                }
             }
             finally
             {
@@ -115,7 +127,7 @@ internal sealed partial class DownstairsConnection
                     return;
                 }
                 case MessageType.Flush:
-                    region.Flush(Flush.FlushNumber, Flush.Generation);
+                    region.Flush(Flush.FlushNumber, connection.Generation);
                     Reply(OutgoingFrame.Create(MessageType.FlushReply, ResultCode.Ok, header.JobId), null);
                     return;
                 case MessageType.ExtentRead:
@@ -213,6 +225,10 @@ internal sealed partial class DownstairsConnection
             _ => 0,
         };
 
-        private void Reply(OutgoingFrame frame, byte[]? pooled) => connection.Send(frame, BudgetBytes, pooled);
+        private void Reply(OutgoingFrame frame, byte[]? pooled)
+        {
+            _replied = true;
+            connection.Send(frame, BudgetBytes, pooled);
+        }
     }
 }

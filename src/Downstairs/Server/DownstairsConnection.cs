@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Diagnostics;
 using System.IO.Pipelines;
 using System.Net;
 using System.Net.Sockets;
@@ -23,6 +24,22 @@ internal sealed partial class DownstairsConnection
     private readonly InFlightBudget _budget;
     private readonly FrameSender _sender;
     private volatile bool _fenced;
+
+    /// <summary>Highest flush number this connection has sent (receive loop only: no lock).</summary>
+    private ulong _highestFlushSent;
+
+    private readonly Func<bool> _isWriter;
+    private volatile bool _negotiated;
+    private volatile string? _closeReason;
+
+    /// <summary>When the receive loop began waiting on the socket (0: not waiting there). Read by the server's sweep.</summary>
+    private long _readWaitSince;
+
+    /// <summary>When the first bytes of the frame still incomplete arrived (0: none pending).</summary>
+    private long _partialSince;
+
+    /// <summary>Bytes of the shared memory budget held for the frame being received (receive loop only).</summary>
+    private long _frameCharge;
     private int _shutdown;
 
     public DownstairsConnection(RegionHost host, Stream stream, EndPoint? remote)
@@ -34,7 +51,15 @@ internal sealed partial class DownstairsConnection
         _logger = host.Logger;
         _budget = new InFlightBudget(_options.MaxJobsPerConnection, _options.MaxBytesPerConnection);
         _sender = new FrameSender(stream);
+        _isWriter = () => _host.IsWriter(this);
+        Started = Stopwatch.GetTimestamp();
     }
+
+    /// <summary>When the connection was accepted (the oldest silent one is evicted first).</summary>
+    public long Started { get; }
+
+    /// <summary>Past Hello: counted as a reader/writer, no longer as a connection still negotiating.</summary>
+    public bool Negotiated => _negotiated;
 
     public EndPoint? Remote { get; }
 
@@ -55,6 +80,36 @@ internal sealed partial class DownstairsConnection
         DownstairsLog.Fenced(_logger, Remote, Generation, newGeneration);
     }
 
+    /// <summary>Closes the connection from outside its receive loop (timeout, eviction); <paramref name="reason"/> is logged.</summary>
+    public void Close(string reason)
+    {
+        _closeReason ??= reason;
+        Shutdown();
+    }
+
+    /// <summary>
+    /// Called by the server's periodic sweep (not per frame): closes a negotiated connection that has
+    /// been silent for --idle-timeout, or whose incomplete frame is older than --frame-timeout.
+    /// </summary>
+    public void CheckDeadlines(long now)
+    {
+        if (!_negotiated)
+        {
+            return; // NegotiateAsync has its own Hello timeout
+        }
+        long partial = Volatile.Read(ref _partialSince);
+        if (partial != 0 && Stopwatch.GetElapsedTime(partial, now) > _options.FrameTimeout)
+        {
+            Close($"a frame was not received whole within {_options.FrameTimeout.TotalSeconds:0.#} s (--frame-timeout)");
+            return;
+        }
+        long waiting = Volatile.Read(ref _readWaitSince);
+        if (partial == 0 && waiting != 0 && Stopwatch.GetElapsedTime(waiting, now) > _options.IdleTimeout)
+        {
+            Close($"idle for {_options.IdleTimeout.TotalSeconds:0.#} s (--idle-timeout)");
+        }
+    }
+
     /// <summary>Closes the transport once; pending sends fail and their frames are dropped.</summary>
     public void Shutdown()
     {
@@ -73,6 +128,7 @@ internal sealed partial class DownstairsConnection
         {
             if (await NegotiateAsync(reader, cancellationToken).ConfigureAwait(false))
             {
+                _negotiated = true;
                 DownstairsMetrics.ConnectionOpened();
                 try
                 {
@@ -105,11 +161,21 @@ internal sealed partial class DownstairsConnection
         {
             reason = e.InnerException?.Message ?? e.Message;
         }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // Anything else is a bug or a case no check foresaw: this connection ends, the process and
+            // every other connection go on.
+            _host.Throttle.Report(LogLevel.Error, "unexpected error on a connection", () => $"{Remote}: {e}");
+            reason = $"unexpected error: {e.Message}";
+        }
         finally
         {
             _host.Unregister(this);
             await reader.CompleteAsync().ConfigureAwait(false);
             Shutdown();
+            _host.Memory.Release(_frameCharge);
+            _frameCharge = 0;
+            reason = _closeReason ?? reason;
             if (reason is not null)
             {
                 DownstairsLog.Closed(_logger, Remote, reason);
@@ -173,15 +239,50 @@ internal sealed partial class DownstairsConnection
 
     private async Task ReceiveLoopAsync(PipeReader reader, CancellationToken cancellationToken)
     {
+        byte[] raw = new byte[Wire.HeaderSize];
         while (true)
         {
+            Volatile.Write(ref _readWaitSince, Stopwatch.GetTimestamp());
             ReadResult result = await reader.ReadAsync(cancellationToken).ConfigureAwait(false);
+            Volatile.Write(ref _readWaitSince, 0);
             ReadOnlySequence<byte> buffer = result.Buffer;
+            bool handled = false;
             while (FrameReader.TryRead(ref buffer, _options.MaxFrameBytes, out FrameHeader header, out ReadOnlySequence<byte> body))
             {
                 await HandleAsync(header, body, cancellationToken).ConfigureAwait(false);
+                handled = true;
             }
+            // An incomplete frame left over: its body is about to be buffered. A large one is charged to
+            // the process-wide budget first (waiting here, socket unread, if it is exhausted).
+            long pendingBody = 0;
+            if (buffer.Length >= Wire.HeaderSize && (_frameCharge == 0 || handled))
+            {
+                buffer.Slice(0, Wire.HeaderSize).CopyTo(raw);
+                pendingBody = FrameReader.ParseHeader(raw, _options.MaxFrameBytes).BodyLength;
+            }
+            bool partial = !buffer.IsEmpty;
             reader.AdvanceTo(buffer.Start, buffer.End);
+            if (handled && _frameCharge > 0)
+            {
+                // The frame it was taken for has been handled (its payload kept what it needed).
+                _host.Memory.Release(_frameCharge);
+                _frameCharge = 0;
+            }
+            if (!partial)
+            {
+                Volatile.Write(ref _partialSince, 0);
+            }
+            else if (pendingBody > _options.ReceiveBufferBytes && _frameCharge == 0)
+            {
+                Volatile.Write(ref _partialSince, 0); // our wait, not the peer's slowness
+                await _host.Memory.TakeAsync(pendingBody, _isWriter, cancellationToken).ConfigureAwait(false);
+                _frameCharge = pendingBody;
+                Volatile.Write(ref _partialSince, Stopwatch.GetTimestamp());
+            }
+            else if (handled || Volatile.Read(ref _partialSince) == 0)
+            {
+                Volatile.Write(ref _partialSince, Stopwatch.GetTimestamp());
+            }
             if (result.IsCompleted)
             {
                 if (!buffer.IsEmpty)
@@ -224,7 +325,7 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
-                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
                 byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
                 data.CopyTo(buffer);
                 _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, range.FirstBlock, range.EndBlock) { Range = range, Buffer = buffer, BudgetBytes = payload });
@@ -241,7 +342,7 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
-                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
                 _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Read, range.FirstBlock, range.EndBlock) { Range = range, BudgetBytes = payload });
                 return;
             }
@@ -251,6 +352,19 @@ internal sealed partial class DownstairsConnection
                 Messages.ExpectLength(body, FlushRequest.BodySize, "Flush");
                 var r = new BodyReader(body);
                 var flush = new FlushRequest(r.ReadUInt64(), r.ReadUInt64());
+                // The stamp is this connection's generation, never one the request names: a flush that
+                // could stamp any generation could make its extents win every later reconciliation.
+                if (!ReadOnly && flush.Generation != Generation)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, $"flush names generation {flush.Generation}; this connection holds generation {Generation}", cancellationToken).ConfigureAwait(false);
+                    return;
+                }
+                if (flush.FlushNumber is 0 or > Wire.MaxFlushNumber)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, $"flush number {flush.FlushNumber} is not 1 to {Wire.MaxFlushNumber}", cancellationToken).ConfigureAwait(false);
+                    return;
+                }
+                _highestFlushSent = Math.Max(_highestFlushSent, flush.FlushNumber);
                 await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
                 _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { Flush = flush });
                 return;
@@ -266,7 +380,7 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
-                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
                 (long first, long end) = ExtentBlocks(range.Extent);
                 _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Read, first, end) { Extent = range, BudgetBytes = payload });
                 return;
@@ -282,7 +396,7 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
-                await _budget.TakeAsync(payload, cancellationToken).ConfigureAwait(false);
+                await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
                 byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
                 data.CopyTo(buffer);
                 (long first, long end) = ExtentBlocks(range.Extent);
@@ -299,6 +413,11 @@ internal sealed partial class DownstairsConnection
                 var commit = new ExtentCommitRequest(extent, new ExtentMeta(r.ReadUInt64(), r.ReadUInt64(), (flags & ExtentMeta.DirtyFlag) != 0));
                 if (await RefuseOutOfRangeAsync(header, new ExtentRange(extent, 0, 1), cancellationToken).ConfigureAwait(false))
                 {
+                    return;
+                }
+                if (!ReadOnly && ImplausibleCommit(commit.Meta) is { } why)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, why, cancellationToken).ConfigureAwait(false);
                     return;
                 }
                 await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
@@ -322,6 +441,30 @@ internal sealed partial class DownstairsConnection
         }
     }
 
+    /// <summary>
+    /// Why a repair commit's metadata cannot be honest, or null. Reconciliation picks the highest
+    /// generation, then the highest flush number, so a commit may claim no more than this connection
+    /// could truthfully know (docs/downstairs.md, "Repair commits"): a generation up to its own; at its
+    /// own generation, a flush number it has sent on this connection or that this region durably
+    /// recorded for that generation; and never a number the upstairs could not add one to.
+    /// </summary>
+    private string? ImplausibleCommit(ExtentMeta meta)
+    {
+        if (meta.Generation > Generation)
+        {
+            return $"commit names generation {meta.Generation}, above this connection's generation {Generation}";
+        }
+        if (meta.FlushNumber > Wire.MaxFlushNumber)
+        {
+            return $"commit names flush number {meta.FlushNumber}, above the maximum {Wire.MaxFlushNumber}";
+        }
+        if (meta.Generation == Generation && meta.FlushNumber > _highestFlushSent && meta.FlushNumber > Region.HighestFlushNumber(Generation))
+        {
+            return $"commit names flush {meta.FlushNumber} of generation {Generation}, which neither this connection (up to {_highestFlushSent}) nor this region has seen";
+        }
+        return null;
+    }
+
     private static BlockRange ParseRange(ReadOnlySequence<byte> body, string what)
     {
         var r = new BodyReader(body);
@@ -338,12 +481,12 @@ internal sealed partial class DownstairsConnection
         ((long)extent * Region.Geometry.ExtentBlocks, (long)(extent + 1) * Region.Geometry.ExtentBlocks);
 
     private ValueTask<bool> RefuseOutOfRangeAsync(FrameHeader header, BlockRange range, CancellationToken ct) =>
-        range.EndBlock > Region.Geometry.BlockCount
-            ? RefuseAsync(header, ResultCode.OutOfRange, $"blocks {range.FirstBlock}..{range.EndBlock} are beyond the region's {Region.Geometry.BlockCount} blocks", ct)
+        !range.IsWithin(Region.Geometry.BlockCount)
+            ? RefuseAsync(header, ResultCode.OutOfRange, $"blocks {range.FirstBlock}+{range.BlockCount} are beyond the region's {Region.Geometry.BlockCount} blocks", ct)
             : ValueTask.FromResult(false);
 
     private ValueTask<bool> RefuseOutOfRangeAsync(FrameHeader header, ExtentRange range, CancellationToken ct) =>
-        range.Extent >= Region.Geometry.ExtentCount || (long)range.FirstBlock + range.BlockCount > Region.Geometry.ExtentBlocks
+        !range.IsWithin(Region.Geometry.ExtentCount, Region.Geometry.ExtentBlocks)
             ? RefuseAsync(header, ResultCode.OutOfRange, $"extent {range.Extent} blocks {range.FirstBlock}+{range.BlockCount} are beyond the region ({Region.Geometry.ExtentCount} extents of {Region.Geometry.ExtentBlocks} blocks)", ct)
             : ValueTask.FromResult(false);
 
@@ -351,6 +494,21 @@ internal sealed partial class DownstairsConnection
         replyBody > _options.MaxFrameBytes
             ? RefuseAsync(header, ResultCode.Invalid, $"reply of {replyBody:N0} bytes would exceed the maximum frame of {_options.MaxFrameBytes:N0}", ct)
             : ValueTask.FromResult(false);
+
+    /// <summary>
+    /// A job slot and <paramref name="bytes"/> of payload: from the connection's budget and from the
+    /// process-wide one (the part already held for this frame's body is reused, not taken twice).
+    /// </summary>
+    private async ValueTask TakeAsync(long bytes, CancellationToken cancellationToken)
+    {
+        await _budget.TakeAsync(bytes, cancellationToken).ConfigureAwait(false);
+        long fromFrame = Math.Min(_frameCharge, bytes);
+        _frameCharge -= fromFrame;
+        if (bytes > fromFrame)
+        {
+            await _host.Memory.TakeAsync(bytes - fromFrame, _isWriter, cancellationToken).ConfigureAwait(false);
+        }
+    }
 
     private async ValueTask<bool> RefuseAsync(FrameHeader header, ResultCode code, string message, CancellationToken ct)
     {
@@ -374,6 +532,7 @@ internal sealed partial class DownstairsConnection
                 ArrayPool<byte>.Shared.Return(pooled);
             }
             _budget.Release(bytes);
+            _host.Memory.Release(bytes);
         };
         _sender.Enqueue(frame);
     }

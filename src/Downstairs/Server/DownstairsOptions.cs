@@ -31,7 +31,12 @@ internal sealed record DownstairsOptions
     /// <summary>Largest frame body accepted or sent (a 32 MiB NBD write plus its hashes).</summary>
     public int MaxFrameBytes { get; init; } = Wire.DefaultMaxFrameBytes;
 
-    /// <summary>Concurrent connections (three is normal: the engine, a repair peer, a reader).</summary>
+    /// <summary>
+    /// Negotiated connections other than the current writer (readers, probes, fenced writers), and
+    /// separately connections still before Hello. The writer has a slot of its own: a read-write Hello
+    /// that passes fencing is always admitted, so idle strangers cannot lock the upstairs out. When
+    /// the pre-Hello slots are full a new connection evicts the oldest one still silent.
+    /// </summary>
     public int MaxConnections { get; init; } = 16;
 
     /// <summary>A peer that has not said Hello by then is dropped (it holds a connection slot).</summary>
@@ -63,6 +68,37 @@ internal sealed record DownstairsOptions
     /// anyone who can reach the port could read and overwrite the region.
     /// </summary>
     public bool Insecure { get; init; }
+    /// A negotiated connection that sends nothing for this long is closed (it holds a slot). The
+    /// engine pings an idle link every 5 s (DownstairsClientOptions.PingInterval), so only a dead or
+    /// hostile peer stays silent this long.
+    /// </summary>
+    public TimeSpan IdleTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// Once a frame has begun to arrive, all of it must arrive within this time. A 33 MiB frame at
+    /// 10 Mbit/s takes 28 s; a peer that trickles a body to hold its buffer is cut off.
+    /// </summary>
+    public TimeSpan FrameTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// Frame bodies being received plus payloads in flight, over all connections together. The
+    /// writer's share (--max-bytes + --max-frame) is reserved for it; the rest is shared by the
+    /// others. A connection that would go past it waits (its socket is not read): memory stays flat
+    /// however many peers send large frames.
+    /// </summary>
+    public long MaxMemoryBytes { get; init; } = 512L << 20;
+
+    /// <summary>Memory of <see cref="MaxMemoryBytes"/> only the current writer may use.</summary>
+    internal long WriterMemoryReserve => MaxBytesPerConnection + MaxFrameBytes;
+
+    /// <summary>
+    /// How far one read-write Hello may raise the region's highest generation. The highest generation
+    /// is durable and the upstairs starts at highest + 1, so a peer that could record 2^64 − 1 would
+    /// brick the volume with one packet; an honest upstairs raises it by one per activation (or to an
+    /// explicit --generation). A million keeps ~9·10^12 activations of headroom below the cap and
+    /// still lets an operator jump ahead; raise it for a larger deliberate jump.
+    /// </summary>
+    public ulong MaxGenerationStep { get; init; } = 1_000_000;
 
     /// <summary>Repeated errors are summarised once per this interval (DESIGN §4).</summary>
     public TimeSpan LogSummaryInterval { get; init; } = TimeSpan.FromSeconds(5);
@@ -91,6 +127,10 @@ internal sealed record DownstairsOptions
         Check(MaxBytesPerConnection >= MaxFrameBytes, "--max-bytes must be at least --max-frame");
         Check(MaxConnections >= 1, "--max-connections must be at least 1");
         Check(HelloTimeout > TimeSpan.Zero, "--hello-timeout must be positive");
+        Check(IdleTimeout > TimeSpan.Zero, "--idle-timeout must be positive");
+        Check(FrameTimeout > TimeSpan.Zero, "--frame-timeout must be positive");
+        Check(MaxMemoryBytes >= 2 * WriterMemoryReserve, $"--max-memory must be at least twice (--max-bytes + --max-frame) = {2 * WriterMemoryReserve} bytes (half is the writer's reserve)");
+        Check(MaxGenerationStep is >= 1 and <= Wire.MaxGeneration, $"--max-generation-step must be 1 to {Wire.MaxGeneration}");
         Check(LogSummaryInterval > TimeSpan.Zero, "--log-interval must be positive");
         Check(ReceiveBufferBytes is >= 4096 and <= 16 << 20, "--receive-buffer must be 4 KiB to 16 MiB");
         Check(TlsHandshakeTimeout > TimeSpan.Zero, "--tls-handshake-timeout must be positive");

@@ -14,18 +14,41 @@ namespace NbdServer.Downstairs.Server;
 /// one) before the connection reads its first Hello byte. The policy should have
 /// <see cref="TlsServerPolicy.CoalesceWrites"/> on: the connection's frame sender flushes after each batch.
 /// </summary>
-internal sealed partial class DownstairsServer(RegionHost host, TlsServerPolicy? tls = null) : IAsyncDisposable
+internal sealed partial class DownstairsServer : IAsyncDisposable
 {
+    private readonly RegionHost host;
+    private readonly TlsServerPolicy? tls;
     private readonly CancellationTokenSource _stop = new();
     private readonly ConcurrentDictionary<DownstairsConnection, Task> _connections = new();
+    /// <summary>Sockets still in their TLS handshake, with when they were accepted.</summary>
+    private readonly ConcurrentDictionary<Socket, long> _handshakes = new();
+    private readonly ITimer _sweep;
     private Socket? _listener;
     private Task? _acceptLoop;
+    private long _tlsRefusals;
+
+    public DownstairsServer(RegionHost host, TlsServerPolicy? tls = null)
+    {
+        this.host = host;
+        this.tls = tls;
+        _sweep = TimeProvider.System.CreateTimer(_ => Sweep(), null, SweepPeriod(host.Options), SweepPeriod(host.Options));
+    }
 
     /// <summary>Handshakes refused so far (tests; the log has the reasons, throttled).</summary>
     public long TlsRefusals => Interlocked.Read(ref _tlsRefusals);
 
-    private long _tlsRefusals;
-    private int _handshaking;
+    /// <summary>Checks every connection's idle and frame deadlines a few times per the shortest of them.</summary>
+    private static TimeSpan SweepPeriod(DownstairsOptions o) =>
+        TimeSpan.FromTicks(Math.Clamp(Math.Min(o.IdleTimeout.Ticks, o.FrameTimeout.Ticks) / 4, TimeSpan.TicksPerMillisecond * 50, TimeSpan.TicksPerSecond));
+
+    private void Sweep()
+    {
+        long now = System.Diagnostics.Stopwatch.GetTimestamp();
+        foreach (DownstairsConnection c in _connections.Keys)
+        {
+            c.CheckDeadlines(now);
+        }
+    }
 
     public IPEndPoint? LocalEndPoint => _listener?.LocalEndPoint as IPEndPoint;
 
@@ -73,25 +96,71 @@ internal sealed partial class DownstairsServer(RegionHost host, TlsServerPolicy?
                 await Task.Delay(100).ConfigureAwait(false);
                 continue;
             }
-            // Connections still in their TLS handshake hold a slot too: a flood of silent strangers
-            // must not get past the cap by never finishing the handshake.
-            int open = _connections.Count + Volatile.Read(ref _handshaking);
-            if (open >= host.Options.MaxConnections)
-            {
-                DownstairsLog.TooManyConnections(host.Logger, socket.RemoteEndPoint, open);
-                socket.Dispose();
-                continue;
-            }
+            EvictOldestSilentIfFull(socket.RemoteEndPoint);
             socket.NoDelay = true;
             if (tls is null)
             {
                 _ = RunAsync(new DownstairsConnection(host, new NetworkStream(socket, ownsSocket: true), socket.RemoteEndPoint));
                 continue;
             }
-            Interlocked.Increment(ref _handshaking);
+            EvictOldestHandshakeIfFull(socket.RemoteEndPoint);
+            _handshakes[socket] = System.Diagnostics.Stopwatch.GetTimestamp();
             _ = HandshakeThenRunAsync(tls, socket);
         }
     }
+    /// <summary>
+    /// Connections that have not said Hello yet are capped at --max-connections. A new one does not
+    /// wait for a slot: it takes the slot of the oldest silent one, so a flood of silent sockets
+    /// cannot keep the real upstairs from reaching Hello (and after Hello the writer is always admitted).
+    /// </summary>
+    private void EvictOldestSilentIfFull(EndPoint? remote)
+    {
+        DownstairsConnection? oldest = null;
+        int silent = 0;
+        foreach (DownstairsConnection c in _connections.Keys)
+        {
+            if (!c.Negotiated)
+            {
+                silent++;
+                if (oldest is null || c.Started < oldest.Started)
+                {
+                    oldest = c;
+                }
+            }
+        }
+        if (silent >= host.Options.MaxConnections && oldest is not null)
+        {
+            host.Throttle.Report(LogLevel.Warning, "connections before Hello at --max-connections", () => $"{silent} connections have not said Hello; closing the oldest ({oldest.Remote}) for {remote}");
+            oldest.Close("evicted: too many connections before Hello (--max-connections)");
+        }
+    }
+
+    /// <summary>
+    /// Sockets in their TLS handshake are capped at --max-connections the same way: a flood of
+    /// strangers that never finish the handshake only ever pushes out the oldest of its own kind, so
+    /// the real upstairs always gets to handshake.
+    /// </summary>
+    private void EvictOldestHandshakeIfFull(EndPoint? remote)
+    {
+        if (_handshakes.Count < host.Options.MaxConnections)
+        {
+            return;
+        }
+        KeyValuePair<Socket, long>? oldest = null;
+        foreach (KeyValuePair<Socket, long> h in _handshakes)
+        {
+            if (oldest is null || h.Value < oldest.Value.Value)
+            {
+                oldest = h;
+            }
+        }
+        if (oldest is { } o && _handshakes.TryRemove(o.Key, out _))
+        {
+            host.Throttle.Report(LogLevel.Warning, "TLS handshakes at --max-connections", () => $"{_handshakes.Count + 1} TLS handshakes in progress; closing the oldest for {remote}");
+            o.Key.Dispose();
+        }
+    }
+
 
     private async Task HandshakeThenRunAsync(TlsServerPolicy policy, Socket socket)
     {
@@ -104,7 +173,7 @@ internal sealed partial class DownstairsServer(RegionHost host, TlsServerPolicy?
         }
         catch (TlsHandshakeException e)
         {
-            Interlocked.Decrement(ref _handshaking);
+            _handshakes.TryRemove(socket, out _);
             Interlocked.Increment(ref _tlsRefusals);
             // One line per reason per interval: a scanner or a misconfigured peer retrying every
             // 100 ms must not flood the journal.
@@ -115,7 +184,7 @@ internal sealed partial class DownstairsServer(RegionHost host, TlsServerPolicy?
         {
             // Stopping, or a socket that died before the handshake began; whatever it was, it must
             // neither end the process nor keep the connection slot.
-            Interlocked.Decrement(ref _handshaking);
+            _handshakes.TryRemove(socket, out _);
             socket.Dispose();
             if (e is not OperationCanceledException)
             {
@@ -127,7 +196,7 @@ internal sealed partial class DownstairsServer(RegionHost host, TlsServerPolicy?
         DownstairsLog.TlsAuthenticated(host.Logger, remote, peer, stream.SslProtocol.ToString(), stream.NegotiatedCipherSuite.ToString());
         // RunAsync registers the connection before its first await, so the slot is never uncounted.
         Task run = RunAsync(new DownstairsConnection(host, stream, remote));
-        Interlocked.Decrement(ref _handshaking);
+        _handshakes.TryRemove(socket, out _);
         await run.ConfigureAwait(false);
     }
 
@@ -150,6 +219,11 @@ internal sealed partial class DownstairsServer(RegionHost host, TlsServerPolicy?
     {
         await _stop.CancelAsync().ConfigureAwait(false);
         _listener?.Dispose();
+        await _sweep.DisposeAsync().ConfigureAwait(false);
+        foreach (Socket s in _handshakes.Keys)
+        {
+            s.Dispose();
+        }
         foreach (DownstairsConnection c in _connections.Keys)
         {
             c.Shutdown();

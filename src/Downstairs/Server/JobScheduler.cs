@@ -1,4 +1,6 @@
 using System.Collections.Concurrent;
+using Microsoft.Extensions.Logging;
+using NbdServer.Common.Logging;
 
 namespace NbdServer.Downstairs.Server;
 
@@ -86,9 +88,12 @@ internal sealed class JobScheduler : IDisposable
     private readonly BlockingCollection<IoJob> _ready = [];
     private readonly Thread[] _threads;
     private readonly IoJob.State _state;
+    private readonly LogThrottle? _throttle;
 
-    public JobScheduler(int ioThreads)
+    /// <param name="throttle">Where a job that throws despite its own error handling is reported.</param>
+    public JobScheduler(int ioThreads, LogThrottle? throttle = null)
     {
+        _throttle = throttle;
         _state = new IoJob.State(this);
         _threads = new Thread[ioThreads];
         for (int i = 0; i < ioThreads; i++)
@@ -120,7 +125,16 @@ internal sealed class JobScheduler : IDisposable
         {
             foreach (IoJob job in _ready.GetConsumingEnumerable())
             {
-                job.Execute();
+                try
+                {
+                    job.Execute();
+                }
+                catch (Exception e)
+                {
+                    // Jobs catch their own errors; this is the last line: an exception escaping an IO
+                    // thread would end the process (every connection, every region) for one bad job.
+                    _throttle?.Report(LogLevel.Error, "IO job failed", () => e.ToString());
+                }
                 lock (_lock)
                 {
                     _state.Finish(job, ready);

@@ -14,13 +14,17 @@ internal sealed class RegionHost : IDisposable
     private readonly Lock _fenceLock = new();
     private DownstairsConnection? _writer;
 
+    /// <summary>Negotiated connections other than the writer, oldest first (guarded by _fenceLock).</summary>
+    private readonly List<DownstairsConnection> _others = [];
+
     public RegionHost(Region region, DownstairsOptions options, ILogger logger)
     {
         Region = region;
         Options = options;
         Logger = logger;
-        Scheduler = new JobScheduler(options.IoThreads);
         Throttle = new LogThrottle(logger, options.LogSummaryInterval);
+        Memory = new MemoryBudget(options.MaxMemoryBytes, options.WriterMemoryReserve);
+        Scheduler = new JobScheduler(options.IoThreads, Throttle);
         region.StickyDirty = options.StickyDirty;
         if (options.FailWritesWhen is not null || options.FailFlushesWhen is not null)
         {
@@ -39,6 +43,11 @@ internal sealed class RegionHost : IDisposable
 
     public LogThrottle Throttle { get; }
 
+    public MemoryBudget Memory { get; }
+
+    /// <summary>True while <paramref name="connection"/> holds the fence (it gets the writer's memory reserve).</summary>
+    public bool IsWriter(DownstairsConnection connection) => Volatile.Read(ref _writer) == connection;
+
     /// <summary>Decides a Hello. Null: accepted (and, for a writer, the fence now belongs to it).</summary>
     public (ResultCode Code, int Errno, string Message)? Negotiate(HelloRequest hello, DownstairsConnection connection)
     {
@@ -52,7 +61,19 @@ internal sealed class RegionHost : IDisposable
         }
         if (hello.ReadOnly)
         {
+            lock (_fenceLock)
+            {
+                if (_others.Count >= Options.MaxConnections)
+                {
+                    return (ResultCode.Unavailable, 0, $"already {_others.Count} connections besides the writer (--max-connections)");
+                }
+                _others.Add(connection);
+            }
             return null;
+        }
+        if (hello.Generation is 0 or > Wire.MaxGeneration)
+        {
+            return (ResultCode.Invalid, 0, $"generation {hello.Generation} is not valid for a writer (1 to {Wire.MaxGeneration})");
         }
         DownstairsConnection? previous;
         lock (_fenceLock)
@@ -61,6 +82,11 @@ internal sealed class RegionHost : IDisposable
             if (hello.Generation < highest)
             {
                 return (ResultCode.Fenced, 0, $"generation {hello.Generation} is older than generation {highest}, which has already taken over this region");
+            }
+            // hello.Generation >= highest here, so the subtraction cannot wrap.
+            if (hello.Generation - highest > Options.MaxGenerationStep)
+            {
+                return (ResultCode.Invalid, 0, $"generation {hello.Generation} would raise this region's highest generation {highest} by more than --max-generation-step ({Options.MaxGenerationStep})");
             }
             if (hello.Generation == highest && _writer is { } w && w.UpstairsId != hello.UpstairsId)
             {
@@ -77,13 +103,27 @@ internal sealed class RegionHost : IDisposable
             }
             previous = _writer;
             _writer = connection;
+            _others.Remove(connection);
             // Repair marks belong to the repair that set them; a new writer starts its own.
             Region.ClearRepairPending();
         }
+        DownstairsConnection? evicted = null;
         if (previous is not null && previous != connection)
         {
+            lock (_fenceLock)
+            {
+                // The fenced writer stays connected (it must hear "fenced"), now as one of the others;
+                // if that overfills them, the oldest other goes: the slot limit holds.
+                _others.Add(previous);
+                if (_others.Count > Options.MaxConnections)
+                {
+                    evicted = _others[0];
+                    _others.RemoveAt(0);
+                }
+            }
             previous.Fence(hello.Generation);
         }
+        evicted?.Close("evicted: a new writer took over and the other connections were at --max-connections");
         return null;
     }
 
@@ -95,6 +135,7 @@ internal sealed class RegionHost : IDisposable
             {
                 _writer = null;
             }
+            _others.Remove(connection);
         }
     }
 

@@ -93,6 +93,23 @@ internal sealed class Region : IDisposable
 
     public bool IsPoisoned(int extent) => _extents[extent].Poisoned;
 
+    /// <summary>The highest flush number recorded on any extent stamped with <paramref name="generation"/> (0 if none).</summary>
+    public ulong HighestFlushNumber(ulong generation)
+    {
+        ulong highest = 0;
+        lock (_recordLock)
+        {
+            foreach (Extent e in _extents)
+            {
+                if (e.Generation == generation && e.Flush > highest)
+                {
+                    highest = e.Flush;
+                }
+            }
+        }
+        return highest;
+    }
+
     // ---------------------------------------------------------------- create / open
 
     /// <param name="progress">Called with (extents done, extent count) after each extent file: a
@@ -674,15 +691,15 @@ internal sealed class Region : IDisposable
 
     private void CheckRange(BlockRange range)
     {
-        if (range.FirstBlock < 0 || range.BlockCount <= 0 || range.EndBlock > Geometry.BlockCount)
+        if (!range.IsWithin(Geometry.BlockCount))
         {
-            throw new ArgumentOutOfRangeException(nameof(range), $"blocks {range.FirstBlock}..{range.EndBlock} are beyond the region's {Geometry.BlockCount} blocks");
+            throw new ArgumentOutOfRangeException(nameof(range), $"blocks {range.FirstBlock}+{range.BlockCount} are beyond the region's {Geometry.BlockCount} blocks");
         }
     }
 
     private Extent CheckExtentRange(ExtentRange r)
     {
-        if (r.Extent < 0 || r.Extent >= _extents.Length || r.FirstBlock < 0 || r.BlockCount <= 0 || (long)r.FirstBlock + r.BlockCount > Geometry.ExtentBlocks)
+        if (!r.IsWithin(_extents.Length, Geometry.ExtentBlocks))
         {
             throw new ArgumentOutOfRangeException(nameof(r), $"extent {r.Extent} blocks {r.FirstBlock}+{r.BlockCount} are beyond the region ({_extents.Length} extents of {Geometry.ExtentBlocks} blocks)");
         }
