@@ -283,4 +283,35 @@ public sealed class HostileInProcessTests
         Assert.That((await writer.WriteAsync(1, 5, TestData.Block(4096, 5, 1))).IsOk, Is.True);
         Assert.That(_log.Lines, Has.Some.Contains("--frame-timeout"));
     }
+
+    [Test]
+    [CancelAfter(120_000)]
+    public async Task A_stranger_sending_garbage_10000_times_yields_a_few_log_lines_with_counts()
+    {
+        IPEndPoint endpoint = await ListenAsync(_host.Options with { LogSummaryInterval = TimeSpan.FromSeconds(1) });
+        await using DownstairsClient writer = await DownstairsClient.ConnectAsync(endpoint, HelloFor(1));
+        int before = _log.Lines.Count;
+        byte[] garbage = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"u8.ToArray();
+        byte[] badHello = RawPeer.Frame(MessageType.Hello, 0, RawPeer.HelloBody(0, readOnly: false));
+        int attempts = 0;
+        await Parallel.ForAsync(0, 10_000, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (i, ct) =>
+        {
+            Interlocked.Increment(ref attempts);
+            await using RawPeer p = await RawPeer.ConnectAsync(endpoint);
+            // Mostly garbage; every tenth a Hello that is refused (generation 0), every tenth a read-only probe.
+            if (i % 10 == 5)
+            {
+                await p.HelloAsync(0, readOnly: true);
+                return; // hangs up itself
+            }
+            await p.SendAsync(i % 10 == 0 ? badHello : garbage);
+            await ((Task)p.ClosedByPeerAsync().WaitAsync(TimeSpan.FromSeconds(5), ct)).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+        });
+        await Task.Delay(2500); // a summary interval or two
+        string[] lines = [.. _log.Lines.Skip(before)];
+        Assert.That(attempts, Is.EqualTo(10_000));
+        Assert.That(lines, Has.Length.LessThan(30), string.Join("\n", lines.Take(40)));
+        Assert.That(lines, Has.Some.Contains("repeated"), "the repeats are counted");
+        Assert.That((await writer.WriteAsync(1, 5, TestData.Block(4096, 5, 1))).IsOk, Is.True, "the writer is still served");
+    }
 }
