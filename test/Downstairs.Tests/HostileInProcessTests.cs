@@ -283,4 +283,67 @@ public sealed class HostileInProcessTests
         Assert.That((await writer.WriteAsync(1, 5, TestData.Block(4096, 5, 1))).IsOk, Is.True);
         Assert.That(_log.Lines, Has.Some.Contains("--frame-timeout"));
     }
+
+    [Test]
+    [CancelAfter(120_000)]
+    public async Task A_stranger_sending_garbage_10000_times_yields_a_few_log_lines_with_counts()
+    {
+        IPEndPoint endpoint = await ListenAsync(_host.Options with { LogSummaryInterval = TimeSpan.FromSeconds(1) });
+        await using DownstairsClient writer = await DownstairsClient.ConnectAsync(endpoint, HelloFor(1));
+        int before = _log.Lines.Count;
+        byte[] garbage = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"u8.ToArray();
+        byte[] badHello = RawPeer.Frame(MessageType.Hello, 0, RawPeer.HelloBody(0, readOnly: false));
+        int attempts = 0;
+        await Parallel.ForAsync(0, 10_000, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (i, ct) =>
+        {
+            Interlocked.Increment(ref attempts);
+            await using RawPeer p = await RawPeer.ConnectAsync(endpoint);
+            // Mostly garbage; every tenth a Hello that is refused (generation 0), every tenth a read-only probe.
+            if (i % 10 == 5)
+            {
+                await p.HelloAsync(0, readOnly: true);
+                return; // hangs up itself
+            }
+            await p.SendAsync(i % 10 == 0 ? badHello : garbage);
+            await ((Task)p.ClosedByPeerAsync().WaitAsync(TimeSpan.FromSeconds(5), ct)).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+        });
+        await Task.Delay(2500); // a summary interval or two
+        string[] lines = [.. _log.Lines.Skip(before)];
+        Assert.That(attempts, Is.EqualTo(10_000));
+        Assert.That(lines, Has.Length.LessThan(30), string.Join("\n", lines.Take(40)));
+        Assert.That(lines, Has.Some.Contains("repeated"), "the repeats are counted");
+        Assert.That((await writer.WriteAsync(1, 5, TestData.Block(4096, 5, 1))).IsOk, Is.True, "the writer is still served");
+    }
+
+    [Test]
+    public async Task A_fenced_writer_gets_fenced_answers_and_none_of_its_writes_land()
+    {
+        (DownstairsClient writer, byte[] block) = await HonestAsync(1);
+        await using (writer)
+        {
+            // The read-only probe (what the engine does first) works for anyone and fences no one.
+            await using (var probe = new RawPeer(Connect()))
+            {
+                Assert.That(await probe.HelloAsync(0, readOnly: true), Is.EqualTo(ResultCode.Ok));
+            }
+            Assert.That((await writer.WriteAsync(3, 701, TestData.Block(4096, 701, 1))).IsOk, Is.True, "the probe fenced no one");
+            Assert.That((await writer.FlushAsync(4, 2, 1)).IsOk, Is.True);
+
+            // A newer writer (the attack TLS closes: one above the disclosed highest generation) takes over.
+            await using DownstairsClient newer = await DownstairsClient.ConnectAsync(Connect(), Hello(2));
+            string extents = DiskState.Of(Path.Combine(RegionDir, "extents"));
+            ExtentMeta[] meta = _host.Region.GetAllExtentMeta();
+
+            Assert.That((await writer.WriteAsync(5, 702, TestData.Block(4096, 702, 1))).Code, Is.EqualTo(ResultCode.Fenced));
+            Assert.That((await writer.FlushAsync(6, 3, 1)).Code, Is.EqualTo(ResultCode.Fenced));
+            Assert.That((await writer.WriteExtentAsync(7, new ExtentRange(1, 0, 1, ExtentRange.BeginFlag), new byte[16], new byte[4096])).Code, Is.EqualTo(ResultCode.Fenced));
+            Assert.That((await writer.CommitExtentAsync(8, 1, new ExtentMeta(1, 2, false))).Code, Is.EqualTo(ResultCode.Fenced));
+            Assert.That((await writer.MarkRepairPendingAsync(9, [2])).Code, Is.EqualTo(ResultCode.Fenced));
+
+            Assert.That(DiskState.Of(Path.Combine(RegionDir, "extents")), Is.EqualTo(extents), "no write of the fenced writer landed");
+            Assert.That(_host.Region.GetAllExtentMeta(), Is.EqualTo(meta));
+            Assert.That(_host.Region.IsRepairPending(2), Is.False);
+            Assert.That((await newer.WriteAsync(1, 703, TestData.Block(4096, 703, 1))).IsOk, Is.True, "the new writer is served");
+        }
+    }
 }

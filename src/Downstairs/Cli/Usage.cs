@@ -87,9 +87,9 @@ OPTIONS
     --frame-timeout SECONDS    Once a frame has begun to arrive, all of it must arrive within
                                this time (default 30).
     --max-memory SIZE          Frame bodies being received plus payloads in flight, over all
-                               connections (default 512MiB; at least twice --max-bytes plus
-                               --max-frame). --max-bytes + --max-frame of it is reserved for the
-                               writer; a connection that would exceed it waits, unread.
+                               connections (default 512MiB; at least twice the sum of
+                               max-bytes and max-frame, which is the share reserved for the
+                               writer). A connection that would exceed it waits, unread.
     --max-generation-step N    How far one read-write Hello may raise the region's highest
                                generation (default 1000000). Stops a peer from recording
                                2^64-1, after which no upstairs could ever start again.

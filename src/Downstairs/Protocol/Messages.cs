@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
+using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Protocol;
 
@@ -108,7 +109,8 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
         int maxJobs = r.ReadInt32();
         r.ReadUInt32();
         ulong highest = r.ReadUInt64();
-        if (extentCount < 0 || r.Remaining != (long)extentCount * ExtentMeta.WireSize)
+        // Checked against the body length before anything is allocated by this peer-supplied count.
+        if (extentCount < 0 || extentCount > RegionLayout.MaxExtentCount || r.Remaining != (long)extentCount * ExtentMeta.WireSize)
         {
             throw new DownstairsProtocolException($"Hello reply announces {extentCount} extents but carries {r.Remaining} bytes of extent state");
         }
@@ -134,6 +136,31 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
     /// <exception cref="DownstairsProtocolException">The replica is misbehaving; do not use it.</exception>
     public void Validate()
     {
+        if (Version != Wire.ProtocolVersion)
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: its Hello reply is for protocol version {Version}, not {Wire.ProtocolVersion}");
+        }
+        if (BlockSize is not (512 or 4096))
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: block size {BlockSize} (only 512 and 4096 exist)");
+        }
+        if (ExtentBlocks is <= 0 or > RegionLayout.MaxExtentBlocks)
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: {ExtentBlocks} blocks per extent (1 to {RegionLayout.MaxExtentBlocks})");
+        }
+        // Both at most 2^20, so blocks × block size stays far below 2^63: RegionBytes cannot overflow.
+        if (ExtentCount is <= 0 or > RegionLayout.MaxExtentCount || Extents.Length != ExtentCount)
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: {ExtentCount} extents announced, {Extents.Length} described (1 to {RegionLayout.MaxExtentCount})");
+        }
+        if (MaxFrameBytes is < Wire.MinMaxFrameBytes or > Wire.MaxMaxFrameBytes)
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: max frame {MaxFrameBytes} bytes ({Wire.MinMaxFrameBytes} to {Wire.MaxMaxFrameBytes})");
+        }
+        if (MaxJobs is < 1 or > Wire.MaxJobsLimit)
+        {
+            throw new DownstairsProtocolException($"misbehaving replica: {MaxJobs} jobs in flight allowed (1 to {Wire.MaxJobsLimit})");
+        }
         if (HighestGeneration >= Wire.MaxGeneration)
         {
             throw new DownstairsProtocolException($"misbehaving replica: it reports highest generation {HighestGeneration}, at or above the maximum {Wire.MaxGeneration}");

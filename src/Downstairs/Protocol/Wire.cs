@@ -49,6 +49,12 @@ internal static class Wire
     /// <summary>Smallest maximum either side may announce: a Hello reply for a modest region must fit.</summary>
     public const int MinMaxFrameBytes = 64 << 10;
 
+    /// <summary>Largest maximum either side may announce (a peer announcing more is not believed).</summary>
+    public const int MaxMaxFrameBytes = 1 << 30;
+
+    /// <summary>Most jobs in flight a peer may announce.</summary>
+    public const int MaxJobsLimit = 1 << 20;
+
     public const ushort ReplyFlag = 0x8000;
 
     /// <summary>

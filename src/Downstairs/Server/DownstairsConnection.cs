@@ -30,6 +30,7 @@ internal sealed partial class DownstairsConnection
 
     private readonly Func<bool> _isWriter;
     private volatile bool _negotiated;
+    private bool _writerHello;
     private volatile string? _closeReason;
 
     /// <summary>When the receive loop began waiting on the socket (0: not waiting there). Read by the server's sweep.</summary>
@@ -62,6 +63,9 @@ internal sealed partial class DownstairsConnection
     public bool Negotiated => _negotiated;
 
     public EndPoint? Remote { get; }
+
+    /// <summary>The peer's address without its port: the key its repeated log lines are counted under.</summary>
+    private string RemoteAddress => (Remote as IPEndPoint)?.Address.ToString() ?? "in-process peer";
 
     public Guid UpstairsId { get; private set; }
 
@@ -141,12 +145,13 @@ internal sealed partial class DownstairsConnection
             }
             else
             {
-                reason = "Hello refused";
+                reason = null; // the refusal line is the one line this close gets
             }
         }
         catch (DownstairsProtocolException e)
         {
-            DownstairsLog.InvalidFrame(_logger, Remote, e.Message);
+            // Throttled per peer address: a stranger sending garbage in a loop is a few lines with counts.
+            _host.Throttle.Report(LogLevel.Warning, $"{RemoteAddress}: invalid frames", () => $"{Remote}: closing connection: invalid frame: {e.Message}");
             reason = null; // the line above is the one line this close gets
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
@@ -178,7 +183,15 @@ internal sealed partial class DownstairsConnection
             reason = _closeReason ?? reason;
             if (reason is not null)
             {
-                DownstairsLog.Closed(_logger, Remote, reason);
+                if (_closeReason is not null || !_writerHello)
+                {
+                    // Timeouts, evictions and readers: anyone can cause these, so they are throttled.
+                    _host.Throttle.Report(LogLevel.Information, $"{RemoteAddress}: {(_writerHello ? "writer" : "read-only")} connection closed ({_closeReason ?? "by peer"})", () => $"{Remote}: connection closed ({reason})");
+                }
+                else
+                {
+                    DownstairsLog.Closed(_logger, Remote, reason);
+                }
             }
         }
     }
@@ -223,14 +236,22 @@ internal sealed partial class DownstairsConnection
         ReadOnly = hello.ReadOnly;
         if (_host.Negotiate(hello, this) is { } refusal)
         {
-            DownstairsLog.Refused(_logger, Remote, ResultCodes.Name(refusal.Code), refusal.Message);
+            _host.Throttle.Report(LogLevel.Warning, $"{RemoteAddress}: Hello refused ({ResultCodes.Name(refusal.Code)})", () => $"{Remote}: refused: {ResultCodes.Name(refusal.Code)}: {refusal.Message}");
             _sender.Enqueue(ErrorBody.Encode(MessageType.HelloReply, 0, refusal.Code, refusal.Errno, refusal.Message));
             _sender.Complete();
             // Let the refusal reach the peer, but never wait on a peer that does not read.
             await Task.WhenAny(_sender.Completion, Task.Delay(TimeSpan.FromSeconds(2), CancellationToken.None)).ConfigureAwait(false);
             return false;
         }
-        DownstairsLog.Negotiated(_logger, Remote, hello.UpstairsId, hello.SessionId, hello.Generation, hello.ReadOnly ? "read-only" : "read-write");
+        if (hello.ReadOnly)
+        {
+            _host.Throttle.Report(LogLevel.Information, $"{RemoteAddress}: read-only connections", () => $"{Remote}: upstairs {hello.UpstairsId} session {hello.SessionId} connected (read-only)");
+        }
+        else
+        {
+            _writerHello = true;
+            DownstairsLog.Negotiated(_logger, Remote, hello.UpstairsId, hello.SessionId, hello.Generation, "read-write");
+        }
         var reply = new HelloReply(Wire.ProtocolVersion, hello.ReadOnly, Region.Uuid, Region.Geometry.BlockSize, Region.Geometry.ExtentBlocks,
             Region.Geometry.ExtentCount, _options.MaxFrameBytes, _options.MaxJobsPerConnection, Region.HighestGeneration, Region.GetAllExtentMeta());
         _sender.Enqueue(reply.Encode());

@@ -3,7 +3,11 @@ using Microsoft.Extensions.Logging;
 
 namespace NbdServer.Downstairs.Server;
 
-/// <summary>Downstairs log lines; event ids 2000–2099 are stable (operators grep them).</summary>
+/// <summary>
+/// Downstairs log lines; event ids 2000–2099 are stable (operators grep them). Retired: 2004
+/// (Hello refused), 2005 (invalid frame), 2008 (too many connections): anyone who can connect can
+/// cause those, so they now go through the region's LogThrottle, counted per peer address.
+/// </summary>
 internal static partial class DownstairsLog
 {
     [LoggerMessage(EventId = 2000, Level = LogLevel.Information, Message = "Listening on {Endpoint}")]
@@ -15,11 +19,7 @@ internal static partial class DownstairsLog
     [LoggerMessage(EventId = 2003, Level = LogLevel.Information, Message = "{Remote}: upstairs {Upstairs} session {Session} generation {Generation} connected ({Mode})")]
     public static partial void Negotiated(ILogger logger, EndPoint? remote, Guid upstairs, Guid session, ulong generation, string mode);
 
-    [LoggerMessage(EventId = 2004, Level = LogLevel.Warning, Message = "{Remote}: refused: {Result}: {Reason}")]
-    public static partial void Refused(ILogger logger, EndPoint? remote, string result, string reason);
 
-    [LoggerMessage(EventId = 2005, Level = LogLevel.Warning, Message = "{Remote}: closing connection: invalid frame: {Reason}")]
-    public static partial void InvalidFrame(ILogger logger, EndPoint? remote, string reason);
 
     [LoggerMessage(EventId = 2006, Level = LogLevel.Information, Message = "{Remote}: connection closed ({Reason})")]
     public static partial void Closed(ILogger logger, EndPoint? remote, string reason);
@@ -27,8 +27,6 @@ internal static partial class DownstairsLog
     [LoggerMessage(EventId = 2007, Level = LogLevel.Warning, Message = "{Remote}: fenced: generation {Old} superseded by generation {New}")]
     public static partial void Fenced(ILogger logger, EndPoint? remote, ulong old, ulong @new);
 
-    [LoggerMessage(EventId = 2008, Level = LogLevel.Warning, Message = "{Remote}: refused: already {Count} connections (--max-connections)")]
-    public static partial void TooManyConnections(ILogger logger, EndPoint? remote, int count);
 
     [LoggerMessage(EventId = 2009, Level = LogLevel.Information, Message = "Stopped")]
     public static partial void Stopped(ILogger logger);

@@ -122,8 +122,8 @@ internal sealed record DownstairsOptions
     public void Validate()
     {
         Check(IoThreads is >= 1 and <= 256, "--io-threads must be 1 to 256");
-        Check(MaxJobsPerConnection is >= 1 and <= 1 << 20, "--max-jobs must be 1 to 1048576");
-        Check(MaxFrameBytes is >= Wire.MinMaxFrameBytes and <= 1 << 30, $"--max-frame must be {Wire.MinMaxFrameBytes} bytes to 1 GiB");
+        Check(MaxJobsPerConnection is >= 1 and <= Wire.MaxJobsLimit, $"--max-jobs must be 1 to {Wire.MaxJobsLimit}");
+        Check(MaxFrameBytes is >= Wire.MinMaxFrameBytes and <= Wire.MaxMaxFrameBytes, $"--max-frame must be {Wire.MinMaxFrameBytes} bytes to 1 GiB");
         Check(MaxBytesPerConnection >= MaxFrameBytes, "--max-bytes must be at least --max-frame");
         Check(MaxConnections >= 1, "--max-connections must be at least 1");
         Check(HelloTimeout > TimeSpan.Zero, "--hello-timeout must be positive");
