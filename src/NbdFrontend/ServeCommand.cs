@@ -80,8 +80,8 @@ internal sealed record ServeCommand
             --tls MODE               off, on (clients may use STARTTLS) or require (every option
                                      but STARTTLS is refused with ERR_TLS_REQD until TLS is up)
                                      (default off)
-            --tls-dir DIR            server-cert.pem and server-key.pem (and ca-cert.pem with
-                                     --tls-verify-client); make them with nbd-certs
+            --tls-dir DIR            server-cert.pem and server-key.pem, and ca-cert.pem to
+                                     verify client certificates with; make them with nbd-certs
             --tls-verify-client      require a client certificate that chains to DIR/ca-cert.pem
             --payload-timeout SECONDS
                                      a WRITE's payload must arrive within this long of its header,
