@@ -82,6 +82,7 @@ public sealed class FrontendTransportTests
         Assert.That((size.ExitCode, size.Output.Trim()), Is.EqualTo((0, RealClient.Invariant(64L << 20))), size.ToString());
         ExternalTool.Result json = await NbdinfoAsync("--json", Nbds(server, scratch.Path));
         Assert.That(json.Output, Does.Contain("\"TLS\": true"), json.ToString());
+        Assert.That(server.Log, Does.Contain("TLS: True").And.Not.Contain("TLS: False"), "every connection attached over TLS");
     }
 
     [Test]

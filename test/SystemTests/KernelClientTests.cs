@@ -96,6 +96,7 @@ public sealed class KernelClientTests
         if (tlsDir is not null)
         {
             Assert.That(File.ReadAllText(consoleLog), Does.Contain("kt: TLS round passed"));
+            Assert.That(serverLog, Does.Contain("TLS: True"), "the last round really ran over TLS");
         }
         Assert.That(serverLog, Does.Match(@"Connection \d+ from 127\.0\.0\.1:\d+ attached to export 'vol0'"));
         Assert.That(serverLog, Does.Contain("client sent NBD_CMD_DISC"), "the kernel should detach cleanly");

@@ -11,8 +11,8 @@ internal static partial class FrontendLog
     [LoggerMessage(EventId = 1001, Level = LogLevel.Debug, Message = "Connection {Id} from {Remote} opened")]
     public static partial void ConnectionOpened(ILogger logger, long id, string remote);
 
-    [LoggerMessage(EventId = 1002, Level = LogLevel.Information, Message = "Connection {Id} from {Remote} attached to export '{Export}' (structured replies: {Structured}, block status: {BlockStatus})")]
-    public static partial void Attached(ILogger logger, long id, string remote, string export, bool structured, bool blockStatus);
+    [LoggerMessage(EventId = 1002, Level = LogLevel.Information, Message = "Connection {Id} from {Remote} attached to export '{Export}' (structured replies: {Structured}, block status: {BlockStatus}, TLS: {Tls})")]
+    public static partial void Attached(ILogger logger, long id, string remote, string export, bool structured, bool blockStatus, bool tls);
 
     [LoggerMessage(EventId = 1003, Level = LogLevel.Information, Message = "Connection {Id} closed: {Reason}")]
     public static partial void ConnectionClosed(ILogger logger, long id, string reason);

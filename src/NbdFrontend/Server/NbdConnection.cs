@@ -107,7 +107,7 @@ internal sealed class NbdConnection : IAsyncDisposable
                 reason = "handshake ended without an export";
                 return;
             }
-            FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation);
+            FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation, _transport.Tls is not null);
             FrontendMetrics.ConnectionAttached();
             writer = Task.Run(WriteRepliesAsync);
             try
