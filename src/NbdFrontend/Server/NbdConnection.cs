@@ -42,6 +42,7 @@ internal sealed class NbdConnection : IAsyncDisposable
     private readonly SemaphoreSlim _requestSlots;
     private readonly ILogger _logger;
     private readonly LogThrottle? _throttle;
+    private readonly TlsServerPolicy? _tls;
     private readonly Channel<PendingReply> _replies;
     private readonly CancellationTokenSource _aborted = new();
 
@@ -54,8 +55,6 @@ internal sealed class NbdConnection : IAsyncDisposable
     private int _inFlight;
     private volatile bool _shuttingDown;
     private NegotiatedSession? _session;
-
-    private readonly TlsServerPolicy? _tls;
 
     public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null)
     {
@@ -217,7 +216,8 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 NbdCommand.Read or NbdCommand.Write => _connectionBudget.Clamp(request.Length),
                 NbdCommand.WriteZeroes => _connectionBudget.Clamp(Math.Min(request.Length, WriteZeroesCharge)),
-                NbdCommand.BlockStatus => _connectionBudget.Clamp(NbdReplyHeader.StructuredSize + BlockStatusPayloadBytes(_options.MaxBlockStatusExtents)),
+                // Its reply is built in memory: charged for the most descriptors it may carry.
+                NbdCommand.BlockStatus => _connectionBudget.Clamp(NbdReplyHeader.StructuredSize + 4L + (8L * _options.MaxBlockStatusExtents)),
                 _ => 0,
             };
             await AdmitAsync(charge, cancellationToken);
