@@ -10,7 +10,11 @@
 #
 # Needs Debian packages qemu-system-x86 busybox-static cpio nbd-client e2fsprogs, and the Debian
 # apt mirror once (the kernel package is cached under .cache/kernel-test/).
-# Environment: KT_TIMEOUT (seconds for the whole guest run, default 480), KT_LOG (console log path).
+# Environment: KT_TIMEOUT (seconds for the whole guest run, default 480), KT_LOG (console log path),
+#   KT_TLS_DIR: a TLS directory with ca-cert.pem, client-cert.pem and client-key.pem; when set, the
+#   guest also attaches over TLS (nbd-client -certfile/-keyfile/-cacertfile -tlshostname) in a last
+#   round, so the server must offer TLS (tls on) with a certificate for KT_TLS_HOSTNAME (default
+#   localhost). The files reach the guest in a second initramfs archive, built per run.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +24,8 @@ marker="KT-RESULT: KERNEL-NBD-OK"
 timeout_s=${KT_TIMEOUT:-480}
 log=${KT_LOG:-$cache/console.log}
 port=${1:-}
+tls_dir=${KT_TLS_DIR:-}
+tls_hostname=${KT_TLS_HOSTNAME:-localhost}
 
 say() { echo "kernel-test: $*" >&2; }
 die() { say "$*"; exit 2; }
@@ -144,9 +150,31 @@ fi
 
 flock -u 9
 
+# ---------------------------------------------------------------- TLS files (per run)
+# The kernel unpacks concatenated cpio archives in order, so the certificates travel in a small
+# archive of their own after the cached one, and the cached initramfs is never rebuilt for them.
+boot_initramfs=$initramfs
+tls_args=""
+if [ -n "$tls_dir" ]; then
+    for f in ca-cert.pem client-cert.pem client-key.pem; do
+        [ -r "$tls_dir/$f" ] || die "KT_TLS_DIR=$tls_dir has no readable $f"
+    done
+    tls_stage=$(mktemp -d)
+    mkdir -p "$tls_stage/etc/nbd-tls"
+    cp "$tls_dir"/ca-cert.pem "$tls_dir"/client-cert.pem "$tls_dir"/client-key.pem "$tls_stage/etc/nbd-tls/"
+    chmod 600 "$tls_stage/etc/nbd-tls/client-key.pem"
+    boot_initramfs=$(mktemp --suffix=.cpio.gz)
+    { cat "$initramfs"; (cd "$tls_stage" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1); } >"$boot_initramfs"
+    rm -rf "$tls_stage"
+    tls_args="kt.tls=1 kt.tlshost=$tls_hostname"
+fi
+
 # ---------------------------------------------------------------- server (only without PORT)
 server_pid=""
 cleanup() {
+    if [ -n "$tls_dir" ] && [ -n "${boot_initramfs:-}" ] && [ "$boot_initramfs" != "$initramfs" ]; then
+        rm -f "$boot_initramfs"
+    fi
     if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
         kill -TERM "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
@@ -181,8 +209,8 @@ start=$(date +%s)
 set +e
 timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
     -accel tcg -cpu max -smp 2 -m 512M \
-    -kernel "$vmlinuz" -initrd "$initramfs" \
-    -append "console=ttyS0 panic=-1 loglevel=4 kt.host=10.0.2.2 kt.port=$port kt.export=vol0" \
+    -kernel "$vmlinuz" -initrd "$boot_initramfs" \
+    -append "console=ttyS0 panic=-1 loglevel=4 kt.host=10.0.2.2 kt.port=$port kt.export=vol0 $tls_args" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \
     -display none -monitor none -serial stdio -no-reboot \
     </dev/null >"$log" 2>&1

@@ -16,7 +16,7 @@ internal sealed record ServeCommand
     public const string EnvironmentPrefix = "NBD_SERVER_";
 
     /// <summary>Options that take no value (true/false in a config file or the environment).</summary>
-    public static readonly IReadOnlySet<string> Flags = new HashSet<string>(StringComparer.Ordinal) { "--read-only", "--verbose", "--insecure" };
+    public static readonly IReadOnlySet<string> Flags = new HashSet<string>(StringComparer.Ordinal) { "--read-only", "--verbose", "--insecure", "--tls-verify-client" };
 
     public const string Usage = """
         nbd-server - a network block device server (NBD protocol, fixed newstyle)
@@ -66,10 +66,28 @@ internal sealed record ServeCommand
                                      accept a downstairs only with this certificate fingerprint,
                                      one for all or one per downstairs (`nbd-certs show` prints
                                      it); replaces the name check
-            --insecure               allow plaintext links to downstairs on other hosts
+            --insecure               allow plaintext links to downstairs on other hosts, and a
+                                     plaintext NBD listen on a non-loopback address
 
         OPTIONS
-            --listen ADDR:PORT       where to listen (default 127.0.0.1:10809)
+            --listen ADDR:PORT       where to listen (default 127.0.0.1:10809; `none`: only the
+                                     Unix socket). A non-loopback address needs --tls (or --insecure)
+            --unix PATH              also serve NBD on a Unix socket (the way for a client on this
+                                     host: nbd-client -unix PATH /dev/nbd0, nbd+unix:///vol0?socket=PATH);
+                                     a stale socket file is replaced, the file is removed at exit
+            --unix-mode MODE         permissions of the Unix socket, octal (default 0600: the
+                                     service user and root; 0660 admits the socket's group)
+            --tls MODE               off, on (clients may use STARTTLS) or require (every option
+                                     but STARTTLS is refused with ERR_TLS_REQD until TLS is up)
+                                     (default off)
+            --tls-dir DIR            server-cert.pem and server-key.pem, and ca-cert.pem to
+                                     verify client certificates with; make them with nbd-certs
+            --tls-verify-client      require a client certificate that chains to DIR/ca-cert.pem
+            --payload-timeout SECONDS
+                                     a WRITE's payload must arrive within this long of its header,
+                                     else the connection is closed and its budget returned (default 60)
+            --send-timeout SECONDS   replies not taken by the client within this long close the
+                                     connection and return its budget (default 30)
             --export NAME            export name (default vol0)
             --description TEXT       description shown by `nbdinfo --list`
             --read-only              refuse writes (EPERM), advertise READ_ONLY
@@ -161,7 +179,43 @@ internal sealed record ServeCommand
                     command = command with { Help = true };
                     break;
                 case "--listen":
-                    frontend = frontend with { Listen = ParseEndPoint(Value(), arg) };
+                    {
+                        string listen = Value();
+                        frontend = frontend with { Listen = listen == "none" ? null : ParseEndPoint(listen, arg) };
+                        break;
+                    }
+                case "--unix":
+                    frontend = frontend with { UnixSocketPath = Value() };
+                    break;
+                case "--unix-mode":
+                    frontend = frontend with { UnixSocketMode = Value() };
+                    break;
+                case "--tls":
+                    {
+                        string mode = Value();
+                        frontend = frontend with
+                        {
+                            Tls = mode switch
+                            {
+                                "off" => TlsMode.Off,
+                                "on" => TlsMode.On,
+                                "require" => TlsMode.Require,
+                                _ => throw new ArgumentException($"{arg}: '{mode}' is not off, on or require."),
+                            },
+                        };
+                        break;
+                    }
+                case "--tls-dir":
+                    frontend = frontend with { TlsDir = Value() };
+                    break;
+                case "--tls-verify-client":
+                    frontend = frontend with { TlsVerifyClient = true };
+                    break;
+                case "--payload-timeout":
+                    frontend = frontend with { PayloadTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) };
+                    break;
+                case "--send-timeout":
+                    frontend = frontend with { SendTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) };
                     break;
                 case "--export":
                     command = command with { ExportName = Value() };
@@ -256,6 +310,7 @@ internal sealed record ServeCommand
         {
             command = command with { Engine = command.Engine with { LogThrottleInterval = frontend.LogThrottleInterval, Insecure = insecure } };
         }
+        frontend = frontend with { Insecure = insecure };
         try
         {
             frontend.Validate();
@@ -283,6 +338,17 @@ internal sealed record ServeCommand
                 throw new ArgumentException($"--downstairs-tls-dir: {e.Message}", e);
             }
         }
+        if (frontend.Tls != TlsMode.Off && frontend.TlsDir is { } frontendTlsDir)
+        {
+            try
+            {
+                using TlsCredentials check = TlsCredentials.LoadServer(frontendTlsDir, requireCa: frontend.TlsVerifyClient);
+            }
+            catch (TlsSetupException e)
+            {
+                throw new ArgumentException($"--tls-dir: {e.Message}", e);
+            }
+        }
         return command with { Frontend = frontend };
     }
 
@@ -303,6 +369,13 @@ internal sealed record ServeCommand
         ["Generation"] = "--generation",
         ["Downstairs"] = "--downstairs",
         ["Listen"] = "--listen",
+        ["UnixSocketPath"] = "--unix",
+        ["UnixSocketMode"] = "--unix-mode",
+        ["TlsVerifyClient"] = "--tls-verify-client",
+        ["TlsDir"] = "--tls-dir",
+        ["Tls"] = "--tls",
+        ["PayloadTimeout"] = "--payload-timeout",
+        ["SendTimeout"] = "--send-timeout",
         ["DownstairsTlsDir"] = "--downstairs-tls-dir",
         ["DownstairsTlsNames"] = "--downstairs-tls-name",
         ["DownstairsTlsPins"] = "--downstairs-tls-pin",

@@ -168,7 +168,6 @@ public sealed class HandshakeTests
         Assert.That((await client.ReadOptionReplyAsync()).Type, Is.EqualTo(OptionReplyType.ErrInvalid));
     }
 
-    [TestCase(5u, TestName = "StartTls_is_ERR_UNSUP")]
     [TestCase(11u, TestName = "Extended_headers_are_ERR_UNSUP")]
     [TestCase(4u, TestName = "Peek_export_is_ERR_UNSUP")]
     [TestCase(4242u, TestName = "An_unknown_option_is_ERR_UNSUP_and_the_session_continues")]

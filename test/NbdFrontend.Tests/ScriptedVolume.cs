@@ -11,6 +11,7 @@ internal sealed class ScriptedVolume(long size, VolumeFeatures? features = null)
 {
     private readonly MemoryVolume _inner = new(size);
     private int _writesStarted;
+    private int _zeroesStarted;
     private int _flushes;
 
     /// <summary>When set, reads and writes wait for it before touching data.</summary>
@@ -22,6 +23,9 @@ internal sealed class ScriptedVolume(long size, VolumeFeatures? features = null)
     public VolumeException? FailWith { get; set; }
 
     public int WritesStarted => Volatile.Read(ref _writesStarted);
+
+    /// <summary>WRITE_ZEROES requests that reached the volume (gated like writes).</summary>
+    public int ZeroesStarted => Volatile.Read(ref _zeroesStarted);
 
     public int Flushes => Volatile.Read(ref _flushes);
 
@@ -67,10 +71,15 @@ internal sealed class ScriptedVolume(long size, VolumeFeatures? features = null)
         return _inner.TrimAsync(offset, length, options, cancellationToken);
     }
 
-    public ValueTask WriteZeroesAsync(long offset, long length, WriteOptions options, CancellationToken cancellationToken)
+    public async ValueTask WriteZeroesAsync(long offset, long length, WriteOptions options, CancellationToken cancellationToken)
     {
+        Interlocked.Increment(ref _zeroesStarted);
+        if (Gate is { } gate)
+        {
+            await gate.Task.WaitAsync(cancellationToken);
+        }
         ThrowIfFailing();
-        return _inner.WriteZeroesAsync(offset, length, options, cancellationToken);
+        await _inner.WriteZeroesAsync(offset, length, options, cancellationToken);
     }
 
     public ValueTask<IReadOnlyList<AllocationExtent>> GetAllocationAsync(long offset, long length, int maxExtents, CancellationToken cancellationToken) =>

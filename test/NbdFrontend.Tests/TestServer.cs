@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Logging;
 using Nerdbank.Streams;
+using NbdServer.Common.Tls;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend.Server;
 
@@ -11,10 +12,16 @@ internal sealed class TestServer : IAsyncDisposable
     private readonly List<Task> _connections = [];
 
     public TestServer(FrontendOptions? options = null, params NbdExport[] exports)
+        : this(options, null, exports)
+    {
+    }
+
+    /// <param name="tls">The STARTTLS server side (certificates made in memory by the test).</param>
+    public TestServer(FrontendOptions? options, TlsServerPolicy? tls, params NbdExport[] exports)
     {
         Logger = new CapturingLogger();
         Exports = new ExportRegistry(exports.Length > 0 ? exports : [new NbdExport("vol0", new Volumes.MemoryVolume(64L << 20), "test volume")]);
-        Listener = new NbdListener(Exports, options ?? new FrontendOptions(), Logger);
+        Listener = new NbdListener(Exports, options ?? new FrontendOptions(), Logger, tls);
     }
 
     public CapturingLogger Logger { get; }

@@ -11,8 +11,8 @@ internal static partial class FrontendLog
     [LoggerMessage(EventId = 1001, Level = LogLevel.Debug, Message = "Connection {Id} from {Remote} opened")]
     public static partial void ConnectionOpened(ILogger logger, long id, string remote);
 
-    [LoggerMessage(EventId = 1002, Level = LogLevel.Information, Message = "Connection {Id} from {Remote} attached to export '{Export}' (structured replies: {Structured}, block status: {BlockStatus})")]
-    public static partial void Attached(ILogger logger, long id, string remote, string export, bool structured, bool blockStatus);
+    [LoggerMessage(EventId = 1002, Level = LogLevel.Information, Message = "Connection {Id} from {Remote} attached to export '{Export}' (structured replies: {Structured}, block status: {BlockStatus}, TLS: {Tls})")]
+    public static partial void Attached(ILogger logger, long id, string remote, string export, bool structured, bool blockStatus, bool tls);
 
     [LoggerMessage(EventId = 1003, Level = LogLevel.Information, Message = "Connection {Id} closed: {Reason}")]
     public static partial void ConnectionClosed(ILogger logger, long id, string reason);
@@ -34,6 +34,18 @@ internal static partial class FrontendLog
 
     [LoggerMessage(EventId = 1009, Level = LogLevel.Debug, Message = "Connection {Id}: option {Option} -> {Reply}")]
     public static partial void OptionHandled(ILogger logger, long id, string option, string reply);
+
+    [LoggerMessage(EventId = 1010, Level = LogLevel.Warning, Message = "Connection {Id} from {Remote} closed: {Reason}; its budget was returned")]
+    public static partial void ClientTooSlow(ILogger logger, long id, string remote, string reason);
+
+    [LoggerMessage(EventId = 1011, Level = LogLevel.Information, Message = "Serving NBD on Unix socket {Path} (mode {Mode})")]
+    public static partial void ListeningUnix(ILogger logger, string path, string mode);
+
+    [LoggerMessage(EventId = 1012, Level = LogLevel.Warning, Message = "Removed a stale NBD Unix socket at {Path} (no server answered on it)")]
+    public static partial void StaleSocketRemoved(ILogger logger, string path);
+
+    [LoggerMessage(EventId = 1013, Level = LogLevel.Debug, Message = "Connection {Id}: TLS established ({Protocol}, client {Client})")]
+    public static partial void TlsEstablished(ILogger logger, long id, string protocol, string client);
 
     [LoggerMessage(EventId = 1100, Level = LogLevel.Information, Message = "Control endpoint on {EndPoint} (nbd-server status)")]
     public static partial void ControlListening(ILogger logger, string endPoint);

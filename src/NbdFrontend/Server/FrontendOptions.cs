@@ -2,12 +2,63 @@ using System.Net;
 
 namespace NbdServer.Frontend.Server;
 
+/// <summary>How the frontend offers TLS (proto.md "TLS support": NOTLS, SELECTIVETLS, FORCEDTLS).</summary>
+internal enum TlsMode
+{
+    /// <summary>No TLS: NBD_OPT_STARTTLS is answered NBD_REP_ERR_POLICY.</summary>
+    Off,
+
+    /// <summary>STARTTLS is accepted; a client may also stay in plaintext.</summary>
+    On,
+
+    /// <summary>Every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD until TLS is up.</summary>
+    Require,
+}
+
 /// <summary>Limits and endpoints of the NBD frontend. Every limit is a named setting with a default.</summary>
 internal sealed record FrontendOptions
 {
     public const int DefaultPort = 10809;
 
-    public IPEndPoint Listen { get; init; } = new(IPAddress.Loopback, DefaultPort);
+    /// <summary>TCP endpoint; null serves only the Unix socket.</summary>
+    public IPEndPoint? Listen { get; init; } = new(IPAddress.Loopback, DefaultPort);
+
+    /// <summary>
+    /// Path of an NBD Unix socket, served beside (or, with no TCP listen, instead of) the TCP port.
+    /// The recommended way for a same-host kernel client: file permissions decide who may connect.
+    /// </summary>
+    public string? UnixSocketPath { get; init; }
+
+    /// <summary>
+    /// Permissions of the Unix socket (octal). 0600: only the service user (and root, which the kernel
+    /// client runs as) may connect — whoever can connect can read and write the whole disk. Use 0660
+    /// and a group to admit a qemu running as another user.
+    /// </summary>
+    public string UnixSocketMode { get; init; } = "0600";
+
+    /// <summary>off, on (STARTTLS offered) or require (nothing but STARTTLS/ABORT before TLS).</summary>
+    public TlsMode Tls { get; init; } = TlsMode.Off;
+
+    /// <summary>Directory with server-cert.pem and server-key.pem (and ca-cert.pem for client verification).</summary>
+    public string? TlsDir { get; init; }
+
+    /// <summary>Require a client certificate that chains to ca-cert.pem in <see cref="TlsDir"/>.</summary>
+    public bool TlsVerifyClient { get; init; }
+
+    /// <summary>Allow a plaintext TCP listen on a non-loopback address (refused at start otherwise).</summary>
+    public bool Insecure { get; init; }
+
+    /// <summary>
+    /// A WRITE's payload must arrive within this long of its header. The write holds its byte budget
+    /// meanwhile, so a client that stops half-way would otherwise starve every other connection.
+    /// </summary>
+    public TimeSpan PayloadTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// A batch of replies must be taken by the client within this long. Replies hold their bytes until
+    /// sent, so a client that never reads would otherwise keep its budget forever.
+    /// </summary>
+    public TimeSpan SendTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
     /// <summary>Largest READ or WRITE accepted (the kernel sends up to 32 MiB).</summary>
     public int MaxPayloadBytes { get; init; } = 32 * 1024 * 1024;
@@ -62,9 +113,43 @@ internal sealed record FrontendOptions
         {
             throw new ArgumentException("Request, connection, option and extent limits must be at least 1.");
         }
-        if (LogThrottleInterval <= TimeSpan.Zero)
+        if (LogThrottleInterval <= TimeSpan.Zero || PayloadTimeout <= TimeSpan.Zero || SendTimeout <= TimeSpan.Zero)
         {
-            throw new ArgumentException($"{nameof(LogThrottleInterval)} must be positive.");
+            throw new ArgumentException($"{nameof(LogThrottleInterval)}, {nameof(PayloadTimeout)} and {nameof(SendTimeout)} must be positive.");
         }
+        if (Listen is null && UnixSocketPath is null)
+        {
+            throw new ArgumentException($"Nothing to listen on: set {nameof(Listen)} or {nameof(UnixSocketPath)}.");
+        }
+        _ = UnixSocketFileMode();
+        if (Tls != TlsMode.Off && TlsDir is null)
+        {
+            throw new ArgumentException($"{nameof(Tls)} {Tls.ToString().ToLowerInvariant()} needs {nameof(TlsDir)} (server-cert.pem, server-key.pem; make them with nbd-certs).");
+        }
+        if (TlsVerifyClient && Tls == TlsMode.Off)
+        {
+            throw new ArgumentException($"{nameof(TlsVerifyClient)} needs {nameof(Tls)} on or require.");
+        }
+        if (Listen is { } endPoint && !IPAddress.IsLoopback(endPoint.Address) && Tls == TlsMode.Off && !Insecure)
+        {
+            throw new ArgumentException(
+                $"{nameof(Listen)} {endPoint} is not a loopback address and {nameof(Tls)} is off: anyone on the network could read and write the disk. " +
+                $"Set {nameof(Tls)} require with {nameof(TlsDir)} (certificates: nbd-certs), use {nameof(UnixSocketPath)} for a local client, or set {nameof(Insecure)} to allow it anyway.");
+        }
+    }
+
+    /// <summary>The Unix socket's permissions, parsed from <see cref="UnixSocketMode"/>.</summary>
+    public UnixFileMode UnixSocketFileMode()
+    {
+        if (UnixSocketMode.Length is < 1 or > 4 || !UnixSocketMode.All(c => c is >= '0' and <= '7'))
+        {
+            throw new ArgumentException($"{nameof(UnixSocketMode)} '{UnixSocketMode}' is not an octal file mode such as 0600.");
+        }
+        int mode = Convert.ToInt32(UnixSocketMode, 8);
+        if ((mode & ~0x1ff) != 0)
+        {
+            throw new ArgumentException($"{nameof(UnixSocketMode)} '{UnixSocketMode}' may only set permission bits (at most 0777).");
+        }
+        return (UnixFileMode)mode;
     }
 }

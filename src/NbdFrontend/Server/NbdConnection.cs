@@ -5,6 +5,7 @@ using System.Text;
 using System.Threading.Channels;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
+using NbdServer.Common.Tls;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend.Protocol;
 
@@ -21,6 +22,18 @@ internal sealed class NbdConnection : IAsyncDisposable
     private const int MaxRepliesPerBatch = 128;
     private const int HeaderBufferSize = 64;
 
+    /// <summary>Longest message text in a structured error chunk (the spec asks for at most 256 bytes).</summary>
+    private const int MaxErrorMessageBytes = 256;
+
+    /// <summary>What an error reply is charged: the largest one (structured header, errno, length, message).</summary>
+    private const int ErrorReplyCharge = NbdReplyHeader.StructuredSize + 6 + MaxErrorMessageBytes;
+
+    /// <summary>
+    /// What a WRITE_ZEROES is charged: volumes zero a long range in pieces of at most this size (the
+    /// replicated volume sends 4 MiB writes of zeroes), so that is what one request holds at a time.
+    /// </summary>
+    private const int WriteZeroesCharge = 4 << 20;
+
     private readonly Transport _transport;
     private readonly ExportRegistry _exports;
     private readonly FrontendOptions _options;
@@ -29,8 +42,13 @@ internal sealed class NbdConnection : IAsyncDisposable
     private readonly SemaphoreSlim _requestSlots;
     private readonly ILogger _logger;
     private readonly LogThrottle? _throttle;
-    private readonly Channel<PendingReply> _replies = Channel.CreateUnbounded<PendingReply>(new UnboundedChannelOptions { SingleReader = true });
+    private readonly TlsServerPolicy? _tls;
+    private readonly Channel<PendingReply> _replies;
     private readonly CancellationTokenSource _aborted = new();
+
+    // Re-armed per payload / per send (CancelAfter), so the deadlines cost no allocation per request.
+    private readonly CancellationTokenSource _payloadDeadline;
+    private readonly CancellationTokenSource _sendDeadline;
     private readonly byte[] _requestHeader = new byte[NbdRequest.Size];
     private readonly Lock _inFlightLock = new();
     private TaskCompletionSource? _idle;
@@ -38,8 +56,9 @@ internal sealed class NbdConnection : IAsyncDisposable
     private volatile bool _shuttingDown;
     private NegotiatedSession? _session;
 
-    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null)
+    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null)
     {
+        _tls = tls;
         Id = id;
         _transport = transport;
         _exports = exports;
@@ -47,6 +66,11 @@ internal sealed class NbdConnection : IAsyncDisposable
         _serverBudget = serverBudget;
         _connectionBudget = new ByteBudget(options.MaxInFlightBytesPerConnection);
         _requestSlots = new SemaphoreSlim(options.MaxInFlightRequestsPerConnection);
+        // Every reply holds a request slot until it is sent, so the queue never holds more than there
+        // are slots: a client that pipelines requests and never reads stops being read instead.
+        _replies = Channel.CreateBounded<PendingReply>(new BoundedChannelOptions(options.MaxInFlightRequestsPerConnection) { SingleReader = true, FullMode = BoundedChannelFullMode.Wait });
+        _payloadDeadline = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token);
+        _sendDeadline = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token);
         _logger = logger;
         _throttle = throttle;
     }
@@ -66,7 +90,7 @@ internal sealed class NbdConnection : IAsyncDisposable
             using (var handshakeTimeout = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token, serverStopping))
             {
                 handshakeTimeout.CancelAfter(_options.HandshakeTimeout);
-                var negotiator = new NbdNegotiator(_transport, _exports, _options, Id, _logger, () => _shuttingDown || serverStopping.IsCancellationRequested);
+                var negotiator = new NbdNegotiator(_transport, _exports, _options, Id, _logger, () => _shuttingDown || serverStopping.IsCancellationRequested, _tls, _throttle);
                 try
                 {
                     _session = await negotiator.NegotiateAsync(handshakeTimeout.Token);
@@ -82,10 +106,19 @@ internal sealed class NbdConnection : IAsyncDisposable
                 reason = "handshake ended without an export";
                 return;
             }
-            FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation);
+            FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation, _transport.Tls is not null);
             FrontendMetrics.ConnectionAttached();
             writer = Task.Run(WriteRepliesAsync);
-            reason = await ReadRequestsAsync();
+            try
+            {
+                reason = await ReadRequestsAsync();
+            }
+            catch (OperationCanceledException) when (_payloadDeadline.IsCancellationRequested && !_aborted.IsCancellationRequested)
+            {
+                reason = $"write payload not received within {_options.PayloadTimeout.TotalSeconds:0.#} s";
+                ReportTooSlow("a WRITE payload was not complete within the payload timeout", reason);
+                Abort();
+            }
         }
         catch (Exception e) when (e is IOException or EndOfStreamException or OperationCanceledException or ObjectDisposedException)
         {
@@ -131,6 +164,8 @@ internal sealed class NbdConnection : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         await _transport.DisposeAsync();
+        _payloadDeadline.Dispose();
+        _sendDeadline.Dispose();
         _aborted.Dispose();
         _requestSlots.Dispose();
     }
@@ -161,19 +196,31 @@ internal sealed class NbdConnection : IAsyncDisposable
             (NbdError error, string message) = _shuttingDown ? (NbdError.ESHUTDOWN, "server is shutting down") : Validate(request, session);
             if (error != NbdError.None)
             {
-                // The payload is still on the wire: drop it so the next header lines up.
-                await _transport.Input.SkipAsync(payloadLength, cancellationToken);
-                BeginRequest();
+                // The payload is still on the wire: drop it so the next header lines up. It is not
+                // buffered, so it holds no budget, but it gets the same deadline as any payload.
+                _payloadDeadline.CancelAfter(_options.PayloadTimeout);
+                await _transport.Input.SkipAsync(payloadLength, _payloadDeadline.Token);
+                _payloadDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
                 ReportFailure(request, error, message);
                 FrontendMetrics.Record(request.Command, request.Length, ok: false, Stopwatch.GetTimestamp());
-                Enqueue(ErrorReply(request, error, message, charge: 0, holdsSlot: false));
+                // An error reply is a reply like any other: it waits for a slot and its bytes, so a
+                // client that sends bad requests and never reads is throttled like one sending good ones.
+                long errorCharge = _connectionBudget.Clamp(ErrorReplyCharge);
+                await AdmitAsync(errorCharge, cancellationToken);
+                BeginRequest();
+                Enqueue(ErrorReply(request, error, message, errorCharge));
                 continue;
             }
 
-            long charge = request.Command is NbdCommand.Read or NbdCommand.Write ? _connectionBudget.Clamp(request.Length) : 0;
-            await _requestSlots.WaitAsync(cancellationToken);
-            await _connectionBudget.AcquireAsync(charge, cancellationToken);
-            await _serverBudget.AcquireAsync(_serverBudget.Clamp(charge), cancellationToken);
+            long charge = request.Command switch
+            {
+                NbdCommand.Read or NbdCommand.Write => _connectionBudget.Clamp(request.Length),
+                NbdCommand.WriteZeroes => _connectionBudget.Clamp(Math.Min(request.Length, WriteZeroesCharge)),
+                // Its reply is built in memory: charged for the most descriptors it may carry.
+                NbdCommand.BlockStatus => _connectionBudget.Clamp(NbdReplyHeader.StructuredSize + 4L + (8L * _options.MaxBlockStatusExtents)),
+                _ => 0,
+            };
+            await AdmitAsync(charge, cancellationToken);
             BeginRequest();
 
             byte[]? payload = null;
@@ -183,7 +230,11 @@ internal sealed class NbdConnection : IAsyncDisposable
                 bool complete = false;
                 try
                 {
-                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), cancellationToken);
+                    // The write holds its budget while its payload arrives: a deadline, so a client
+                    // that stops half-way cannot keep it (and starve the other connections) forever.
+                    _payloadDeadline.CancelAfter(_options.PayloadTimeout);
+                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), _payloadDeadline.Token);
+                    _payloadDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
                 }
                 finally
                 {
@@ -201,6 +252,31 @@ internal sealed class NbdConnection : IAsyncDisposable
             }
             _ = ExecuteAsync(request, payload, charge, session);
         }
+    }
+
+    /// <summary>Takes a request slot and <paramref name="charge"/> bytes of the connection's and the server's budgets.</summary>
+    private async ValueTask AdmitAsync(long charge, CancellationToken cancellationToken)
+    {
+        await _requestSlots.WaitAsync(cancellationToken);
+        await _connectionBudget.AcquireAsync(charge, cancellationToken);
+        await _serverBudget.AcquireAsync(_serverBudget.Clamp(charge), cancellationToken);
+    }
+
+    private static int BlockStatusPayloadBytes(int extents) => 4 + (8 * extents);
+
+    /// <summary>
+    /// A client closed for not keeping up (payload or send deadline): one throttled line for all
+    /// connections, so many slow clients are a count, not a flood.
+    /// </summary>
+    private void ReportTooSlow(string what, string reason)
+    {
+        string remote = _transport.RemoteEndPoint;
+        if (_throttle is null)
+        {
+            FrontendLog.ClientTooSlow(_logger, Id, remote, reason);
+            return;
+        }
+        _throttle.Report(LogLevel.Warning, $"NBD client closed: {what}", () => $"first: connection {Id} from {remote}, {reason}; its budget was returned");
     }
 
     /// <summary>Checks a request against the spec and the export; (None, "") if it may run.</summary>
@@ -374,7 +450,7 @@ internal sealed class NbdConnection : IAsyncDisposable
                         int max = (request.Flags & CommandFlags.RequestOne) != 0 ? 1 : _options.MaxBlockStatusExtents;
                         IReadOnlyList<AllocationExtent> extents = await volume.GetAllocationAsync(offset, request.Length, max, cancellationToken);
                         ok = true;
-                        Enqueue(BlockStatusReply(request, extents, max));
+                        Enqueue(BlockStatusReply(request, extents, max, charge));
                         return;
                     }
             }
@@ -457,10 +533,10 @@ internal sealed class NbdConnection : IAsyncDisposable
         return new PendingReply(header, NbdReplyHeader.StructuredSize + 8, data, (int)request.Length, charge, true);
     }
 
-    private PendingReply BlockStatusReply(in NbdRequest request, IReadOnlyList<AllocationExtent> extents, int max)
+    private static PendingReply BlockStatusReply(in NbdRequest request, IReadOnlyList<AllocationExtent> extents, int max, long charge)
     {
         int count = Math.Min(Math.Max(extents.Count, 1), max);
-        int payloadLength = 4 + (8 * count);
+        int payloadLength = BlockStatusPayloadBytes(count);
         byte[] header = RentHeader(NbdReplyHeader.StructuredSize + payloadLength);
         NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.BlockStatus, request.Cookie, (uint)payloadLength);
         Span<byte> payload = header.AsSpan(NbdReplyHeader.StructuredSize, payloadLength);
@@ -494,32 +570,37 @@ internal sealed class NbdConnection : IAsyncDisposable
             payloadLength = 4 + (8 * written);
             NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.BlockStatus, request.Cookie, (uint)payloadLength);
         }
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, 0, true);
+        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, charge, true);
     }
 
-    private PendingReply ErrorReply(in NbdRequest request, NbdError error, string message, long charge, bool holdsSlot = true)
+    private PendingReply ErrorReply(in NbdRequest request, NbdError error, string message, long charge)
     {
         if (_session is not { StructuredReplies: true })
         {
             byte[] simple = RentHeader(NbdReplyHeader.SimpleSize);
             NbdReplyHeader.WriteSimple(simple, error, request.Cookie);
-            return new PendingReply(simple, NbdReplyHeader.SimpleSize, null, 0, charge, holdsSlot);
+            return new PendingReply(simple, NbdReplyHeader.SimpleSize, null, 0, charge, HoldsSlot: true);
         }
         // Structured error chunk: error (32), message length (16), message.
-        byte[] text = Encoding.UTF8.GetBytes(message.Length > 256 ? message[..256] : message);
+        byte[] text = Encoding.UTF8.GetBytes(message);
+        if (text.Length > MaxErrorMessageBytes)
+        {
+            text = Encoding.UTF8.GetBytes(message[..(MaxErrorMessageBytes / 4)]);
+        }
         int payloadLength = 6 + text.Length;
         byte[] header = RentHeader(NbdReplyHeader.StructuredSize + payloadLength);
         NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.Error, request.Cookie, (uint)payloadLength);
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize), (uint)error);
         BinaryPrimitives.WriteUInt16BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize + 4), (ushort)text.Length);
         text.CopyTo(header, NbdReplyHeader.StructuredSize + 6);
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, charge, holdsSlot);
+        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, charge, HoldsSlot: true);
     }
 
     private static byte[] RentHeader(int size) => ArrayPool<byte>.Shared.Rent(Math.Max(size, HeaderBufferSize));
 
     private void Enqueue(PendingReply reply)
     {
+        // Never full: every queued reply holds one of the request slots the queue is sized for.
         if (!_replies.Writer.TryWrite(reply))
         {
             // The writer is gone (connection closed): nothing will send it, so settle it here.
@@ -549,11 +630,18 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 if (!broken)
                 {
-                    await _transport.SendAsync(segments, _aborted.Token);
+                    // Unsent replies hold their budget: a client that stops reading gets SendTimeout.
+                    _sendDeadline.CancelAfter(_options.SendTimeout);
+                    await _transport.SendAsync(segments, _sendDeadline.Token);
+                    _sendDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
                 }
             }
             catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException)
             {
+                if (_sendDeadline.IsCancellationRequested && !_aborted.IsCancellationRequested)
+                {
+                    ReportTooSlow("replies were not read within the send timeout", $"replies not read within {_options.SendTimeout.TotalSeconds:0.#} s");
+                }
                 // The client is gone; keep draining so every admitted request releases its budget.
                 broken = true;
                 _aborted.Cancel();

@@ -4,11 +4,12 @@ using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
 using NbdServer.Common.Net;
+using NbdServer.Common.Tls;
 
 namespace NbdServer.Frontend.Server;
 
 /// <summary>
-/// Accepts NBD clients on a TCP endpoint and runs each as an <see cref="NbdConnection"/>.
+/// Accepts NBD clients on a TCP endpoint and/or a Unix socket and runs each as an <see cref="NbdConnection"/>.
 /// Shutdown drains: new requests get ESHUTDOWN, in-flight ones are answered, then sockets close.
 /// </summary>
 internal sealed class NbdListener : IAsyncDisposable
@@ -23,11 +24,18 @@ internal sealed class NbdListener : IAsyncDisposable
     private readonly LogThrottle _throttle;
     private readonly ConcurrentDictionary<long, (NbdConnection Connection, Task Running)> _connections = new();
     private readonly CancellationTokenSource _stopping = new();
+    private readonly TlsServerPolicy? _tls;
     private Socket? _socket;
+    private Socket? _unixSocket;
     private Task? _acceptLoop;
+    private Task? _unixAcceptLoop;
     private long _nextId;
 
-    public NbdListener(ExportRegistry exports, FrontendOptions options, ILogger logger)
+    /// <param name="tls">
+    /// The TLS server side of STARTTLS; when null and <see cref="FrontendOptions.Tls"/> is not off,
+    /// it is loaded from <see cref="FrontendOptions.TlsDir"/>.
+    /// </param>
+    public NbdListener(ExportRegistry exports, FrontendOptions options, ILogger logger, TlsServerPolicy? tls = null)
     {
         options.Validate();
         _exports = exports;
@@ -35,21 +43,51 @@ internal sealed class NbdListener : IAsyncDisposable
         _logger = logger;
         _serverBudget = new ByteBudget(options.MaxInFlightBytesTotal);
         _throttle = new LogThrottle(logger, options.LogThrottleInterval);
+        if (options.Tls != TlsMode.Off)
+        {
+            // CoalesceWrites: the reply writer flushes after each batch, so a batch leaves in one send.
+            _tls = tls ?? new TlsServerPolicy(TlsCredentials.LoadServer(options.TlsDir!, requireCa: options.TlsVerifyClient), options.TlsVerifyClient) { CoalesceWrites = true };
+        }
     }
 
-    public IPEndPoint LocalEndPoint => (IPEndPoint)(_socket?.LocalEndPoint ?? throw new InvalidOperationException("not started"));
+    public IPEndPoint LocalEndPoint => (IPEndPoint)(_socket?.LocalEndPoint ?? throw new InvalidOperationException("no TCP listener"));
 
     public int ConnectionCount => _connections.Count;
 
+    /// <summary>Payload bytes all connections hold right now (the server-wide byte budget in use).</summary>
+    public long BytesInFlight => _serverBudget.InUse;
+
     public void Start()
     {
-        var socket = new Socket(_options.Listen.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-        socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-        socket.Bind(_options.Listen);
-        socket.Listen(128);
-        _socket = socket;
-        FrontendLog.Listening(_logger, LocalEndPoint.ToString(), string.Join(", ", _exports.All.Select(e => $"'{e.Name}' ({e.Volume.Size} bytes{(e.IsReadOnly ? ", read-only" : "")})")));
-        _acceptLoop = AcceptLoop.RunAsync(socket, Accepted, _stopping.Token);
+        string exports = string.Join(", ", _exports.All.Select(e => $"'{e.Name}' ({e.Volume.Size} bytes{(e.IsReadOnly ? ", read-only" : "")})"));
+        if (_options.UnixSocketPath is { } path)
+        {
+            _unixSocket = UnixSocketListener.Bind(path, _options.UnixSocketFileMode(), _logger);
+            FrontendLog.ListeningUnix(_logger, path, _options.UnixSocketMode);
+            _unixAcceptLoop = AcceptLoop.RunAsync(_unixSocket, Accepted, _stopping.Token);
+        }
+        if (_options.Listen is { } listen)
+        {
+            var socket = new Socket(listen.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+            try
+            {
+                socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+                socket.Bind(listen);
+                socket.Listen(128);
+            }
+            catch
+            {
+                socket.Dispose();
+                throw;
+            }
+            _socket = socket;
+            FrontendLog.Listening(_logger, LocalEndPoint.ToString(), exports);
+            _acceptLoop = AcceptLoop.RunAsync(socket, Accepted, _stopping.Token);
+        }
+        else
+        {
+            FrontendLog.Listening(_logger, "no TCP port", exports);
+        }
     }
 
     /// <summary>Serves an already-connected stream (in-process tests use a duplex pipe).</summary>
@@ -68,14 +106,17 @@ internal sealed class NbdListener : IAsyncDisposable
             client.Dispose();
             return;
         }
-        client.NoDelay = true;
+        if (client.AddressFamily != AddressFamily.Unix)
+        {
+            client.NoDelay = true;
+        }
         FrontendLog.ConnectionOpened(_logger, id, client.RemoteEndPoint?.ToString() ?? "?");
         _ = RunConnection(id, new Transport(new NetworkStream(client, ownsSocket: true), client, ReadBufferSize));
     }
 
     private Task RunConnection(long id, Transport transport)
     {
-        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle);
+        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle, _tls);
         var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         Task running = Task.Run(async () =>
         {
@@ -104,6 +145,11 @@ internal sealed class NbdListener : IAsyncDisposable
         }
         FrontendLog.ShuttingDown(_logger, _connections.Count);
         _socket?.Dispose();
+        _unixSocket?.Dispose();
+        if (_options.UnixSocketPath is { } path)
+        {
+            UnixSocketListener.Remove(path);
+        }
         var connections = _connections.Values.ToList();
         Task drained = Task.WhenAll(connections.Select(c => c.Connection.BeginShutdownAsync()));
         await drained.WaitAsync(_options.ShutdownTimeout).ContinueWith(static _ => { }, TaskScheduler.Default);
@@ -118,6 +164,10 @@ internal sealed class NbdListener : IAsyncDisposable
         if (_acceptLoop is not null)
         {
             await _acceptLoop;
+        }
+        if (_unixAcceptLoop is not null)
+        {
+            await _unixAcceptLoop;
         }
     }
 

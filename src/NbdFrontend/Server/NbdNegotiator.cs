@@ -1,6 +1,8 @@
 using System.Buffers.Binary;
 using System.Text;
 using Microsoft.Extensions.Logging;
+using NbdServer.Common.Logging;
+using NbdServer.Common.Tls;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend.Protocol;
 
@@ -13,8 +15,11 @@ internal sealed record NegotiatedSession(NbdExport Export, TransmissionFlags Fla
 /// The fixed-newstyle handshake and option haggling (proto.md "Handshake"). Options are answered
 /// one at a time; malformed ones get <c>NBD_REP_ERR_INVALID</c>, unknown ones <c>NBD_REP_ERR_UNSUP</c>,
 /// and only a client that breaks a MUST (bad magic, unknown client flags) is disconnected.
+/// TLS (proto.md "TLS support"): with <see cref="TlsMode.Off"/> STARTTLS is refused by policy (NOTLS);
+/// <see cref="TlsMode.On"/> accepts it at any point (SELECTIVETLS with no TLS-only export);
+/// <see cref="TlsMode.Require"/> answers every other option NBD_REP_ERR_TLS_REQD until TLS is up (FORCEDTLS).
 /// </summary>
-internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports, FrontendOptions options, long connectionId, ILogger logger, Func<bool> isShuttingDown)
+internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports, FrontendOptions options, long connectionId, ILogger logger, Func<bool> isShuttingDown, TlsServerPolicy? tls = null, LogThrottle? throttle = null)
 {
     /// <summary>Option header: IHAVEOPT (64), option (32), data length (32).</summary>
     private const int OptionHeaderSize = 16;
@@ -93,6 +98,16 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
                     return Drop("server is shutting down");
                 }
                 await ReplyAsync(option, OptionReplyType.ErrShutdown, "server is shutting down", cancellationToken);
+                continue;
+            }
+            if (options.Tls == TlsMode.Require && transport.Tls is null && option is not (NbdOption.StartTls or NbdOption.Abort))
+            {
+                if (option == NbdOption.ExportName)
+                {
+                    // EXPORT_NAME cannot be answered with an error: the spec has the server end the session.
+                    return DropTls("NBD_OPT_EXPORT_NAME without TLS (tls require)");
+                }
+                await ReplyAsync(option, OptionReplyType.ErrTlsRequired, "this server requires TLS: send NBD_OPT_STARTTLS first", cancellationToken);
                 continue;
             }
             (bool done, NegotiatedSession? session) = await HandleOptionAsync(option, data, cancellationToken);
@@ -174,7 +189,25 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
                 await HandleMetaContextAsync(option, data, cancellationToken);
                 break;
             case NbdOption.StartTls:
-                await ReplyAsync(option, OptionReplyType.ErrUnsupported, "TLS is not supported by this server", cancellationToken);
+                if (tls is null)
+                {
+                    await ReplyAsync(option, OptionReplyType.ErrPolicy, "TLS is not enabled on this server", cancellationToken);
+                    break;
+                }
+                if (transport.Tls is not null)
+                {
+                    await ReplyAsync(option, OptionReplyType.ErrInvalid, "TLS is already active", cancellationToken);
+                    break;
+                }
+                if (data.Length != 0)
+                {
+                    await ReplyAsync(option, OptionReplyType.ErrInvalid, "NBD_OPT_STARTTLS takes no data", cancellationToken);
+                    break;
+                }
+                if (!await StartTlsAsync(tls, cancellationToken))
+                {
+                    return (true, null);
+                }
                 break;
             default:
                 await ReplyAsync(option, OptionReplyType.ErrUnsupported, $"option {(uint)option} is not supported", cancellationToken);
@@ -182,6 +215,46 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
         }
         FrontendLog.OptionHandled(logger, connectionId, option.ToString(), "answered");
         return (false, null);
+    }
+
+    /// <summary>
+    /// Acknowledges STARTTLS and runs the TLS handshake (within the handshake timeout, which covers
+    /// the whole negotiation); false when the connection must end.
+    /// </summary>
+    private async Task<bool> StartTlsAsync(TlsServerPolicy policy, CancellationToken cancellationToken)
+    {
+        if (transport.HasUnreadInput())
+        {
+            // The client must wait for our ACK before its TLS handshake; plaintext bytes already sent
+            // after STARTTLS would otherwise be read as if they had come over TLS.
+            DropTls("data sent after NBD_OPT_STARTTLS without waiting for the reply");
+            return false;
+        }
+        await ReplyAsync(NbdOption.StartTls, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken);
+        try
+        {
+            await transport.UpgradeToTlsAsync(policy, options.HandshakeTimeout, cancellationToken);
+        }
+        catch (TlsHandshakeException e)
+        {
+            // After the ACK there is no way back to plaintext: the spec has the server end the session.
+            DropTls($"TLS handshake failed: {e.Message}");
+            return false;
+        }
+        // What was negotiated in plaintext may have been tampered with on the way: start again.
+        _structuredReplies = false;
+        _baseAllocation = false;
+        _metaContextExport = null;
+        LogTlsEstablished();
+        return true;
+    }
+
+    private void LogTlsEstablished()
+    {
+        if (transport.Tls is { } ssl)
+        {
+            FrontendLog.TlsEstablished(logger, connectionId, ssl.SslProtocol.ToString(), ssl.RemoteCertificate?.Subject ?? "without a certificate");
+        }
     }
 
     /// <summary>
@@ -438,6 +511,18 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
     {
         string text = Encoding.UTF8.GetString(bytes[..Math.Min(bytes.Length, 64)]);
         return new string([.. text.Select(c => char.IsControl(c) ? '?' : c)]);
+    }
+
+    /// <summary>A TLS refusal: throttled, since a scanner or a misconfigured client repeats it every connection.</summary>
+    private NegotiatedSession? DropTls(string reason)
+    {
+        if (throttle is null)
+        {
+            return Drop(reason);
+        }
+        string remote = transport.RemoteEndPoint;
+        throttle.Report(LogLevel.Warning, $"NBD client refused: {reason}", () => $"first: connection {connectionId} from {remote}");
+        return null;
     }
 
     private NegotiatedSession? Drop(string reason)
