@@ -61,8 +61,8 @@ for i in 0 1 2; do
   ds_eps+=("$ep")
 done
 port=$(free_port)
-control=$(free_port)
-"$bin_up" --downstairs "$(IFS=,; echo "${ds_eps[*]}")" --listen "127.0.0.1:$port" --control "127.0.0.1:$control" --export vol0 > "$work/ours.log" 2>&1 &
+control="$work/control.sock"
+"$bin_up" --downstairs "$(IFS=,; echo "${ds_eps[*]}")" --listen "127.0.0.1:$port" --control "$control" --export vol0 > "$work/ours.log" 2>&1 &
 up_pid=$!
 bench_track "$up_pid"
 uri[ours]="nbd://127.0.0.1:$port/vol0"
@@ -96,9 +96,9 @@ bench_run_all "${servers[@]}"
 for k in "${!names[@]}"; do
   kill -0 "${all_pids[$k]}" 2>/dev/null || { echo "bench.sh: ${names[$k]} died during the run" >&2; cat "$work"/*.log >&2; exit 1; }
 done
-if ! "$bin_up" status --control "127.0.0.1:$control" | grep -q '3/3 replicas in service'; then
+if ! "$bin_up" status --control "$control" | grep -q '3/3 replicas in service'; then
   echo "bench.sh: WARNING: not all replicas stayed in service during the run:" >&2
-  "$bin_up" status --control "127.0.0.1:$control" >&2 || true
+  "$bin_up" status --control "$control" >&2 || true
 fi
 
 echo

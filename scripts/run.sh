@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts a complete local replicated volume: three nbd-downstairs processes (regions under DATA/ds0..2,
 # created on first run) and nbd-server serving them as export "vol0" (also the default, empty name)
-# on 127.0.0.1:10809, status on 127.0.0.1:10810. Ctrl-C stops all of it; the next run finds the same data.
+# on 127.0.0.1:10809, its control socket at DATA/control.sock (nbd-server status --control DATA/control.sock). Ctrl-C stops all of it; the next run finds the same data.
 # Usage: scripts/run.sh [--data DIR] [--size SIZE] [extra nbd-server options]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,10 +56,10 @@ cat <<MSG
 nbd-server: replicated volume "vol0" on 127.0.0.1:10809 (replicas on ports ${ports[*]}, logs in $data/ds*.log)
   attach:  nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0
   look:    nbdinfo nbd://127.0.0.1:10809/vol0
-           $bin_up status --watch
+           $bin_up status --watch --control $data/control.sock
   poke:    qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10809/vol0
 Ctrl-C stops it; the next run finds the same data.
 MSG
-"$bin_up" --downstairs "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}" --export vol0 "${args[@]}" &
+"$bin_up" --downstairs "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}" --export vol0 --control "$data/control.sock" "${args[@]}" &
 upstairs=$!
 wait "$upstairs"

@@ -35,8 +35,8 @@ internal static partial class FrontendLog
     [LoggerMessage(EventId = 1009, Level = LogLevel.Debug, Message = "Connection {Id}: option {Option} -> {Reply}")]
     public static partial void OptionHandled(ILogger logger, long id, string option, string reply);
 
-    [LoggerMessage(EventId = 1100, Level = LogLevel.Information, Message = "Control endpoint on {EndPoint} (nbd-server status)")]
-    public static partial void ControlListening(ILogger logger, string endPoint);
+    [LoggerMessage(EventId = 1100, Level = LogLevel.Information, Message = "Control socket on {Path} (nbd-server status)")]
+    public static partial void ControlListening(ILogger logger, string path);
 
     [LoggerMessage(EventId = 1101, Level = LogLevel.Warning, Message = "Final flush failed: {Message}")]
     public static partial void FinalFlushFailed(ILogger logger, string message);
