@@ -14,6 +14,7 @@ namespace NbdServer.Downstairs.Tests;
 /// ends without an unexpected exception; nothing is allocated by a length the peer announced.
 /// </summary>
 [TestFixture]
+[Category("Fuzz")]
 [CancelAfter(Fuzz.MaxSeconds * 1000 + 120_000)]
 public sealed class ClientFuzzTests
 {

@@ -17,6 +17,7 @@ namespace NbdServer.Downstairs.Tests;
 /// change it. Seeded; the seed is printed (NBD_FUZZ_SEED replays it); NBD_FUZZ_SECONDS runs longer.
 /// </summary>
 [TestFixture]
+[Category("Fuzz")]
 [CancelAfter(Fuzz.MaxSeconds * 1000 + 120_000)]
 public sealed class ServerFuzzTests
 {

@@ -45,6 +45,43 @@ public sealed class ControlServerTests
     }
 
     [Test]
+    public async Task Another_local_user_cannot_connect_to_the_control_socket()
+    {
+        if (!OperatingSystem.IsLinux() || Environment.UserName != "root")
+        {
+            Assert.Ignore("needs root on Linux to act as another user");
+            return;
+        }
+        Assume.That(File.Exists("/usr/bin/setpriv") && File.Exists("/usr/bin/curl"), Is.True, "needs setpriv and curl");
+        // The directory is open to everyone, so only the socket's own mode stands in the way.
+        File.SetUnixFileMode(_dir, (UnixFileMode)0b111_101_101);
+        await using ControlServer control = Start();
+
+        (int nobody, string nobodyError) = await RunAsync("/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "/usr/bin/curl", "-sS", "-X", "POST", "--unix-socket", SocketPath, "http://localhost/scrub");
+        (int owner, _) = await RunAsync("/usr/bin/curl", "-sS", "--unix-socket", SocketPath, "http://localhost/status");
+
+        Assert.That(nobody, Is.Not.Zero, "user nobody reached the control socket");
+        Assert.That(nobodyError, Does.Contain("ermission denied").Or.Contain("Couldn't connect"));
+        Assert.That(owner, Is.Zero, "the owner must still get in");
+        Assert.That(_scrubs, Is.Zero);
+    }
+
+    private static async Task<(int ExitCode, string Error)> RunAsync(string program, params string[] args)
+    {
+        var start = new System.Diagnostics.ProcessStartInfo(program) { RedirectStandardError = true, RedirectStandardOutput = true };
+        foreach (string a in args)
+        {
+            start.ArgumentList.Add(a);
+        }
+        using var process = System.Diagnostics.Process.Start(start)!;
+        Task<string> error = process.StandardError.ReadToEndAsync();
+        await process.StandardOutput.ReadToEndAsync();
+        await process.WaitForExitAsync();
+        return (process.ExitCode, await error);
+    }
+
+    [Test]
     public async Task Scrub_POST_over_the_socket_starts_a_scrub_and_answers_the_status()
     {
         await using ControlServer control = Start();

@@ -18,6 +18,7 @@ namespace NbdServer.Frontend.Tests;
 /// stays bounded. Seeded (NBD_FUZZ_SEED replays), NBD_FUZZ_SECONDS runs longer.
 /// </summary>
 [TestFixture]
+[Category("Fuzz")]
 [CancelAfter(Fuzz.MaxSeconds * 1000 + 120_000)]
 public sealed class NbdFuzzTests
 {
