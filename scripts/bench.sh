@@ -79,8 +79,8 @@ start_volume() {
     eps+=("$ep")
   done
   port=$(free_port)
-  ctl=$(free_port)
-  "$bin_up" --downstairs "$(IFS=,; echo "${eps[*]}")" --listen "127.0.0.1:$port" --control "127.0.0.1:$ctl" --export vol0 "${up_tls[@]}" > "$work/$name.log" 2>&1 &
+  ctl="$work/$name-control.sock"
+  "$bin_up" --downstairs "$(IFS=,; echo "${eps[*]}")" --listen "127.0.0.1:$port" --control "$ctl" --export vol0 "${up_tls[@]}" > "$work/$name.log" 2>&1 &
   up_pid_of[$name]=$!
   bench_track "$!"
   ds_pids_of[$name]="${pids[*]}"
@@ -128,9 +128,9 @@ for k in "${!names[@]}"; do
   kill -0 "${all_pids[$k]}" 2>/dev/null || { echo "bench.sh: ${names[$k]} died during the run" >&2; cat "$work"/*.log >&2; exit 1; }
 done
 for v in "${volumes[@]}"; do
-  if ! "$bin_up" status --control "127.0.0.1:${control[$v]}" | grep -q '3/3 replicas in service'; then
+  if ! "$bin_up" status --control "${control[$v]}" | grep -q '3/3 replicas in service'; then
     echo "bench.sh: WARNING: not all replicas of $v stayed in service during the run:" >&2
-    "$bin_up" status --control "127.0.0.1:${control[$v]}" >&2 || true
+    "$bin_up" status --control "${control[$v]}" >&2 || true
   fi
 done
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts a complete local replicated volume: three nbd-downstairs processes (regions under DATA/ds0..2,
 # created on first run) and nbd-server serving them as export "vol0" (also the default, empty name)
-# on 127.0.0.1:10809, status on 127.0.0.1:10810. Ctrl-C stops all of it; the next run finds the same data.
+# on 127.0.0.1:10809, its control socket at DATA/control.sock (nbd-server status --control DATA/control.sock).
+# Ctrl-C stops all of it; the next run finds the same data.
 # Usage: scripts/run.sh [--data DIR] [--size SIZE] [--tls] [extra nbd-server options]
 #   --tls  mutual TLS on the upstairs-downstairs links (certificates made by nbd-certs under DATA/tls
 #          on first use); without it the links stay plaintext, which is allowed on loopback only
@@ -77,10 +78,10 @@ cat <<MSG
 nbd-server: replicated volume "vol0" on 127.0.0.1:10809 (replicas on ports ${ports[*]}$([ "$tls" = true ] && echo ", mutual TLS"), logs in $data/ds*.log)
   attach:  nbd-client 127.0.0.1 10809 /dev/nbd0 -N vol0
   look:    nbdinfo nbd://127.0.0.1:10809/vol0
-           $bin_up status --watch
+           $bin_up status --watch --control $data/control.sock
   poke:    qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10809/vol0
 Ctrl-C stops it; the next run finds the same data.
 MSG
-"$bin_up" --downstairs "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}" --export vol0 "${up_tls[@]}" "${args[@]}" &
+"$bin_up" --downstairs "127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}" --export vol0 --control "$data/control.sock" "${up_tls[@]}" "${args[@]}" &
 upstairs=$!
 wait "$upstairs"

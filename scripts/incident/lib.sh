@@ -151,17 +151,18 @@ inc_connect_list() {
   echo "$out"
 }
 
-# inc_start_up: starts nbd-server on free ports; sets UP_NBD and UP_CONTROL. Its log appends to $W/up.log.
+# inc_start_up: starts nbd-server on a free port; sets UP_NBD and UP_CONTROL (the control socket,
+# $W/control.sock). Its log appends to $W/up.log.
 inc_start_up() {
   local n mark
   mark=$(wc -l <"$W/up.log" 2>/dev/null || echo 0)
-  setsid dotnet "$INC_BIN_UP" --downstairs "$(inc_connect_list)" --listen 127.0.0.1:0 --control 127.0.0.1:0 "${UP_TLS[@]}" "${UP_EXTRA[@]}" >>"$W/up.log" 2>&1 &
+  setsid dotnet "$INC_BIN_UP" --downstairs "$(inc_connect_list)" --listen 127.0.0.1:0 --control "$W/control.sock" "${UP_TLS[@]}" "${UP_EXTRA[@]}" >>"$W/up.log" 2>&1 &
   UP_PID=$!
   echo "up $UP_PID" >>"$W/pids"
   UP_NBD="" UP_CONTROL=""
   for n in $(seq 1 300); do
     UP_NBD=$(tail -n +$((mark + 1)) "$W/up.log" | grep -o 'Serving NBD on 127.0.0.1:[0-9]*' | tail -1 | sed 's/.*on //') || true
-    UP_CONTROL=$(tail -n +$((mark + 1)) "$W/up.log" | grep -o 'Control endpoint on 127.0.0.1:[0-9]*' | tail -1 | sed 's/.*on //') || true
+    UP_CONTROL=$(tail -n +$((mark + 1)) "$W/up.log" | grep -o "Control socket on $W/control.sock" | tail -1 | sed 's/.*on //') || true
     [ -n "$UP_NBD" ] && [ -n "$UP_CONTROL" ] && break
     kill -0 "$UP_PID" 2>/dev/null || break
     sleep 0.1
@@ -228,9 +229,9 @@ inc_stop_load() {
 inc_fault_begin() { inc_log_marks fault_begin; event fault_begin; say "fault: $*"; }
 inc_fault_end() { event fault_end; say "fault removed"; }
 
-inc_status() { curl -s --max-time 2 "http://$UP_CONTROL/status" || true; }
+inc_status() { curl -s --max-time 2 --unix-socket "$UP_CONTROL" http://localhost/status || true; }
 
-# inc_wait_active TIMEOUT: polls the control endpoint until every replica is Active; records repair time.
+# inc_wait_active TIMEOUT: polls the control socket until every replica is Active; records repair time.
 inc_wait_active() {
   local timeout=$1 start end states
   start=$(now)

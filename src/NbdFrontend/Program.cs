@@ -54,7 +54,7 @@ try
     HostApplicationBuilder builder = Host.CreateApplicationBuilder();
     builder.Services.AddSerilog();
     builder.Services.AddSingleton(command);
-    builder.Services.AddOperations(command.Metrics);
+    builder.Services.AddOperations(command.Metrics, command.Http);
     builder.Services.AddHostedService<NbdService>();
     using IHost host = builder.Build();
     await host.RunAsync();
@@ -88,9 +88,11 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
             // The control endpoint comes up first, so `nbd-server status` shows a long reconciliation's progress.
             var replicated = await ReplicatedVolume.StartAsync(engine, logger, created: v =>
             {
-                _control = new ControlServer(command.Control, v.GetStatus, () => v.StartScrub());
+                string path = command.Control ?? ControlServer.DefaultPath(create: true)
+                    ?? throw new InvalidOperationException($"no directory for the control socket ({ControlServer.SystemRuntimeDirectory} and $XDG_RUNTIME_DIR unusable); give --control PATH");
+                _control = new ControlServer(path, v.GetStatus, () => v.StartScrub(), command.Http);
                 _control.Start();
-                FrontendLog.ControlListening(logger, _control.LocalEndPoint.ToString());
+                FrontendLog.ControlListening(logger, path);
             }, lifetime.ApplicationStopping);
             _volume = replicated;
             _metrics = new EngineMetrics(replicated);

@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Net;
+using NbdServer.Common.Hosting;
 using NbdServer.Common.Text;
 using NbdServer.Common.Tls;
 using NbdServer.Frontend.Server;
@@ -25,7 +26,8 @@ internal sealed record ServeCommand
             nbd-server [OPTIONS]
             nbd-server --file PATH [--size SIZE] [OPTIONS]
             nbd-server --downstairs A:P,B:P,C:P [OPTIONS]
-            nbd-server status [--control ADDR:PORT] [--watch] [--json]
+            nbd-server status [--control PATH] [--watch] [--json]
+            nbd-server scrub [--control PATH] [--wait]
             nbd-server verify --help
 
         DESCRIPTION
@@ -43,7 +45,10 @@ internal sealed record ServeCommand
         REPLICATION (with --downstairs)
             --generation N           activation generation (default: one above the highest any
                                      replica has seen; two upstairs must never share one)
-            --control ADDR:PORT      status endpoint (default 127.0.0.1:10810; see `nbd-server status`)
+            --control PATH           the control socket (status, scrub), a Unix socket of mode 0600
+                                     (default $RUNTIME_DIRECTORY/control.sock under systemd, else
+                                     /run/nbd-server/control.sock if writable, else
+                                     $XDG_RUNTIME_DIR/nbd-server/control.sock; see `nbd-server status`)
             --max-outstanding-jobs N jobs one replica may owe before it is faulted (default 900)
             --max-outstanding-bytes SIZE
                                      bytes one replica may owe before it is faulted (default 64MiB)
@@ -105,6 +110,10 @@ internal sealed record ServeCommand
             --metrics ADDR:PORT      serve Prometheus metrics on http://ADDR:PORT/metrics (off by
                                      default; use 127.0.0.1): meters NbdServer.Frontend,
                                      NbdServer.ReplicaEngine, System.Runtime
+            --http-max-connections N requests the control socket and the metrics endpoint each
+                                     serve at once; more are closed at once (default 8)
+            --http-timeout SECONDS   time one control or metrics request may take, reading the
+                                     request and sending the answer (default 5)
             --config FILE            read settings from FILE (default /etc/nbd-server/nbd-server.json
                                      if it exists)
             -h, --help               this text
@@ -155,7 +164,11 @@ internal sealed record ServeCommand
 
     public EngineOptions? Engine { get; init; }
 
-    public IPEndPoint Control { get; init; } = new(IPAddress.Loopback, Server.ControlServer.DefaultPort);
+    /// <summary>The control socket's path; null: <see cref="Server.ControlServer.DefaultPath"/>.</summary>
+    public string? Control { get; init; }
+
+    /// <summary>Connection cap and deadline of the control socket and the metrics endpoint.</summary>
+    public LocalHttpLimits Http { get; init; } = new();
 
     public static ServeCommand Parse(IReadOnlyList<string> args)
     {
@@ -257,7 +270,13 @@ internal sealed record ServeCommand
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { Generation = ulong.Parse(Value(), NumberStyles.None, CultureInfo.InvariantCulture) } };
                     break;
                 case "--control":
-                    command = command with { Control = ParseEndPoint(Value(), arg) };
+                    command = command with { Control = ParseControlPath(Value(), arg) };
+                    break;
+                case "--http-max-connections":
+                    command = command with { Http = command.Http with { MaxConnections = ParseInt(Value(), arg) } };
+                    break;
+                case "--http-timeout":
+                    command = command with { Http = command.Http with { Timeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) } };
                     break;
                 case "--max-outstanding-jobs":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { MaxOutstandingJobs = ParseInt(Value(), arg) } };
@@ -383,6 +402,19 @@ internal sealed record ServeCommand
     };
 
     private static string[] List(string text) => text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+    /// <summary>A socket path; an ADDR:PORT (the control endpoint's old TCP form) is refused with the reason.</summary>
+    internal static string ParseControlPath(string text, string setting)
+    {
+        if (Server.ControlServer.RefuseTcp(text, setting) is { } refusal)
+        {
+            throw new ArgumentException(refusal);
+        }
+        if (text.Length == 0)
+        {
+            throw new ArgumentException($"{setting}: the path must not be empty.");
+        }
+        return text;
+    }
 
     private static int ParseInt(string text, string setting) =>
         int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int value) && value > 0

@@ -1,5 +1,5 @@
 using System.Globalization;
-using System.Net;
+using System.Net.Sockets;
 using System.Text;
 using System.Text.Json;
 using NbdServer.Common.Text;
@@ -8,29 +8,32 @@ using NbdServer.ReplicaEngine;
 
 namespace NbdServer.Frontend;
 
-/// <summary><c>nbd-server status [--control ADDR:PORT] [--watch] [--json]</c>: the table an operator watches.</summary>
+/// <summary><c>nbd-server status [--control PATH] [--watch] [--json]</c>: the table an operator watches.</summary>
 internal static class StatusCommand
 {
     public const string Usage = """
         nbd-server status - show the replicated volume's replicas
 
         SYNOPSIS
-            nbd-server status [--control ADDR:PORT] [--watch] [--json]
+            nbd-server status [--control PATH] [--watch] [--json]
 
         DESCRIPTION
-            Asks a running nbd-server (its control endpoint, default 127.0.0.1:10810) for the state
+            Asks a running nbd-server (its control socket) for the state
             of each replica: in service, repairing or faulted; jobs and bytes outstanding; jobs
             completed per second; errors; faults and the last reason; live repair progress.
 
         OPTIONS
-            --control ADDR:PORT   the server's control endpoint (default 127.0.0.1:10810)
+            --control PATH        the server's control socket (default: the first that exists of
+                                  $RUNTIME_DIRECTORY/control.sock, /run/nbd-server/control.sock,
+                                  $XDG_RUNTIME_DIR/nbd-server/control.sock); it is mode 0600, so
+                                  run as root or as the server's user
             --watch               refresh every second until Ctrl-C
             --json                print the raw JSON
         """;
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
-        IPEndPoint control = new(IPAddress.Loopback, ControlServer.DefaultPort);
+        string? control = null;
         bool watch = false;
         bool json = false;
         for (int i = 0; i < args.Count; i++)
@@ -38,7 +41,12 @@ internal static class StatusCommand
             switch (args[i])
             {
                 case "--control" when i + 1 < args.Count:
-                    control = ServeCommand.ParseEndPoint(args[++i], "--control");
+                    if (ControlServer.RefuseTcp(args[++i], "--control") is { } refusal)
+                    {
+                        Console.Error.WriteLine($"nbd-server: {refusal}");
+                        return 2;
+                    }
+                    control = args[i];
                     break;
                 case "--watch":
                     watch = true;
@@ -54,7 +62,8 @@ internal static class StatusCommand
                     return 2;
             }
         }
-        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(5) };
+        control ??= DefaultControl();
+        using HttpClient http = Client(control);
         using var cancel = new CancellationTokenSource();
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; cancel.Cancel(); };
         do
@@ -62,7 +71,7 @@ internal static class StatusCommand
             string body;
             try
             {
-                body = await http.GetStringAsync(new Uri($"http://{control}/status"), cancel.Token);
+                body = await http.GetStringAsync(StatusUri, cancel.Token);
             }
             catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
             {
@@ -106,7 +115,7 @@ internal static class StatusCommand
         nbd-server scrub - check every block of every replica, repair bad copies
 
         SYNOPSIS
-            nbd-server scrub [--control ADDR:PORT] [--wait] [--timeout SECONDS]
+            nbd-server scrub [--control PATH] [--wait] [--timeout SECONDS]
 
         DESCRIPTION
             A read checks only the copy it reads; rot in a copy nobody reads stays until a scrub.
@@ -115,7 +124,10 @@ internal static class StatusCommand
             goes on. Progress shows in `nbd-server status`.
 
         OPTIONS
-            --control ADDR:PORT   the server's control endpoint (default 127.0.0.1:10810)
+            --control PATH        the server's control socket (default: the first that exists of
+                                  $RUNTIME_DIRECTORY/control.sock, /run/nbd-server/control.sock,
+                                  $XDG_RUNTIME_DIR/nbd-server/control.sock); it is mode 0600, so
+                                  run as root or as the server's user
             --wait                wait for the scrub to finish and print its result
             --timeout SECONDS     give up waiting after this long (default 3600)
 
@@ -126,7 +138,7 @@ internal static class StatusCommand
     /// <summary><c>nbd-server scrub</c>: starts a scrub through the control endpoint, optionally waits for it.</summary>
     public static async Task<int> ScrubAsync(IReadOnlyList<string> args)
     {
-        IPEndPoint control = new(IPAddress.Loopback, ControlServer.DefaultPort);
+        string? control = null;
         bool wait = false;
         double timeoutSeconds = 3600;
         for (int i = 0; i < args.Count; i++)
@@ -134,7 +146,12 @@ internal static class StatusCommand
             switch (args[i])
             {
                 case "--control" when i + 1 < args.Count:
-                    control = ServeCommand.ParseEndPoint(args[++i], "--control");
+                    if (ControlServer.RefuseTcp(args[++i], "--control") is { } refusal)
+                    {
+                        Console.Error.WriteLine($"nbd-server: {refusal}");
+                        return 2;
+                    }
+                    control = args[i];
                     break;
                 case "--wait":
                     wait = true;
@@ -150,15 +167,16 @@ internal static class StatusCommand
                     return 2;
             }
         }
-        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(5) };
+        control ??= DefaultControl();
+        using HttpClient http = Client(control);
         var deadline = DateTime.UtcNow.AddSeconds(timeoutSeconds);
         try
         {
-            using HttpResponseMessage started = await http.PostAsync(new Uri($"http://{control}/scrub"), null);
+            using HttpResponseMessage started = await http.PostAsync(ScrubUri, null);
             started.EnsureSuccessStatusCode();
             while (wait)
             {
-                EngineStatus status = JsonSerializer.Deserialize<EngineStatus>(await http.GetStringAsync(new Uri($"http://{control}/status")), ControlServer.Json)!;
+                EngineStatus status = JsonSerializer.Deserialize<EngineStatus>(await http.GetStringAsync(StatusUri), ControlServer.Json)!;
                 if (status.Scrub is { Running: false } done)
                 {
                     Console.WriteLine(FormatScrub(done));
@@ -180,6 +198,32 @@ internal static class StatusCommand
             return 1;
         }
     }
+
+    private static readonly Uri StatusUri = new("http://localhost/status");
+    private static readonly Uri ScrubUri = new("http://localhost/scrub");
+
+    private static string DefaultControl() =>
+        ControlServer.DefaultPath(create: false) ?? Path.Combine(ControlServer.SystemRuntimeDirectory, ControlServer.SocketName);
+
+    /// <summary>An HTTP client whose every connection goes to the Unix socket at <paramref name="path"/>.</summary>
+    internal static HttpClient Client(string path) => new(new SocketsHttpHandler
+    {
+        ConnectCallback = async (_, cancel) =>
+        {
+            var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            try
+            {
+                await socket.ConnectAsync(new UnixDomainSocketEndPoint(path), cancel);
+                return new NetworkStream(socket, ownsSocket: true);
+            }
+            catch
+            {
+                socket.Dispose();
+                throw;
+            }
+        },
+    })
+    { Timeout = TimeSpan.FromSeconds(5) };
 
     private static string FormatScrub(ScrubStatus s) => string.Create(CultureInfo.InvariantCulture,
         $"scrub {(s.Running ? "running" : s.Problem is null ? "complete" : $"stopped: {s.Problem}")}: {s.ExtentsDone}/{s.ExtentTotal} extents, {s.BlocksChecked} block copies checked, {s.BlocksRepaired} repaired");

@@ -31,6 +31,12 @@ public sealed partial class ConfigurationDocTests
         ["Metrics"] = "--metrics",
     };
 
+    private static readonly Dictionary<string, string> HttpOptions = new(StringComparer.Ordinal)
+    {
+        ["MaxConnections"] = "--http-max-connections",
+        ["Timeout"] = "--http-timeout",
+    };
+
     private static readonly Dictionary<string, string> DownstairsOptions = new(StringComparer.Ordinal)
     {
         ["DataDir"] = "--data",
@@ -91,7 +97,8 @@ public sealed partial class ConfigurationDocTests
         var text = new StringBuilder("\n");
         Table(text, "nbd-server: the NBD frontend", "NBD_SERVER_", server.GetType("NbdServer.Frontend.Server.FrontendOptions", true)!, serverOptions, serveUsage);
         Table(text, "nbd-server: the replica engine (with --downstairs)", "NBD_SERVER_", engine.GetType("NbdServer.ReplicaEngine.EngineOptions", true)!, serverOptions, serveUsage);
-        Table(text, "nbd-server: volume and service", "NBD_SERVER_", serve, serverOptions, serveUsage, skip: ["Frontend", "Engine", "Help"]);
+        Table(text, "nbd-server: volume and service", "NBD_SERVER_", serve, serverOptions, serveUsage, skip: ["Frontend", "Engine", "Help", "Http"]);
+        Table(text, "nbd-server: control socket and metrics endpoint (nbd-downstairs' metrics endpoint uses the defaults)", "NBD_SERVER_", typeof(NbdServer.Common.Hosting.LocalHttpLimits), HttpOptions, serveUsage);
         Table(text, "nbd-downstairs run", "NBD_DOWNSTAIRS_", downstairs.GetType("NbdServer.Downstairs.Server.DownstairsOptions", true)!, DownstairsOptions, runUsage);
         text.Append(CultureInfo.InvariantCulture, $"Log throttle (both daemons): at most {NbdServer.Common.Logging.LogThrottle.DefaultMaxKeys} distinct repeated errors are tracked per interval; more share one overflow count.\n\n");
         return text.ToString();

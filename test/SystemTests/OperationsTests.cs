@@ -105,7 +105,7 @@ public sealed class OperationsTests
                 ["NBD_SERVER_DOWNSTAIRS"] = string.Join(',', endPoints),
                 ["NBD_SERVER_DOWNSTAIRS_TLS_DIR"] = upTls,
                 ["NBD_SERVER_LISTEN"] = "127.0.0.1:0",
-                ["NBD_SERVER_CONTROL"] = "127.0.0.1:0",
+                ["NBD_SERVER_CONTROL"] = Path.Combine(_root, "control.sock"),
                 ["NBD_SERVER_METRICS"] = "127.0.0.1:0",
                 ["NOTIFY_SOCKET"] = notifyPath,
                 ["WATCHDOG_USEC"] = "400000",
@@ -126,6 +126,12 @@ public sealed class OperationsTests
             ExternalTool.Result io = await ExternalTool.RunAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M", $"nbd://127.0.0.1:{port}/vol0"], TimeSpan.FromSeconds(60));
             Assert.That(io.ExitCode, Is.Zero, io.ToString());
 
+            // The control socket: the server's user only (root here), and `nbd-server status` reaches it.
+            NbdServer.Common.Posix.PosixFileStatus control = NbdServer.Common.Posix.UnixSocketFile.Stat(Path.Combine(_root, "control.sock"))!.Value;
+            Assert.That((control.IsSocket, control.Mode, control.Uid), Is.EqualTo((true, UnixFileMode.UserRead | UnixFileMode.UserWrite, NbdServer.Common.Posix.UnixSocketFile.Stat(_root)!.Value.Uid)));
+            ExternalTool.Result status = await ExternalTool.RunAsync(Path.Combine(bin, "nbd-server"), ["status", "--control", Path.Combine(_root, "control.sock")], TimeSpan.FromSeconds(30));
+            Assert.That(status.Output, Does.Contain("3/3 replicas in service"), status.ToString());
+
             string metrics = await ScrapeAsync(metricsPort);
             Assert.That(metrics, Does.Contain("nbd_frontend_requests_total{command=\"write\"}"));
             Assert.That(metrics, Does.Contain("nbd_replica_outstanding_jobs{replica=\"0\"}"));
@@ -138,6 +144,7 @@ public sealed class OperationsTests
             Assert.That(await server.TerminateAsync(TimeSpan.FromSeconds(60)), Is.Zero, server.Log);
             List<string> stopping = await ReceiveAsync(notify, m => m == "STOPPING=1", TimeSpan.FromSeconds(5));
             Assert.That(stopping, Does.Contain("STOPPING=1"));
+            Assert.That(File.Exists(Path.Combine(_root, "control.sock")), Is.False, "the control socket outlived the server");
             foreach (LoggedProcess ds in downstairs)
             {
                 Assert.That(await ds.TerminateAsync(TimeSpan.FromSeconds(30)), Is.Zero, ds.Log);

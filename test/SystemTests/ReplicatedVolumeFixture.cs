@@ -183,7 +183,8 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
 
     public NbdServerProcess? Upstairs { get; private set; }
 
-    public int ControlPort { get; private set; }
+    /// <summary>nbd-server's control socket (a fresh one per fixture, in its scratch directory).</summary>
+    public string ControlPath => System.IO.Path.Combine(Scratch, "control.sock");
 
     public string Uri => (Upstairs ?? throw new InvalidOperationException("nbd-server is not running")).Uri();
 
@@ -268,10 +269,8 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
         }
         Upstairs = null;
         Upstairs = await NbdServerProcess.StartAsync(["--downstairs", string.Join(',', Downstairs.Select(d => d.EndPoint)),
-            "--control", "127.0.0.1:0", .. extraArgs]);
-        Match m = ControlLine().Match(Upstairs.Log);
-        Assert.That(m.Success, Is.True, $"no control endpoint line in the nbd-server log:\n{Upstairs.Log}");
-        ControlPort = int.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture);
+            "--control", ControlPath, .. extraArgs]);
+        Assert.That(Upstairs.Log, Does.Contain($"Control socket on {ControlPath}"), $"no control socket line in the nbd-server log:\n{Upstairs.Log}");
     }
 
     /// <summary>SIGKILL of nbd-server: nothing it held is flushed.</summary>
@@ -289,7 +288,7 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
     public async Task<VolumeStatus> StatusAsync()
     {
         ExternalTool.Result r = await RunDotnetAsync("nbd-server.dll",
-            ["status", "--control", $"127.0.0.1:{ControlPort.ToString(CultureInfo.InvariantCulture)}", "--json"], TimeSpan.FromSeconds(20));
+            ["status", "--control", ControlPath, "--json"], TimeSpan.FromSeconds(20));
         Assert.That(r.ExitCode, Is.EqualTo(0), $"nbd-server status: {r}");
         using JsonDocument json = JsonDocument.Parse(r.Output);
         JsonElement root = json.RootElement;
@@ -371,8 +370,6 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
         _scratch.Dispose();
     }
 
-    [GeneratedRegex(@"Control endpoint on 127\.0\.0\.1:(\d+)")]
-    private static partial Regex ControlLine();
 }
 
 internal sealed record VolumeStatus(ulong Generation, int InService, string[] States, long[] Faults, string Json)

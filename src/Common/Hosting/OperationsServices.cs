@@ -9,19 +9,19 @@ namespace NbdServer.Common.Hosting;
 public static partial class OperationsServices
 {
     /// <summary>Call before adding the daemon's own hosted service, so READY follows its start and metrics outlive its stop.</summary>
-    public static IServiceCollection AddOperations(this IServiceCollection services, IPEndPoint? metrics)
+    public static IServiceCollection AddOperations(this IServiceCollection services, IPEndPoint? metrics, LocalHttpLimits? httpLimits = null)
     {
         // Under systemd: SystemdLifetime (READY=1 once started, STOPPING=1, SIGTERM → graceful stop).
         services.AddSystemd();
         services.AddHostedService<SystemdNotifyService>();
         if (metrics is not null)
         {
-            services.AddHostedService(sp => new MetricsService(metrics, sp.GetRequiredService<ILogger<MetricsService>>()));
+            services.AddHostedService(sp => new MetricsService(metrics, httpLimits, sp.GetRequiredService<ILogger<MetricsService>>()));
         }
         return services;
     }
 
-    private sealed class MetricsService(IPEndPoint endPoint, ILogger logger) : IHostedService, IAsyncDisposable
+    private sealed class MetricsService(IPEndPoint endPoint, LocalHttpLimits? limits, ILogger logger) : IHostedService, IAsyncDisposable
     {
         private PrometheusExporter? _exporter;
         private MetricsEndpoint? _endpoint;
@@ -29,7 +29,7 @@ public static partial class OperationsServices
         public Task StartAsync(CancellationToken cancellationToken)
         {
             _exporter = new PrometheusExporter();
-            _endpoint = new MetricsEndpoint(endPoint, _exporter);
+            _endpoint = new MetricsEndpoint(endPoint, _exporter, limits);
             _endpoint.Start();
             MetricsListening(logger, _endpoint.LocalEndPoint.ToString());
             return Task.CompletedTask;

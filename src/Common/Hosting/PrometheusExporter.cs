@@ -259,16 +259,20 @@ public sealed class PrometheusExporter : IDisposable
 }
 
 /// <summary>
-/// <c>--metrics ADDR:PORT</c>: answers <c>GET /metrics</c> with <see cref="PrometheusExporter.Scrape"/>.
+/// <c>--metrics ADDR:PORT</c>: answers <c>GET /metrics</c> with <see cref="PrometheusExporter.Scrape"/>,
+/// and nothing else (other paths 404, other methods 405, a Host that isn't local 400).
 /// Opt-in and meant for localhost (a Prometheus agent or node exporter textfile on the same host).
 /// </summary>
-public sealed class MetricsEndpoint(IPEndPoint endPoint, PrometheusExporter exporter) : IAsyncDisposable
+public sealed class MetricsEndpoint(IPEndPoint endPoint, PrometheusExporter exporter, LocalHttpLimits? limits = null) : IAsyncDisposable
 {
-    private readonly LocalHttpEndpoint _http = new(endPoint, (_, path) => path is "/metrics" or "/"
-        ? new LocalHttpResponse("200 OK", "text/plain; version=0.0.4; charset=utf-8", Encoding.UTF8.GetBytes(exporter.Scrape()))
-        : LocalHttpResponse.NotFound("try /metrics"));
+    private readonly LocalHttpEndpoint _http = new(endPoint, request => request switch
+    {
+        { Method: "GET", Path: "/metrics" } => new LocalHttpResponse("200 OK", "text/plain; version=0.0.4; charset=utf-8", Encoding.UTF8.GetBytes(exporter.Scrape())),
+        { Path: "/metrics" } => LocalHttpResponse.MethodNotAllowed("only GET /metrics"),
+        _ => LocalHttpResponse.NotFound("try GET /metrics"),
+    }, limits);
 
-    public IPEndPoint LocalEndPoint => _http.LocalEndPoint;
+    public IPEndPoint LocalEndPoint => (IPEndPoint)_http.LocalEndPoint;
 
     public void Start() => _http.Start();
 

@@ -79,6 +79,9 @@ internal sealed class DownstairsClient : IAsyncDisposable
     private readonly Task _receiveLoop;
     private readonly ITimer? _pinger;
     private readonly TimeSpan _pingInterval;
+
+    /// <summary>Cancelled once the link has failed or been disposed: releases callers waiting for a send slot.</summary>
+    private readonly CancellationTokenSource _closed = new();
     private Exception? _failure;
     private long _internalIds;
     private long _lastSend;
@@ -316,7 +319,7 @@ internal sealed class DownstairsClient : IAsyncDisposable
     private async Task<DownstairsResult> SendAsync(Pending pending, ulong jobId, Func<OutgoingFrame> build, CancellationToken cancellationToken)
     {
         ThrowIfFailed();
-        await _slots.WaitAsync(cancellationToken).ConfigureAwait(false);
+        await WaitForSlotAsync(cancellationToken).ConfigureAwait(false);
         if (!_pending.TryAdd(jobId, pending))
         {
             _slots.Release();
@@ -333,6 +336,28 @@ internal sealed class DownstairsClient : IAsyncDisposable
             _sender.Enqueue(build());
         }
         return await pending.Task.ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// A send slot, or a <see cref="DownstairsConnectionException"/> once the link fails: a peer that
+    /// stops answering (or announced a tiny job limit) must not leave callers waiting forever.
+    /// </summary>
+    private async Task WaitForSlotAsync(CancellationToken cancellationToken)
+    {
+        if (_slots.Wait(0, CancellationToken.None))
+        {
+            return;
+        }
+        using CancellationTokenSource? linked = cancellationToken.CanBeCanceled ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _closed.Token) : null;
+        try
+        {
+            await _slots.WaitAsync(linked?.Token ?? _closed.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (_closed.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
+        {
+            ThrowIfFailed();
+            throw;
+        }
     }
 
     private async Task ReceiveLoopAsync(PipeReader reader)
@@ -363,10 +388,19 @@ internal sealed class DownstairsClient : IAsyncDisposable
         {
             failure = new DownstairsConnectionException($"connection to downstairs lost: {e.Message}", e);
         }
+        catch (Exception e)
+        {
+            // Whatever else ends the loop ends only this link: a transport disposed under a pending read
+            // (an in-process pipe says InvalidOperationException), or a reply we failed to handle. The
+            // pending jobs fail below and the engine faults this replica; letting it escape would leave
+            // Completion faulted with an exception nobody expects.
+            failure = new DownstairsConnectionException($"connection to downstairs failed: {e.Message}", e);
+        }
         finally
         {
             Interlocked.CompareExchange(ref _failure, failure, null);
             _pinger?.Dispose();
+            await _closed.CancelAsync().ConfigureAwait(false);
             _sender.Complete();
             await reader.CompleteAsync().ConfigureAwait(false);
             await _stream.DisposeAsync().ConfigureAwait(false);
@@ -482,6 +516,7 @@ internal sealed class DownstairsClient : IAsyncDisposable
         {
             await _pinger.DisposeAsync().ConfigureAwait(false);
         }
+        await _closed.CancelAsync().ConfigureAwait(false);
         _sender.Complete();
         if (_stream is NetworkStream { Socket: { } socket })
         {
@@ -499,7 +534,8 @@ internal sealed class DownstairsClient : IAsyncDisposable
         }
         await _stream.DisposeAsync().ConfigureAwait(false);
         await _receiveLoop.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
-        _slots.Dispose();
+        // _slots and _closed are not disposed: a caller racing with dispose may still touch them, and
+        // neither holds a kernel handle (no AvailableWaitHandle, no timer).
     }
 
     private sealed class Pending(MessageType replyType)

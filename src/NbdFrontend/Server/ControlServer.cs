@@ -1,4 +1,4 @@
-using System.Net;
+using System.Net.Sockets;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using NbdServer.Common.Hosting;
@@ -7,13 +7,18 @@ using NbdServer.ReplicaEngine;
 namespace NbdServer.Frontend.Server;
 
 /// <summary>
-/// The localhost control endpoint: answers any HTTP request with the engine status as JSON, and
-/// <c>POST /scrub</c> also starts a scrub (<c>curl http://127.0.0.1:10810/status</c>, or
-/// <c>nbd-server status</c> / <c>nbd-server scrub</c>).
+/// The control endpoint, a Unix socket (mode 0600: only the server's user and root may connect):
+/// <c>GET /status</c> answers the engine status as JSON, <c>POST /scrub</c> starts a scrub and
+/// answers the status (<c>nbd-server status</c> / <c>nbd-server scrub</c>, or
+/// <c>curl --unix-socket /run/nbd-server/control.sock http://localhost/status</c>).
+/// There is no TCP form: it can change state, and a TCP port on loopback is open to every local user.
 /// </summary>
-internal sealed class ControlServer(IPEndPoint endPoint, Func<EngineStatus> status, Action? startScrub = null) : IAsyncDisposable
+internal sealed class ControlServer(string path, Func<EngineStatus> status, Action? startScrub = null, LocalHttpLimits? limits = null) : IAsyncDisposable
 {
-    public const int DefaultPort = 10810;
+    public const string SocketName = "control.sock";
+
+    /// <summary>The socket's directory when systemd runs the service: <c>RuntimeDirectory=nbd-server</c>.</summary>
+    public const string SystemRuntimeDirectory = "/run/nbd-server";
 
     internal static readonly JsonSerializerOptions Json = new(JsonSerializerDefaults.Web)
     {
@@ -21,18 +26,79 @@ internal sealed class ControlServer(IPEndPoint endPoint, Func<EngineStatus> stat
         Converters = { new JsonStringEnumConverter() },
     };
 
-    private readonly LocalHttpEndpoint _http = new(endPoint, (method, path) =>
+    private readonly LocalHttpEndpoint _http = new(new UnixDomainSocketEndPoint(path), request => request switch
     {
-        if (method == "POST" && path == "/scrub")
-        {
-            startScrub?.Invoke();
-        }
-        return new LocalHttpResponse("200 OK", "application/json", JsonSerializer.SerializeToUtf8Bytes(status(), Json));
-    });
+        { Method: "GET", Path: "/status" or "/" } => Status(status()),
+        { Method: "POST", Path: "/scrub" } => StartScrub(startScrub, status),
+        { Path: "/status" or "/" or "/scrub" } => LocalHttpResponse.MethodNotAllowed("GET /status, POST /scrub"),
+        _ => LocalHttpResponse.NotFound("GET /status, POST /scrub"),
+    }, limits);
 
-    public IPEndPoint LocalEndPoint => _http.LocalEndPoint;
+    public string Path => path;
 
     public void Start() => _http.Start();
 
     public ValueTask DisposeAsync() => _http.DisposeAsync();
+
+    private static LocalHttpResponse Status(EngineStatus status) =>
+        new("200 OK", "application/json", JsonSerializer.SerializeToUtf8Bytes(status, Json));
+
+    private static LocalHttpResponse StartScrub(Action? startScrub, Func<EngineStatus> status)
+    {
+        startScrub?.Invoke();
+        return Status(status());
+    }
+
+    /// <summary>
+    /// Where the control socket lives when <c>--control</c> isn't given, for the server and for
+    /// <c>nbd-server status</c> alike: <c>$RUNTIME_DIRECTORY/control.sock</c> under systemd;
+    /// else <c>/run/nbd-server/control.sock</c> if that directory exists or can be made (root);
+    /// else <c>$XDG_RUNTIME_DIR/nbd-server/control.sock</c> (a user's private runtime directory).
+    /// Null when none applies: the operator must say <c>--control PATH</c>.
+    /// </summary>
+    public static string? DefaultPath(bool create)
+    {
+        if (Environment.GetEnvironmentVariable("RUNTIME_DIRECTORY") is { Length: > 0 } runtime)
+        {
+            // systemd may list several directories separated by ':'; ours is the first.
+            return System.IO.Path.Combine(runtime.Split(':')[0], SocketName);
+        }
+        if (Usable(SystemRuntimeDirectory, create))
+        {
+            return System.IO.Path.Combine(SystemRuntimeDirectory, SocketName);
+        }
+        if (Environment.GetEnvironmentVariable("XDG_RUNTIME_DIR") is { Length: > 0 } xdg && Usable(System.IO.Path.Combine(xdg, "nbd-server"), create))
+        {
+            return System.IO.Path.Combine(xdg, "nbd-server", SocketName);
+        }
+        return null;
+    }
+
+    private static bool Usable(string directory, bool create)
+    {
+        if (!create || OperatingSystem.IsWindows())
+        {
+            return File.Exists(System.IO.Path.Combine(directory, SocketName));
+        }
+        try
+        {
+            // 0755: the directory is only a place to look; the socket's own mode decides who may connect.
+            Directory.CreateDirectory(directory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute
+                | UnixFileMode.GroupRead | UnixFileMode.GroupExecute | UnixFileMode.OtherRead | UnixFileMode.OtherExecute);
+            string probe = System.IO.Path.Combine(directory, $".probe-{Environment.ProcessId}");
+            File.WriteAllBytes(probe, []);
+            File.Delete(probe);
+            return true;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>The refusal of an <c>ADDR:PORT</c> where a socket path belongs (the endpoint was TCP before).</summary>
+    public static string? RefuseTcp(string value, string setting) =>
+        !value.Contains('/', StringComparison.Ordinal) && value.Contains(':', StringComparison.Ordinal)
+            ? $"{setting}: '{value}' looks like ADDRESS:PORT; the control endpoint is a Unix socket PATH now (e.g. {SystemRuntimeDirectory}/{SocketName}), because a TCP port would let any local user start a scrub."
+            : null;
 }

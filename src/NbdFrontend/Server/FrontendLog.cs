@@ -47,8 +47,8 @@ internal static partial class FrontendLog
     [LoggerMessage(EventId = 1013, Level = LogLevel.Debug, Message = "Connection {Id}: TLS established ({Protocol}, client {Client})")]
     public static partial void TlsEstablished(ILogger logger, long id, string protocol, string client);
 
-    [LoggerMessage(EventId = 1100, Level = LogLevel.Information, Message = "Control endpoint on {EndPoint} (nbd-server status)")]
-    public static partial void ControlListening(ILogger logger, string endPoint);
+    [LoggerMessage(EventId = 1100, Level = LogLevel.Information, Message = "Control socket on {Path} (nbd-server status)")]
+    public static partial void ControlListening(ILogger logger, string path);
 
     [LoggerMessage(EventId = 1101, Level = LogLevel.Warning, Message = "Final flush failed: {Message}")]
     public static partial void FinalFlushFailed(ILogger logger, string message);

@@ -1,0 +1,140 @@
+using System.Diagnostics;
+using System.IO.Pipelines;
+using Nerdbank.Streams;
+using NbdServer.Common.Volumes;
+using NbdServer.Downstairs.Client;
+using NbdServer.Downstairs.Protocol;
+using NbdServer.Downstairs.Tests;
+using NbdServer.Testing;
+
+namespace NbdServer.ReplicaEngine.Tests;
+
+/// <summary>
+/// The engine with one replica that lies (<see cref="MaliciousDownstairs"/> behind a real
+/// <see cref="DownstairsClient"/>, a fresh lying session on every reconnect) and two honest ones:
+/// the guest's writes, flushes and reads go on and return what was written, the engine never
+/// crashes, and its memory stays bounded. Seeded (NBD_FUZZ_SEED replays), NBD_FUZZ_SECONDS runs longer.
+/// </summary>
+[TestFixture]
+[Category("Fuzz")]
+[CancelAfter(Fuzz.MaxSeconds * 1000 + 120_000)]
+public sealed class MaliciousReplicaFuzzTests
+{
+    private const int Liar = 2;
+
+    /// <summary>Heap growth allowed over a run: the fakes hold 64 KiB each; a peer-sized allocation would be far beyond.</summary>
+    private const long HeapGrowthBound = 256L << 20;
+
+    [Test]
+    public async Task A_lying_replica_is_failed_and_the_guest_is_served_by_the_other_two()
+    {
+        int seed = Fuzz.Seed();
+        TimeSpan budget = Fuzz.Budget(6);
+        await using var cluster = new Cluster();
+        var connector = new LyingConnector(cluster.Replicas, seed);
+        ReplicatedVolume volume;
+        using (var start = new CancellationTokenSource(Cluster.Patience))
+        {
+            // A liar that stops answering is faulted after this: short, so a run sees many lying sessions.
+            EngineOptions options = Cluster.Options() with { NoProgressTimeout = TimeSpan.FromMilliseconds(300) };
+            volume = await ReplicatedVolume.StartAsync(options, cluster.Log, connector, start.Token);
+        }
+        await using (volume)
+        {
+            long heapBefore = GC.GetTotalMemory(forceFullCollection: true);
+            // From now on every (re)connection of replica 2 is a lying session.
+            connector.Lying = true;
+            cluster.Replicas[Liar].DropConnection();
+
+            var clock = Stopwatch.StartNew();
+            var rng = new Random(seed);
+            int round = 0;
+            for (; round < Fuzz.MaxIterations && clock.Elapsed < budget; round++)
+            {
+                long block = rng.Next(0, (int)cluster.Replicas[0].BlockCount - 4);
+                int blocks = rng.Next(1, 4);
+                byte[] data = Cluster.Pattern(seed + round, block, blocks);
+                using var cancel = new CancellationTokenSource(Cluster.Patience);
+                string replay = $"{Fuzz.Replay(seed, round)}; liar sessions {connector.Sessions}";
+                await volume.WriteAsync(block * Cluster.BlockSize, data, WriteOptions.None, cancel.Token).AsTask().WaitAsync(cancel.Token);
+                if (rng.Next(4) == 0)
+                {
+                    await volume.FlushAsync(cancel.Token).AsTask().WaitAsync(cancel.Token);
+                }
+                byte[] back = new byte[data.Length];
+                await volume.ReadAsync(block * Cluster.BlockSize, back, cancel.Token).AsTask().WaitAsync(cancel.Token);
+                Assert.That(back, Is.EqualTo(data), $"the guest read something else than it wrote; {replay}");
+            }
+            TestContext.Out.WriteLine($"{round} guest rounds against {connector.Sessions} lying sessions in {clock.Elapsed.TotalSeconds:0.0} s; replica {Liar}: {volume.GetStatus().Replicas[Liar].State}, {volume.GetStatus().Replicas[Liar].Faults} faults");
+
+            EngineStatus status = volume.GetStatus();
+            Assert.That(status.Replicas[0].State, Is.EqualTo(ReplicaState.Active), $"seed {seed}");
+            Assert.That(status.Replicas[1].State, Is.EqualTo(ReplicaState.Active), $"seed {seed}");
+            Assert.That(connector.Sessions, Is.GreaterThan(0), "the liar was never connected: nothing was fuzzed");
+            Assert.That(GC.GetTotalMemory(forceFullCollection: true) - heapBefore, Is.LessThan(HeapGrowthBound), $"the engine's heap grew; seed {seed}");
+        }
+    }
+
+    /// <summary>Replicas 0 and 1 are the fakes; replica 2 is a real client over a pipe to a lying downstairs once <see cref="Lying"/> is set.</summary>
+    private sealed class LyingConnector(FakeReplica[] replicas, int seed) : IDownstairsConnector
+    {
+        private int _sessions;
+
+        public volatile bool Lying;
+
+        public int Sessions => Volatile.Read(ref _sessions);
+
+        public async Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, CancellationToken cancellationToken)
+        {
+            if (replica != Liar || !Lying)
+            {
+                return await replicas[replica].ConnectAsync(hello, cancellationToken);
+            }
+            int session = Interlocked.Increment(ref _sessions);
+            FakeReplica r = replicas[replica];
+            var honest = new HelloReply(Wire.ProtocolVersion, hello.ReadOnly, r.RegionId, r.BlockSize, r.ExtentBlocks, r.ExtentCount,
+                Wire.DefaultMaxFrameBytes, 1024, hello.Generation, r.Snapshot().Meta);
+            (Stream client, Stream server) = FullDuplexStream.CreatePair(new PipeOptions(pauseWriterThreshold: 8 << 20, resumeWriterThreshold: 4 << 20));
+            _ = Task.Run(() => MaliciousDownstairs.RunAsync(server, new Random(seed + session), honest, MaliciousDownstairs.HelloMode.Lying, CancellationToken.None), CancellationToken.None);
+            using var helloTimeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            helloTimeout.CancelAfter(TimeSpan.FromSeconds(1));
+            try
+            {
+                return new ClientAdapter(await DownstairsClient.ConnectAsync(client, hello, new DownstairsClientOptions(), helloTimeout.Token));
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                // A Hello reply that never completes: what the TCP connect timeout turns into.
+                throw new DownstairsConnectionException("no Hello reply in time");
+            }
+        }
+    }
+
+    private sealed class ClientAdapter(DownstairsClient client) : IDownstairs
+    {
+        public HelloReply Region => client.Region;
+
+        public Task<DownstairsResult> WriteAsync(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes, CancellationToken cancellationToken = default) =>
+            client.WriteAsync(jobId, firstBlock, data, hashes, cancellationToken);
+
+        public Task<DownstairsResult> ReadAsync(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes, CancellationToken cancellationToken = default) =>
+            client.ReadAsync(jobId, firstBlock, data, hashes, cancellationToken);
+
+        public Task<DownstairsResult> FlushAsync(ulong jobId, ulong flushNumber, ulong generation, CancellationToken cancellationToken = default) =>
+            client.FlushAsync(jobId, flushNumber, generation, cancellationToken);
+
+        public Task<ExtentReadResult> ReadExtentAsync(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data, CancellationToken cancellationToken = default) =>
+            client.ReadExtentAsync(jobId, range, contexts, data, cancellationToken);
+
+        public Task<DownstairsResult> WriteExtentAsync(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
+            client.WriteExtentAsync(jobId, range, contexts, data, cancellationToken);
+
+        public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default) =>
+            client.CommitExtentAsync(jobId, extent, meta, cancellationToken);
+
+        public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
+            client.MarkRepairPendingAsync(jobId, extents, cancellationToken);
+
+        public ValueTask DisposeAsync() => client.DisposeAsync();
+    }
+}
