@@ -79,6 +79,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
     private IBlockVolume? _volume;
     private NbdListener? _listener;
     private ControlServer? _control;
+    private NbdServer.Common.Logging.LogThrottle? _controlThrottle;
     private EngineMetrics? _metrics;
 
     public async Task StartAsync(CancellationToken cancellationToken)
@@ -90,7 +91,8 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
             {
                 string path = command.Control ?? ControlServer.DefaultPath(create: true)
                     ?? throw new InvalidOperationException($"no directory for the control socket ({ControlServer.SystemRuntimeDirectory} and $XDG_RUNTIME_DIR unusable); give --control PATH");
-                _control = new ControlServer(path, v.GetStatus, () => v.StartScrub(), command.Http);
+                _controlThrottle = new NbdServer.Common.Logging.LogThrottle(logger, command.Frontend.LogThrottleInterval);
+                _control = new ControlServer(path, v.GetStatus, () => v.StartScrub(), command.Http, _controlThrottle);
                 _control.Start();
                 FrontendLog.ControlListening(logger, path);
             }, lifetime.ApplicationStopping);
@@ -138,6 +140,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
         {
             await _control.DisposeAsync();
         }
+        _controlThrottle?.Dispose();
         _metrics?.Dispose();
         if (_volume is not null)
         {

@@ -134,6 +134,53 @@ public sealed class LocalHttpEndpointTests
     }
 
     [Test]
+    [CancelAfter(10_000)]
+    public async Task A_storm_of_foreign_Host_requests_is_logged_once_with_the_Host()
+    {
+        var logger = new LinesLogger();
+        using var throttle = new NbdServer.Common.Logging.LogThrottle(logger, TimeSpan.FromHours(1));
+        using var exporter = new PrometheusExporter(_ => false);
+        await using var metrics = new MetricsEndpoint(new IPEndPoint(IPAddress.Loopback, 0), exporter, null, throttle);
+        metrics.Start();
+
+        for (int i = 0; i < 20; i++)
+        {
+            Assert.That(await ExchangeAsync(metrics.LocalEndPoint, "GET /metrics HTTP/1.1\r\nHost: rebound.example\r\n\r\n"), Does.StartWith("HTTP/1.0 400 "));
+        }
+
+        Assert.That(logger.Lines, Has.Count.EqualTo(1));
+        Assert.That(logger.Lines[0], Does.Contain("rebound.example"));
+    }
+
+    private sealed class LinesLogger : Microsoft.Extensions.Logging.ILogger
+    {
+        private readonly List<string> _lines = [];
+
+        public List<string> Lines
+        {
+            get
+            {
+                lock (_lines)
+                {
+                    return [.. _lines];
+                }
+            }
+        }
+
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+        {
+            lock (_lines)
+            {
+                _lines.Add(formatter(state, exception));
+            }
+        }
+    }
+
+    [Test]
     [CancelAfter(20_000)]
     public async Task Clients_that_never_send_hold_a_slot_only_until_the_deadline()
     {

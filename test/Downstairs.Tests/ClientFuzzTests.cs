@@ -98,6 +98,31 @@ public sealed class ClientFuzzTests
         Assert.That(lied.Task.IsCompleted, Is.True);
     }
 
+    [TestCase(false)]
+    [TestCase(true)]
+    public async Task A_job_waiting_for_a_send_slot_fails_cleanly_when_the_link_ends(bool peerHangsUp)
+    {
+        // The peer allows one job in flight and never answers it: the second job waits for a slot.
+        (Stream client, Stream server) = FullDuplexStream.CreatePair();
+        Task serving = AnswerHelloAsync(server, MaliciousDownstairsEncode(Honest with { MaxJobs = 1 }), hangUp: peerHangsUp);
+        DownstairsClient c = await DownstairsClient.ConnectAsync(client, Hello(), new DownstairsClientOptions { MaxFrameBytes = MaxFrameBytes });
+        Task<DownstairsResult> first = c.ReadAsync(1, 0, new byte[BlockSize]);
+        Task<DownstairsResult> waiting = c.ReadAsync(2, 1, new byte[BlockSize]);
+        await Task.Delay(50);
+        Assert.That(waiting.IsCompleted, Is.False, "setup: the second job waits for the only slot");
+
+        if (!peerHangsUp)
+        {
+            await c.DisposeAsync();
+        }
+
+        Assert.That(async () => await waiting.WaitAsync(Patience), Throws.InstanceOf<DownstairsConnectionException>());
+        Assert.That(async () => await first.WaitAsync(Patience), Throws.InstanceOf<DownstairsConnectionException>());
+        await c.DisposeAsync();
+        await client.DisposeAsync();
+        await serving.WaitAsync(Patience);
+    }
+
     private static byte[] ReadBody(int blocks)
     {
         byte[] body = new byte[8 + (blocks * (Wire.HashSize + BlockSize))];
@@ -139,12 +164,23 @@ public sealed class ClientFuzzTests
         }
     }
 
-    private static async Task AnswerHelloAsync(Stream server, byte[] reply)
+    private static async Task AnswerHelloAsync(Stream server, byte[] reply, bool hangUp = false)
     {
         var reader = PipeReader.Create(server);
         await ReadOneFrameAsync(reader);
         await server.WriteAsync(reply);
+        if (hangUp)
+        {
+            // Wait for the first request (never answered), then close.
+            await ReadOneFrameAsync(reader);
+            await Task.Delay(100);
+            await server.DisposeAsync();
+            return;
+        }
+        // Until the client hangs up; then close our side too (an in-process pipe, unlike a socket,
+        // keeps the client's pending read open until the other side closes).
         await Fuzz.DrainAsync(server, CancellationToken.None);
+        await server.DisposeAsync();
     }
 
     private static HelloRequest Hello() => new(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), 4);

@@ -1,6 +1,8 @@
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
+using Microsoft.Extensions.Logging;
+using NbdServer.Common.Logging;
 using NbdServer.Common.Net;
 using NbdServer.Common.Posix;
 
@@ -57,7 +59,8 @@ public sealed record LocalHttpLimits
 /// address: a web page that rebinds its own DNS name to 127.0.0.1 sends its own name as Host and
 /// is refused, so a browser can't be used to read the endpoint.
 /// </summary>
-public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, LocalHttpResponse> handle, LocalHttpLimits? limits = null) : IAsyncDisposable
+/// <remarks>Refusals (over the cap, a bad request or Host) go to <c>throttle</c> when given: a storm is a summary.</remarks>
+public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, LocalHttpResponse> handle, LocalHttpLimits? limits = null, LogThrottle? throttle = null) : IAsyncDisposable
 {
     /// <summary>
     /// A Unix socket's file mode: owner read/write only. Connecting needs write permission, so only
@@ -112,6 +115,7 @@ public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, 
             Interlocked.Decrement(ref _active);
             Interlocked.Increment(ref _refused);
             client.Dispose();
+            throttle?.Report(LogLevel.Warning, $"{endPoint}: too many connections", () => $"{_limits.MaxConnections} requests already being served; closed another");
             return;
         }
         _ = AnswerAsync(client);
@@ -171,12 +175,14 @@ public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, 
         int end = buffer.AsSpan(0, received).IndexOf(EndOfHead);
         if (end < 0)
         {
+            throttle?.Report(LogLevel.Warning, $"{endPoint}: bad request", () => $"no complete request head in {received} bytes");
             return null;
         }
         string[] lines = Encoding.ASCII.GetString(buffer, 0, end).Split("\r\n");
         string[] requestLine = lines[0].Split(' ');
         if (requestLine.Length != 3 || !requestLine[2].StartsWith("HTTP/1.", StringComparison.Ordinal))
         {
+            throttle?.Report(LogLevel.Warning, $"{endPoint}: bad request", () => "malformed request line");
             return null;
         }
         if (_socket!.LocalEndPoint is IPEndPoint bound)
@@ -187,6 +193,8 @@ public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, 
                 .SingleOrDefault();
             if (host is null || !IsLocalHost(host, bound))
             {
+                // A browser tricked by DNS rebinding sends the attacker's name here.
+                throttle?.Report(LogLevel.Warning, $"{endPoint}: foreign Host", () => $"refused a request with Host '{host}'");
                 return null;
             }
         }

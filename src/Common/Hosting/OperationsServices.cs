@@ -24,12 +24,15 @@ public static partial class OperationsServices
     private sealed class MetricsService(IPEndPoint endPoint, LocalHttpLimits? limits, ILogger logger) : IHostedService, IAsyncDisposable
     {
         private PrometheusExporter? _exporter;
+        private Logging.LogThrottle? _throttle;
         private MetricsEndpoint? _endpoint;
 
         public Task StartAsync(CancellationToken cancellationToken)
         {
             _exporter = new PrometheusExporter();
-            _endpoint = new MetricsEndpoint(endPoint, _exporter, limits);
+            // Refused scrapes (foreign Host, over the cap) are summarised like every other storm; 5 s is both daemons' --log-interval default.
+            _throttle = new Logging.LogThrottle(logger, TimeSpan.FromSeconds(5));
+            _endpoint = new MetricsEndpoint(endPoint, _exporter, limits, _throttle);
             _endpoint.Start();
             MetricsListening(logger, _endpoint.LocalEndPoint.ToString());
             return Task.CompletedTask;
@@ -44,6 +47,7 @@ public static partial class OperationsServices
                 await _endpoint.DisposeAsync();
             }
             _exporter?.Dispose();
+            _throttle?.Dispose();
         }
     }
 

@@ -263,14 +263,14 @@ public sealed class PrometheusExporter : IDisposable
 /// and nothing else (other paths 404, other methods 405, a Host that isn't local 400).
 /// Opt-in and meant for localhost (a Prometheus agent or node exporter textfile on the same host).
 /// </summary>
-public sealed class MetricsEndpoint(IPEndPoint endPoint, PrometheusExporter exporter, LocalHttpLimits? limits = null) : IAsyncDisposable
+public sealed class MetricsEndpoint(IPEndPoint endPoint, PrometheusExporter exporter, LocalHttpLimits? limits = null, Logging.LogThrottle? throttle = null) : IAsyncDisposable
 {
     private readonly LocalHttpEndpoint _http = new(endPoint, request => request switch
     {
         { Method: "GET", Path: "/metrics" } => new LocalHttpResponse("200 OK", "text/plain; version=0.0.4; charset=utf-8", Encoding.UTF8.GetBytes(exporter.Scrape())),
         { Path: "/metrics" } => LocalHttpResponse.MethodNotAllowed("only GET /metrics"),
         _ => LocalHttpResponse.NotFound("try GET /metrics"),
-    }, limits);
+    }, limits, throttle);
 
     public IPEndPoint LocalEndPoint => (IPEndPoint)_http.LocalEndPoint;
 

@@ -2,6 +2,7 @@ using System.Net.Sockets;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using NbdServer.Common.Hosting;
+using NbdServer.Common.Logging;
 using NbdServer.ReplicaEngine;
 
 namespace NbdServer.Frontend.Server;
@@ -13,7 +14,7 @@ namespace NbdServer.Frontend.Server;
 /// <c>curl --unix-socket /run/nbd-server/control.sock http://localhost/status</c>).
 /// There is no TCP form: it can change state, and a TCP port on loopback is open to every local user.
 /// </summary>
-internal sealed class ControlServer(string path, Func<EngineStatus> status, Action? startScrub = null, LocalHttpLimits? limits = null) : IAsyncDisposable
+internal sealed class ControlServer(string path, Func<EngineStatus> status, Action? startScrub = null, LocalHttpLimits? limits = null, LogThrottle? throttle = null) : IAsyncDisposable
 {
     public const string SocketName = "control.sock";
 
@@ -32,7 +33,7 @@ internal sealed class ControlServer(string path, Func<EngineStatus> status, Acti
         { Method: "POST", Path: "/scrub" } => StartScrub(startScrub, status),
         { Path: "/status" or "/" or "/scrub" } => LocalHttpResponse.MethodNotAllowed("GET /status, POST /scrub"),
         _ => LocalHttpResponse.NotFound("GET /status, POST /scrub"),
-    }, limits);
+    }, limits, throttle);
 
     public string Path => path;
 
