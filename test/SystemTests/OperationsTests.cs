@@ -105,6 +105,7 @@ public sealed class OperationsTests
                 ["NBD_SERVER_DOWNSTAIRS"] = string.Join(',', endPoints),
                 ["NBD_SERVER_DOWNSTAIRS_TLS_DIR"] = upTls,
                 ["NBD_SERVER_LISTEN"] = "127.0.0.1:0",
+                ["NBD_SERVER_UNIX"] = Path.Combine(_root, "nbd.sock"),
                 ["NBD_SERVER_CONTROL"] = Path.Combine(_root, "control.sock"),
                 ["NBD_SERVER_METRICS"] = "127.0.0.1:0",
                 ["NOTIFY_SOCKET"] = notifyPath,
@@ -125,6 +126,12 @@ public sealed class OperationsTests
             Assert.That(info.Output, Does.Contain("export-size: 67108864"));
             ExternalTool.Result io = await ExternalTool.RunAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M", $"nbd://127.0.0.1:{port}/vol0"], TimeSpan.FromSeconds(60));
             Assert.That(io.ExitCode, Is.Zero, io.ToString());
+
+            // The installed config's kernel-client path: the NBD Unix socket, root only, serving the same data.
+            NbdServer.Common.Posix.PosixFileStatus nbdSocket = NbdServer.Common.Posix.UnixSocketFile.Stat(Path.Combine(_root, "nbd.sock"))!.Value;
+            Assert.That((nbdSocket.IsSocket, nbdSocket.Mode), Is.EqualTo((true, UnixFileMode.UserRead | UnixFileMode.UserWrite)));
+            ExternalTool.Result overUnix = await ExternalTool.RunAsync("qemu-io", ["-f", "raw", "-c", "read -P 0x5a 0 1M", $"nbd+unix:///vol0?socket={Path.Combine(_root, "nbd.sock")}"], TimeSpan.FromSeconds(60));
+            Assert.That(overUnix.ExitCode, Is.Zero, overUnix.ToString());
 
             // The control socket: the server's user only (root here), and `nbd-server status` reaches it.
             NbdServer.Common.Posix.PosixFileStatus control = NbdServer.Common.Posix.UnixSocketFile.Stat(Path.Combine(_root, "control.sock"))!.Value;
