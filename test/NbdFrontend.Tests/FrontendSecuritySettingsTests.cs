@@ -29,11 +29,27 @@ public sealed class FrontendSecuritySettingsTests
     }
 
     [Test]
-    public void Tls_require_off_loopback_with_a_certificate_directory_starts()
+    public void Tls_require_with_client_certificates_off_loopback_starts()
     {
         WriteServerCertificates();
-        FrontendOptions options = ServeCommand.Parse(["--listen", "0.0.0.0:10809", "--tls", "require", "--tls-dir", _dir]).Frontend;
-        Assert.That((options.Tls, options.TlsDir, options.Listen!.Address), Is.EqualTo((TlsMode.Require, _dir, IPAddress.Any)));
+        FrontendOptions options = ServeCommand.Parse(["--listen", "0.0.0.0:10809", "--tls", "require", "--tls-dir", _dir, "--tls-verify-client"]).Frontend;
+        Assert.That((options.Tls, options.TlsDir, options.TlsVerifyClient, options.Listen!.Address), Is.EqualTo((TlsMode.Require, _dir, true, IPAddress.Any)));
+    }
+
+    [Test]
+    public void Tls_on_off_loopback_is_refused_because_a_client_may_skip_starttls()
+    {
+        WriteServerCertificates();
+        var e = Assert.Throws<ArgumentException>(() => ServeCommand.Parse(["--listen", "0.0.0.0:10809", "--tls", "on", "--tls-dir", _dir, "--tls-verify-client"]));
+        Assert.That(e!.Message, Does.Contain("not required to authenticate").And.Contain("--tls is on"));
+    }
+
+    [Test]
+    public void Tls_require_off_loopback_without_client_certificates_is_refused()
+    {
+        WriteServerCertificates();
+        var e = Assert.Throws<ArgumentException>(() => ServeCommand.Parse(["--listen", "0.0.0.0:10809", "--tls", "require", "--tls-dir", _dir]));
+        Assert.That(e!.Message, Does.Contain("--tls-verify-client is off"));
     }
 
     [Test]

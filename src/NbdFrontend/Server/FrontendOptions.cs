@@ -130,11 +130,15 @@ internal sealed record FrontendOptions
         {
             throw new ArgumentException($"{nameof(TlsVerifyClient)} needs {nameof(Tls)} on or require.");
         }
-        if (Listen is { } endPoint && !IPAddress.IsLoopback(endPoint.Address) && Tls == TlsMode.Off && !Insecure)
+        // Off loopback the disk is reachable by every host on the network: the client must both encrypt
+        // (require, not on: with "on" a client that skips STARTTLS gets plaintext) and prove who it is
+        // (a certificate from our CA), else anyone who can reach the port reads and writes the disk.
+        if (Listen is { } endPoint && !IPAddress.IsLoopback(endPoint.Address) && !Insecure && (Tls != TlsMode.Require || !TlsVerifyClient))
         {
             throw new ArgumentException(
-                $"{nameof(Listen)} {endPoint} is not a loopback address and {nameof(Tls)} is off: anyone on the network could read and write the disk. " +
-                $"Set {nameof(Tls)} require with {nameof(TlsDir)} (certificates: nbd-certs), use {nameof(UnixSocketPath)} for a local client, or set {nameof(Insecure)} to allow it anyway.");
+                $"{nameof(Listen)} {endPoint} is not a loopback address and clients are not required to authenticate " +
+                $"({nameof(Tls)} is {Tls.ToString().ToLowerInvariant()}{(TlsVerifyClient ? "" : $", {nameof(TlsVerifyClient)} is off")}): anyone on the network could read and write the disk. " +
+                $"Set {nameof(Tls)} require with {nameof(TlsDir)} and {nameof(TlsVerifyClient)} (certificates: nbd-certs), use {nameof(UnixSocketPath)} for a local client, or set {nameof(Insecure)} to allow it anyway.");
         }
     }
 
