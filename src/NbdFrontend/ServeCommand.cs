@@ -71,12 +71,14 @@ internal sealed record ServeCommand
                                      accept a downstairs only with this certificate fingerprint,
                                      one for all or one per downstairs (`nbd-certs show` prints
                                      it); replaces the name check
-            --insecure               allow plaintext links to downstairs on other hosts, and a
-                                     plaintext NBD listen on a non-loopback address
+            --insecure               allow plaintext links to downstairs on other hosts, and an
+                                     NBD listen on a non-loopback address without --tls require
+                                     and --tls-verify-client
 
         OPTIONS
             --listen ADDR:PORT       where to listen (default 127.0.0.1:10809; `none`: only the
-                                     Unix socket). A non-loopback address needs --tls (or --insecure)
+                                     Unix socket). A non-loopback address needs --tls require
+                                     and --tls-verify-client (or --insecure)
             --unix PATH              also serve NBD on a Unix socket (the way for a client on this
                                      host: nbd-client -unix PATH /dev/nbd0, nbd+unix:///vol0?socket=PATH);
                                      a stale socket file is replaced, the file is removed at exit
