@@ -357,6 +357,57 @@ public sealed class TlsLinkTests
     }
 
     [Test]
+    [CancelAfter(60_000)]
+    public async Task A_stranger_flooding_handshakes_from_another_address_never_evicts_the_upstairs()
+    {
+        // A stranger on 127.0.0.2 opens silent TLS connections as fast as it can; each new one would
+        // push out the oldest pending handshake, which at this rate is often the upstairs' own.
+        using var flooding = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        var opened = new System.Collections.Concurrent.ConcurrentQueue<Socket>();
+        Task flood = Task.WhenAll(Enumerable.Range(0, 4).Select(_ => Task.Run(async () =>
+        {
+            for (int i = 0; i < 20_000 && !flooding.IsCancellationRequested; i++)
+            {
+                var s = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+                s.Bind(new IPEndPoint(IPAddress.Parse("127.0.0.2"), 0));
+                try
+                {
+                    await s.ConnectAsync(_endpoint, flooding.Token);
+                }
+                catch (Exception e) when (e is SocketException or OperationCanceledException)
+                {
+                    s.Dispose();
+                    continue;
+                }
+                opened.Enqueue(s);
+                while (opened.Count > 2000 && opened.TryDequeue(out Socket? old))
+                {
+                    old.Dispose();
+                }
+            }
+        })));
+        try
+        {
+            await Task.Delay(300);
+            for (int i = 0; i < 20; i++)
+            {
+                await using DownstairsClient reader = await DownstairsClient.ConnectAsync(_endpoint, Hello(0, readOnly: true), UpstairsOptions());
+                Assert.That(reader.Region.RegionId, Is.EqualTo(_host.Region.Uuid), $"attempt {i}");
+            }
+            Assert.That(_log.Lines, Has.Some.Contains("closing the oldest from 127.0.0.2"), "the flood did reach the cap");
+        }
+        finally
+        {
+            await flooding.CancelAsync();
+            await flood;
+            while (opened.TryDequeue(out Socket? s))
+            {
+                s.Dispose();
+            }
+        }
+    }
+
+    [Test]
     public async Task A_storm_of_strangers_with_ever_new_names_is_one_log_line()
     {
         long refusals = _server.TlsRefusals;

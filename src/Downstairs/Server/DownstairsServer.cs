@@ -20,8 +20,8 @@ internal sealed partial class DownstairsServer : IAsyncDisposable
     private readonly TlsServerPolicy? tls;
     private readonly CancellationTokenSource _stop = new();
     private readonly ConcurrentDictionary<DownstairsConnection, Task> _connections = new();
-    /// <summary>Sockets still in their TLS handshake, with when they were accepted.</summary>
-    private readonly ConcurrentDictionary<Socket, long> _handshakes = new();
+    /// <summary>Sockets still in their TLS handshake, with when they were accepted and from where.</summary>
+    private readonly ConcurrentDictionary<Socket, (long Started, IPAddress? From)> _handshakes = new();
     private readonly ITimer _sweep;
     private Socket? _listener;
     private Task? _acceptLoop;
@@ -104,7 +104,7 @@ internal sealed partial class DownstairsServer : IAsyncDisposable
                 continue;
             }
             EvictOldestHandshakeIfFull(socket.RemoteEndPoint);
-            _handshakes[socket] = System.Diagnostics.Stopwatch.GetTimestamp();
+            _handshakes[socket] = (System.Diagnostics.Stopwatch.GetTimestamp(), (socket.RemoteEndPoint as IPEndPoint)?.Address);
             _ = HandshakeThenRunAsync(tls, socket);
         }
     }
@@ -146,18 +146,30 @@ internal sealed partial class DownstairsServer : IAsyncDisposable
         {
             return;
         }
-        KeyValuePair<Socket, long>? oldest = null;
-        foreach (KeyValuePair<Socket, long> h in _handshakes)
+        // The victim comes from the address holding the most pending handshakes: a flood from one
+        // host (however fast it reconnects) then only ever evicts its own sockets, and the upstairs,
+        // with one handshake from its own address, is never the one pushed out.
+        var perAddress = new Dictionary<IPAddress, int>();
+        foreach ((long _, IPAddress? from) in _handshakes.Values)
         {
-            if (oldest is null || h.Value < oldest.Value.Value)
+            if (from is not null)
             {
-                oldest = h;
+                perAddress[from] = perAddress.GetValueOrDefault(from) + 1;
             }
         }
-        if (oldest is { } o && _handshakes.TryRemove(o.Key, out _))
+        IPAddress? busiest = perAddress.Count == 0 ? null : perAddress.MaxBy(p => p.Value).Key;
+        KeyValuePair<Socket, (long Started, IPAddress? From)>? victim = null;
+        foreach (KeyValuePair<Socket, (long Started, IPAddress? From)> h in _handshakes)
         {
-            host.Throttle.Report(LogLevel.Warning, "TLS handshakes at --max-connections", () => $"{_handshakes.Count + 1} TLS handshakes in progress; closing the oldest for {remote}");
-            o.Key.Dispose();
+            if (Equals(h.Value.From, busiest) && (victim is null || h.Value.Started < victim.Value.Value.Started))
+            {
+                victim = h;
+            }
+        }
+        if (victim is { } v && _handshakes.TryRemove(v.Key, out _))
+        {
+            host.Throttle.Report(LogLevel.Warning, "TLS handshakes at --max-connections", () => $"{_handshakes.Count + 1} TLS handshakes in progress; closing the oldest from {busiest}, the busiest address, for {remote}");
+            v.Key.Dispose();
         }
     }
 
@@ -194,10 +206,13 @@ internal sealed partial class DownstairsServer : IAsyncDisposable
         }
         string peer = stream.RemoteCertificate is X509Certificate2 c ? TlsPeerVerifier.Describe(c) : "(none)";
         DownstairsLog.TlsAuthenticated(host.Logger, remote, peer, stream.SslProtocol.ToString(), stream.NegotiatedCipherSuite.ToString());
-        // RunAsync registers the connection before its first await, so the slot is never uncounted.
-        Task run = RunAsync(new DownstairsConnection(host, stream, remote));
-        _handshakes.TryRemove(socket, out _);
-        await run.ConfigureAwait(false);
+        if (!_handshakes.TryRemove(socket, out _))
+        {
+            // Evicted the moment the handshake completed: its socket is already closed.
+            await stream.DisposeAsync().ConfigureAwait(false);
+            return;
+        }
+        await RunAsync(new DownstairsConnection(host, stream, remote)).ConfigureAwait(false);
     }
 
     private async Task RunAsync(DownstairsConnection connection)
