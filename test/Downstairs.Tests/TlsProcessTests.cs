@@ -99,8 +99,30 @@ public sealed class TlsProcessTests
         Assert.That(back, Is.EqualTo(block));
     }
 
+    [Test]
+    public async Task By_default_only_the_upstairs_certificate_gets_in_not_an_nbd_client_of_the_same_ca()
+    {
+        string tls = MakeTlsDirectories(out string upstairs, alsoClient: "kernel");
+        await using DownstairsProcess ds = await DownstairsProcess.StartAsync(_region, ["--tls-dir", tls]);
+
+        // The CA also issued the host's NBD client certificate; with it, a local user could fence the upstairs.
+        using (TlsCredentials kernel = TlsCredentials.LoadClient(_dir.Sub("tls-kernel")))
+        {
+            Assert.That(async () => await DownstairsClient.ConnectAsync(ds.Endpoint,
+                    new HelloRequest(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), 9),
+                    new DownstairsClientOptions { Tls = new TlsClientPolicy(kernel) }),
+                Throws.InstanceOf<Exception>());
+        }
+
+        using TlsCredentials credentials = TlsCredentials.LoadClient(upstairs);
+        await using DownstairsClient client = await DownstairsClient.ConnectAsync(ds.Endpoint,
+            new HelloRequest(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), 3),
+            new DownstairsClientOptions { Tls = new TlsClientPolicy(credentials) });
+        Assert.That(client.Region.HighestGeneration, Is.EqualTo(3UL), "the refused writer's generation 9 was never recorded: the highest is the upstairs' own 3");
+    }
+
     /// <summary>A CA, a server directory for 127.0.0.1 and an upstairs client directory; returns the server's.</summary>
-    private string MakeTlsDirectories(out string upstairs)
+    private string MakeTlsDirectories(out string upstairs, string? alsoClient = null)
     {
         DateTimeOffset now = DateTimeOffset.UtcNow;
         using X509Certificate2 ca = TlsCertificates.CreateCa("test CA", CertificateValidity.Starting(now, TimeSpan.FromDays(30)));
@@ -110,6 +132,11 @@ public sealed class TlsProcessTests
         upstairs = _dir.Sub("tls-up");
         TlsCertificates.WriteServer(serverDir, ca, server, overwrite: false);
         TlsCertificates.WriteClient(upstairs, ca, client, overwrite: false);
+        if (alsoClient is not null)
+        {
+            using X509Certificate2 other = TlsCertificates.CreateClient(ca, alsoClient, CertificateValidity.Starting(now, TimeSpan.FromDays(10)));
+            TlsCertificates.WriteClient(_dir.Sub($"tls-{alsoClient}"), ca, other, overwrite: false);
+        }
         return serverDir;
     }
 }

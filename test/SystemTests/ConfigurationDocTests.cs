@@ -140,6 +140,7 @@ public sealed partial class ConfigurationDocTests
         bool b => b ? "on" : "off",
         long or int when name.Contains("Bytes", StringComparison.Ordinal) => NbdServer.Common.Text.ByteSize.Format(Convert.ToInt64(value, CultureInfo.InvariantCulture)),
         System.Collections.ICollection { Count: 0 } => "none",
+        IEnumerable<string> list => string.Join(",", list),
         IFormattable f => f.ToString(null, CultureInfo.InvariantCulture),
         _ => value.ToString() ?? "",
     };

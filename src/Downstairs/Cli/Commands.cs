@@ -86,7 +86,7 @@ internal static class Commands
             StickyDirty = a.Flag("--sticky-dirty"),
             TlsDir = a.String("--tls-dir"),
             TlsAllowClients = a.String("--tls-allow-client") is { } allow
-                ? [.. allow.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)]
+                ? allow.Trim() == "*" ? [] : [.. allow.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)]
                 : d.TlsAllowClients,
             TlsHandshakeTimeout = a.Seconds("--tls-handshake-timeout", d.TlsHandshakeTimeout),
             Insecure = a.Flag("--insecure"),

@@ -76,7 +76,9 @@ OPTIONS
                                certificate issued by ca-cert.pem before anything else is read.
                                Default: plaintext, refused on a non-loopback --listen.
     --tls-allow-client NAMES   Comma list of client certificate names (common name or DNS name)
-                               allowed to connect (default: any certificate issued by the CA).
+                               allowed to connect (default: upstairs, the name the README gives
+                               the upstairs' certificate; * allows any certificate from the CA,
+                               which also lets NBD clients of that CA in).
     --tls-handshake-timeout SECONDS
                                Drop a peer that has not completed the TLS handshake by then
                                (default 10).

@@ -49,12 +49,17 @@ internal sealed record DownstairsOptions
     /// </summary>
     public string? TlsDir { get; init; }
 
+    /// <summary>The upstairs identity <c>nbd-certs client --name upstairs</c> makes, as the README does.</summary>
+    public const string DefaultAllowedClient = "upstairs";
+
     /// <summary>
-    /// Client certificate names (common name or DNS alternative name) allowed to connect; empty: any
-    /// client certificate issued by the CA. Lets one CA serve several volumes whose upstairs must not
-    /// reach each other's replicas.
+    /// Client certificate names (common name or DNS alternative name) allowed to connect; empty (set
+    /// as <c>*</c>): any client certificate issued by the CA. Defaults to the upstairs alone, not to
+    /// "any": the same CA often issues certificates to NBD clients too, and one of those must not be
+    /// able to fence the upstairs or rewrite a region. Also lets one CA serve several volumes whose
+    /// upstairs must not reach each other's replicas.
     /// </summary>
-    public IReadOnlyList<string> TlsAllowClients { get; init; } = [];
+    public IReadOnlyList<string> TlsAllowClients { get; init; } = [DefaultAllowedClient];
 
     /// <summary>
     /// A peer that has not completed the TLS handshake by then is dropped. Like the Hello timeout, it
@@ -134,7 +139,7 @@ internal sealed record DownstairsOptions
         Check(LogSummaryInterval > TimeSpan.Zero, "--log-interval must be positive");
         Check(ReceiveBufferBytes is >= 4096 and <= 16 << 20, "--receive-buffer must be 4 KiB to 16 MiB");
         Check(TlsHandshakeTimeout > TimeSpan.Zero, "--tls-handshake-timeout must be positive");
-        Check(TlsAllowClients.Count == 0 || TlsDir is not null, "--tls-allow-client needs --tls-dir");
+        Check(TlsDir is not null || TlsAllowClients is [DefaultAllowedClient], "--tls-allow-client needs --tls-dir");
         Check(TlsDir is not null || Insecure || IPAddress.IsLoopback(Listen.Address),
             $"--listen {Listen} is not a loopback address and --tls-dir is not set: anyone who can reach it could read and overwrite the region. " +
             "Set --tls-dir (certificates: nbd-certs), or --insecure to serve plaintext anyway");
