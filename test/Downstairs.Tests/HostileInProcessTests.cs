@@ -285,6 +285,27 @@ public sealed class HostileInProcessTests
     }
 
     [Test]
+    [CancelAfter(60_000)]
+    public async Task A_reader_that_never_takes_its_replies_is_closed_at_the_send_timeout()
+    {
+        IPEndPoint endpoint = await ListenAsync(_host.Options with { SendTimeout = TimeSpan.FromSeconds(1) });
+        await using DownstairsClient writer = await DownstairsClient.ConnectAsync(endpoint, HelloFor(1));
+        await using RawPeer hog = await RawPeer.ConnectAsync(endpoint);
+        Assert.That(await hog.HelloAsync(0, readOnly: true), Is.EqualTo(ResultCode.Ok));
+        // 1 MiB reads, pipelined, and not one reply byte read back: the socket buffers fill, the
+        // sender stalls, and the reader waits on the connection's byte budget, not on the socket.
+        byte[] body = new byte[BlockRange.FixedSize];
+        new BlockRange(0, 256).Write(body);
+        for (ulong job = 1; job <= 100; job++)
+        {
+            await hog.SendAsync(RawPeer.Frame(MessageType.Read, job, body));
+        }
+        Assert.That(() => _log.Lines.Any(l => l.Contains("--send-timeout", StringComparison.Ordinal)), Is.True.After(15_000).MilliSeconds.PollEvery(50).MilliSeconds,
+            "the stalled connection was closed for not taking its replies");
+        Assert.That((await writer.WriteAsync(1, 5, TestData.Block(4096, 5, 1))).IsOk, Is.True, "the writer is served meanwhile");
+    }
+
+    [Test]
     [CancelAfter(120_000)]
     public async Task A_stranger_sending_garbage_10000_times_yields_a_few_log_lines_with_counts()
     {

@@ -49,6 +49,7 @@ public sealed partial class ConfigurationDocTests
         ["HelloTimeout"] = "--hello-timeout",
         ["IdleTimeout"] = "--idle-timeout",
         ["FrameTimeout"] = "--frame-timeout",
+        ["SendTimeout"] = "--send-timeout",
         ["MaxMemoryBytes"] = "--max-memory",
         ["LogSummaryInterval"] = "--log-interval",
         ["MaxGenerationStep"] = "--max-generation-step",

@@ -79,6 +79,7 @@ internal static class Commands
             HelloTimeout = a.Seconds("--hello-timeout", d.HelloTimeout),
             IdleTimeout = a.Seconds("--idle-timeout", d.IdleTimeout),
             FrameTimeout = a.Seconds("--frame-timeout", d.FrameTimeout),
+            SendTimeout = a.Seconds("--send-timeout", d.SendTimeout),
             MaxMemoryBytes = a.Size("--max-memory", d.MaxMemoryBytes),
             MaxGenerationStep = a.ULong("--max-generation-step", d.MaxGenerationStep),
             LogSummaryInterval = a.Seconds("--log-interval", d.LogSummaryInterval),

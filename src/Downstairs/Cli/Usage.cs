@@ -88,6 +88,8 @@ OPTIONS
                                (default 30; the engine pings an idle link every 5 s).
     --frame-timeout SECONDS    Once a frame has begun to arrive, all of it must arrive within
                                this time (default 30).
+    --send-timeout SECONDS     A reply batch the peer has not read within this time closes the
+                               connection, returning its memory (default 30).
     --max-memory SIZE          Frame bodies being received plus payloads in flight, over all
                                connections (default 512MiB; at least twice the sum of
                                max-bytes and max-frame, which is the share reserved for the

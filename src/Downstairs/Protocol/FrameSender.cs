@@ -33,6 +33,7 @@ internal sealed class FrameSender
     private readonly Socket? _socket;
     private readonly Channel<OutgoingFrame> _queue = Channel.CreateUnbounded<OutgoingFrame>(new UnboundedChannelOptions { SingleReader = true });
     private readonly Task _loop;
+    private long _sendingSince;
 
     public FrameSender(Stream stream)
     {
@@ -40,6 +41,12 @@ internal sealed class FrameSender
         _socket = (stream as NetworkStream)?.Socket;
         _loop = Task.Run(RunAsync);
     }
+
+    /// <summary>
+    /// When the send under way began (a <see cref="System.Diagnostics.Stopwatch"/> timestamp), or 0 when
+    /// none is: a peer that stops reading leaves it set, which the owner's deadline sweep can see.
+    /// </summary>
+    public long SendingSince => Volatile.Read(ref _sendingSince);
 
     /// <summary>Completes when the writer stops; faults with the send error if the link broke.</summary>
     public Task Completion => _loop;
@@ -72,7 +79,9 @@ internal sealed class FrameSender
                     batch.Add(frame);
                     bytes += frame.TotalLength;
                 }
+                Volatile.Write(ref _sendingSince, System.Diagnostics.Stopwatch.GetTimestamp());
                 await SendAsync(batch, segments, bytes).ConfigureAwait(false);
+                Volatile.Write(ref _sendingSince, 0);
                 foreach (OutgoingFrame frame in batch)
                 {
                     Finish(frame, sent: true);

@@ -107,6 +107,12 @@ internal sealed partial class DownstairsConnection
             Close($"a frame was not received whole within {_options.FrameTimeout.TotalSeconds:0.#} s (--frame-timeout)");
             return;
         }
+        long sending = _sender.SendingSince;
+        if (sending != 0 && Stopwatch.GetElapsedTime(sending, now) > _options.SendTimeout)
+        {
+            Close($"replies not taken by the peer within {_options.SendTimeout.TotalSeconds:0.#} s (--send-timeout)");
+            return;
+        }
         long waiting = Volatile.Read(ref _readWaitSince);
         if (partial == 0 && waiting != 0 && Stopwatch.GetElapsedTime(waiting, now) > _options.IdleTimeout)
         {

@@ -86,6 +86,13 @@ internal sealed record DownstairsOptions
     public TimeSpan FrameTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
     /// <summary>
+    /// A reply batch the peer has not taken off the socket within this time closes the connection.
+    /// A peer that stops reading would otherwise hold its slot and up to --max-bytes of replies for
+    /// ever (its reader waits on the budget, not on the socket, so the idle timeout never fires).
+    /// </summary>
+    public TimeSpan SendTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
     /// Frame bodies being received plus payloads in flight, over all connections together. The
     /// writer's share (--max-bytes + --max-frame) is reserved for it; the rest is shared by the
     /// others. A connection that would go past it waits (its socket is not read): memory stays flat
@@ -134,6 +141,7 @@ internal sealed record DownstairsOptions
         Check(HelloTimeout > TimeSpan.Zero, "--hello-timeout must be positive");
         Check(IdleTimeout > TimeSpan.Zero, "--idle-timeout must be positive");
         Check(FrameTimeout > TimeSpan.Zero, "--frame-timeout must be positive");
+        Check(SendTimeout > TimeSpan.Zero, "--send-timeout must be positive");
         Check(MaxMemoryBytes >= 2 * WriterMemoryReserve, $"--max-memory must be at least twice (--max-bytes + --max-frame) = {2 * WriterMemoryReserve} bytes (half is the writer's reserve)");
         Check(MaxGenerationStep is >= 1 and <= Wire.MaxGeneration, $"--max-generation-step must be 1 to {Wire.MaxGeneration}");
         Check(LogSummaryInterval > TimeSpan.Zero, "--log-interval must be positive");

@@ -39,7 +39,7 @@ internal sealed partial class DownstairsServer : IAsyncDisposable
 
     /// <summary>Checks every connection's idle and frame deadlines a few times per the shortest of them.</summary>
     private static TimeSpan SweepPeriod(DownstairsOptions o) =>
-        TimeSpan.FromTicks(Math.Clamp(Math.Min(o.IdleTimeout.Ticks, o.FrameTimeout.Ticks) / 4, TimeSpan.TicksPerMillisecond * 50, TimeSpan.TicksPerSecond));
+        TimeSpan.FromTicks(Math.Clamp(Math.Min(Math.Min(o.IdleTimeout.Ticks, o.FrameTimeout.Ticks), o.SendTimeout.Ticks) / 4, TimeSpan.TicksPerMillisecond * 50, TimeSpan.TicksPerSecond));
 
     private void Sweep()
     {
