@@ -46,9 +46,9 @@ internal sealed class NbdConnection : IAsyncDisposable
     private readonly Channel<PendingReply> _replies;
     private readonly CancellationTokenSource _aborted = new();
 
-    // Re-armed per payload / per send (CancelAfter), so the deadlines cost no allocation per request.
-    private readonly CancellationTokenSource _payloadDeadline;
-    private readonly CancellationTokenSource _sendDeadline;
+    // Re-armed per payload / per send, so the deadlines cost no allocation per request.
+    private readonly Deadline _payloadDeadline;
+    private readonly Deadline _sendDeadline;
     private readonly byte[] _requestHeader = new byte[NbdRequest.Size];
     private readonly Lock _inFlightLock = new();
     private TaskCompletionSource? _idle;
@@ -56,7 +56,7 @@ internal sealed class NbdConnection : IAsyncDisposable
     private volatile bool _shuttingDown;
     private NegotiatedSession? _session;
 
-    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null)
+    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null, TimeProvider? time = null)
     {
         _tls = tls;
         Id = id;
@@ -69,8 +69,8 @@ internal sealed class NbdConnection : IAsyncDisposable
         // Every reply holds a request slot until it is sent, so the queue never holds more than there
         // are slots: a client that pipelines requests and never reads stops being read instead.
         _replies = Channel.CreateBounded<PendingReply>(new BoundedChannelOptions(options.MaxInFlightRequestsPerConnection) { SingleReader = true, FullMode = BoundedChannelFullMode.Wait });
-        _payloadDeadline = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token);
-        _sendDeadline = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token);
+        _payloadDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
+        _sendDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
         _logger = logger;
         _throttle = throttle;
     }
@@ -113,7 +113,7 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 reason = await ReadRequestsAsync();
             }
-            catch (OperationCanceledException) when (_payloadDeadline.IsCancellationRequested && !_aborted.IsCancellationRequested)
+            catch (OperationCanceledException) when (_payloadDeadline.Expired)
             {
                 reason = $"write payload not received within {_options.PayloadTimeout.TotalSeconds:0.#} s";
                 ReportTooSlow("a WRITE payload was not complete within the payload timeout", reason);
@@ -198,9 +198,8 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 // The payload is still on the wire: drop it so the next header lines up. It is not
                 // buffered, so it holds no budget, but it gets the same deadline as any payload.
-                _payloadDeadline.CancelAfter(_options.PayloadTimeout);
-                await _transport.Input.SkipAsync(payloadLength, _payloadDeadline.Token);
-                _payloadDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
+                await _transport.Input.SkipAsync(payloadLength, _payloadDeadline.Arm(_options.PayloadTimeout));
+                _payloadDeadline.Disarm();
                 ReportFailure(request, error, message);
                 FrontendMetrics.Record(request.Command, request.Length, ok: false, Stopwatch.GetTimestamp());
                 // An error reply is a reply like any other: it waits for a slot and its bytes, so a
@@ -232,9 +231,8 @@ internal sealed class NbdConnection : IAsyncDisposable
                 {
                     // The write holds its budget while its payload arrives: a deadline, so a client
                     // that stops half-way cannot keep it (and starve the other connections) forever.
-                    _payloadDeadline.CancelAfter(_options.PayloadTimeout);
-                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), _payloadDeadline.Token);
-                    _payloadDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
+                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), _payloadDeadline.Arm(_options.PayloadTimeout));
+                    _payloadDeadline.Disarm();
                 }
                 finally
                 {
@@ -631,14 +629,13 @@ internal sealed class NbdConnection : IAsyncDisposable
                 if (!broken)
                 {
                     // Unsent replies hold their budget: a client that stops reading gets SendTimeout.
-                    _sendDeadline.CancelAfter(_options.SendTimeout);
-                    await _transport.SendAsync(segments, _sendDeadline.Token);
-                    _sendDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
+                    await _transport.SendAsync(segments, _sendDeadline.Arm(_options.SendTimeout));
+                    _sendDeadline.Disarm();
                 }
             }
             catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException)
             {
-                if (_sendDeadline.IsCancellationRequested && !_aborted.IsCancellationRequested)
+                if (_sendDeadline.Expired)
                 {
                     ReportTooSlow("replies were not read within the send timeout", $"replies not read within {_options.SendTimeout.TotalSeconds:0.#} s");
                 }
