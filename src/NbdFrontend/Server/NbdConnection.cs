@@ -98,6 +98,10 @@ internal sealed class NbdConnection : IAsyncDisposable
                 catch (OperationCanceledException) when (!_aborted.IsCancellationRequested)
                 {
                     reason = serverStopping.IsCancellationRequested ? "server shutting down during handshake" : $"handshake not finished within {_options.HandshakeTimeout.TotalSeconds:0} s";
+                    if (!serverStopping.IsCancellationRequested)
+                    {
+                        ReportDropped("handshake not finished within the handshake timeout", reason);
+                    }
                     return;
                 }
             }
@@ -143,7 +147,17 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 FrontendMetrics.ConnectionDetached();
             }
-            FrontendLog.ConnectionClosed(_logger, Id, reason);
+            if (_session is not null)
+            {
+                FrontendLog.ConnectionClosed(_logger, Id, reason);
+            }
+            else
+            {
+                // A connection that never attached was either an honest probe (LIST, INFO) or a
+                // stranger; its drop, if any, was logged through the throttle. One line each would
+                // let anyone who can connect flood the log.
+                FrontendLog.UnattachedConnectionClosed(_logger, Id, reason);
+            }
         }
     }
 
@@ -184,7 +198,7 @@ internal sealed class NbdConnection : IAsyncDisposable
             if (request.Magic != NbdMagic.Request)
             {
                 // Without a valid magic we cannot find the next request boundary: hard disconnect.
-                FrontendLog.ProtocolViolation(_logger, Id, _transport.RemoteEndPoint, $"bad request magic 0x{request.Magic:x8}");
+                ReportDropped("bad request magic", $"magic 0x{request.Magic:x8}");
                 return "protocol violation";
             }
             if (request.Command == NbdCommand.Disconnect)
@@ -275,6 +289,18 @@ internal sealed class NbdConnection : IAsyncDisposable
             return;
         }
         _throttle.Report(LogLevel.Warning, $"NBD client closed: {what}", () => $"first: connection {Id} from {remote}, {reason}; its budget was returned");
+    }
+
+    /// <summary>A connection dropped for a protocol violation: throttled by kind, like the handshake's drops.</summary>
+    private void ReportDropped(string kind, string detail)
+    {
+        string remote = _transport.RemoteEndPoint;
+        if (_throttle is null)
+        {
+            FrontendLog.ProtocolViolation(_logger, Id, remote, $"{kind} ({detail})");
+            return;
+        }
+        _throttle.Report(LogLevel.Warning, $"NBD client dropped: {kind}", () => $"first: connection {Id} from {remote}, {detail}");
     }
 
     /// <summary>Checks a request against the spec and the export; (None, "") if it may run.</summary>

@@ -105,7 +105,9 @@ internal sealed class NbdListener : IAsyncDisposable
         long id = Interlocked.Increment(ref _nextId);
         if (_connections.Count >= _options.MaxConnections)
         {
-            FrontendLog.TooManyConnections(_logger, id, _options.MaxConnections, client.RemoteEndPoint?.ToString() ?? "?");
+            // Throttled: whoever fills the cap can otherwise write a line per refused connection.
+            string remote = client.RemoteEndPoint?.ToString() ?? "?";
+            _throttle.Report(LogLevel.Warning, $"NBD connection refused: the limit of {_options.MaxConnections} connections is reached", () => $"first: connection {id} from {remote}");
             client.Dispose();
             return;
         }
