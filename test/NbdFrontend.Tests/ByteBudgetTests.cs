@@ -1,0 +1,26 @@
+using NbdServer.Frontend.Server;
+
+namespace NbdServer.Frontend.Tests;
+
+[CancelAfter(10_000)]
+public sealed class ByteBudgetTests
+{
+    [Test]
+    public async Task A_waiter_cancelled_at_the_head_of_the_queue_lets_the_ones_behind_it_in_at_once()
+    {
+        // A connection asking for more than is free is closed while it waits (its client went away):
+        // another connection's small request queued behind it fits and must not wait for a release.
+        var budget = new ByteBudget(10);
+        await budget.AcquireAsync(8, CancellationToken.None);
+        using var closed = new CancellationTokenSource();
+        Task big = budget.AcquireAsync(5, closed.Token).AsTask();
+        Task small = budget.AcquireAsync(2, CancellationToken.None).AsTask();
+        Assert.That((big.IsCompleted, small.IsCompleted), Is.EqualTo((false, false)), "FIFO: the small one queues behind the big one");
+
+        await closed.CancelAsync();
+
+        Assert.That(async () => await big, Throws.InstanceOf<OperationCanceledException>());
+        await small.WaitAsync(TimeSpan.FromSeconds(5));
+        Assert.That(budget.InUse, Is.EqualTo(10));
+    }
+}
