@@ -24,3 +24,22 @@ public sealed class ByteBudgetTests
         Assert.That(budget.InUse, Is.EqualTo(10));
     }
 }
+
+[CancelAfter(10_000)]
+public sealed class FrontendLimitTests
+{
+    [Test]
+    public void A_payload_timeout_the_timers_cannot_take_is_refused_at_start()
+    {
+        // 100 days passes "positive", but a timer takes at most ~49 days: every WRITE would then fail.
+        var options = new FrontendOptions { PayloadTimeout = TimeSpan.FromDays(100) };
+        Assert.That(options.Validate, Throws.ArgumentException.With.Message.Contains(nameof(FrontendOptions.PayloadTimeout)));
+    }
+
+    [Test]
+    public void A_block_status_extent_limit_whose_reply_size_overflows_is_refused_at_start()
+    {
+        var options = new FrontendOptions { MaxBlockStatusExtents = int.MaxValue };
+        Assert.That(options.Validate, Throws.ArgumentException.With.Message.Contains(nameof(FrontendOptions.MaxBlockStatusExtents)));
+    }
+}
