@@ -130,3 +130,33 @@ public sealed class HandshakeDropFloodTests
         return bytes;
     }
 }
+
+/// <summary>A client must not be able to fill the log throttle's table and hide other errors.</summary>
+[CancelAfter(60_000)]
+public sealed class RequestFailureFloodTests
+{
+    [Test]
+    public async Task Unknown_commands_from_many_connections_do_not_push_other_errors_into_the_overflow_count()
+    {
+        await using var server = new TestServer(new FrontendOptions { LogThrottleInterval = TimeSpan.FromMinutes(10) });
+        // 300 connections, each with its own unknown command number: 300 distinct (connection, command) pairs.
+        for (int i = 0; i < 300; i++)
+        {
+            await using NbdTestClient attacker = server.Connect();
+            await attacker.ConnectAsync();
+            await attacker.SendRequestAsync((NbdCommand)(100 + i), 0, 0, cookie: (ulong)i);
+            Assert.That((await attacker.ReadSimpleReplyAsync()).Error, Is.EqualTo(NbdError.EINVAL));
+        }
+
+        // Then a different failure from an honest client: it must get its own first line.
+        await using NbdTestClient honest = server.Connect();
+        await honest.ConnectAsync();
+        await honest.SendRequestAsync(NbdCommand.Read, 1UL << 40, 4096, cookie: 1);
+        Assert.That((await honest.ReadSimpleReplyAsync()).Error, Is.EqualTo(NbdError.EINVAL));
+
+        IEnumerable<string> warnings = server.Logger.Warnings.ToList();
+        Assert.That(warnings.Count(w => w.Contains("unknown command", StringComparison.Ordinal)), Is.EqualTo(1), "one line for the flood of unknown commands");
+        Assert.That(warnings.Any(w => w.Contains("Read with EINVAL", StringComparison.Ordinal) && w.Contains("beyond the end", StringComparison.Ordinal)), Is.True, "the other error is logged with its details");
+        Assert.That(warnings.Where(w => w.Contains("other repeated errors", StringComparison.Ordinal)), Is.Empty);
+    }
+}

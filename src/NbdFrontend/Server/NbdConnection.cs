@@ -516,17 +516,21 @@ internal sealed class NbdConnection : IAsyncDisposable
     /// <summary>
     /// A failed request, logged through the throttle: a client that sends garbage in a loop, or a
     /// volume that fails every write, is a first line with details and then one count per interval
-    /// per (connection, command, error) — never a line per request.
+    /// per (command, error) — never a line per request. The key holds nothing a client chooses
+    /// freely (not its connection, not an unknown command's number): otherwise one client could fill
+    /// the throttle's table and push every other error, a failing volume's included, into its
+    /// overflow count.
     /// </summary>
     private void ReportFailure(in NbdRequest request, NbdError error, string message)
     {
+        string command = Enum.IsDefined(request.Command) ? request.Command.ToString() : "unknown command";
         if (_throttle is null)
         {
-            FrontendLog.CommandFailed(_logger, Id, request.Command.ToString(), request.Offset, request.Length, error.ToString(), message);
+            FrontendLog.CommandFailed(_logger, Id, command, request.Offset, request.Length, error.ToString(), message);
             return;
         }
-        (ulong offset, uint length) = (request.Offset, request.Length);
-        _throttle.Report(LogLevel.Warning, $"Connection {Id}: {request.Command} failed with {error}", () => $"first at offset {offset} length {length}: {message}");
+        (ulong offset, uint length, ushort code) = (request.Offset, request.Length, (ushort)request.Command);
+        _throttle.Report(LogLevel.Warning, $"NBD request failed: {command} with {error}", () => $"first: connection {Id}, command {code} at offset {offset} length {length}: {message}");
     }
 
     private PendingReply SuccessReply(in NbdRequest request, long charge)
