@@ -175,6 +175,31 @@ public sealed class StartTlsTests
     }
 
     [Test]
+    public async Task Plaintext_pipelined_after_starttls_in_a_later_write_is_never_served()
+    {
+        // The classic STARTTLS injection, with the injected bytes in their own segment so they may
+        // reach the server after it checked its buffer: they must end up as (broken) TLS, never as NBD.
+        await using TestServer server = Server(TlsMode.On);
+        await using NbdTestClient client = server.Connect();
+        await client.StartAsync();
+        await client.SendOptionAsync(NbdOption.StartTls, []);
+        await client.SendOptionAsync(NbdOption.Go, InfoRequest(""));
+        await client.SendRequestAsync(NbdCommand.Write, 0, 512, cookie: 7, payload: Enumerable.Repeat((byte)0xAB, 512).ToArray());
+        var received = new List<byte>();
+        byte[] buffer = new byte[4096];
+        int read;
+        while ((read = await client.Stream.ReadAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(10))) > 0)
+        {
+            received.AddRange(buffer.AsSpan(0, read).ToArray());
+        }
+        // At most STARTTLS's ACK (20 bytes) came back, then the connection closed; nothing was written.
+        Assert.That(received, Has.Count.LessThanOrEqualTo(20));
+        byte[] block = new byte[512];
+        await server.Volume.ReadAsync(0, block, CancellationToken.None);
+        Assert.That(block, Is.All.EqualTo((byte)0));
+    }
+
+    [Test]
     public async Task Verify_client_refuses_a_client_without_a_certificate_or_from_another_ca()
     {
         await using TestServer server = Server(TlsMode.Require, verifyClient: true);

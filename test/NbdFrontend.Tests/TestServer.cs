@@ -18,10 +18,16 @@ internal sealed class TestServer : IAsyncDisposable
 
     /// <param name="tls">The STARTTLS server side (certificates made in memory by the test).</param>
     public TestServer(FrontendOptions? options, TlsServerPolicy? tls, params NbdExport[] exports)
+        : this(options, tls, null, exports)
+    {
+    }
+
+    /// <param name="time">The clock of the connections' payload and send deadlines.</param>
+    public TestServer(FrontendOptions? options, TlsServerPolicy? tls, TimeProvider? time, params NbdExport[] exports)
     {
         Logger = new CapturingLogger();
         Exports = new ExportRegistry(exports.Length > 0 ? exports : [new NbdExport("vol0", new Volumes.MemoryVolume(64L << 20), "test volume")]);
-        Listener = new NbdListener(Exports, options ?? new FrontendOptions(), Logger, tls);
+        Listener = new NbdListener(Exports, options ?? new FrontendOptions(), Logger, tls, time);
     }
 
     public CapturingLogger Logger { get; }
@@ -32,10 +38,10 @@ internal sealed class TestServer : IAsyncDisposable
 
     public IBlockVolume Volume => Exports.Default.Volume;
 
-    public NbdTestClient Connect()
+    public NbdTestClient Connect(Func<Stream, Stream>? wrapServerSide = null)
     {
         (Stream client, Stream server) = FullDuplexStream.CreatePair();
-        _connections.Add(Listener.ServeAsync(server));
+        _connections.Add(Listener.ServeAsync(wrapServerSide is null ? server : wrapServerSide(server)));
         return new NbdTestClient(client);
     }
 

@@ -46,12 +46,12 @@ internal sealed class ByteBudget(long capacity)
         return WaitAsync(bytes, ready, cancellationToken);
     }
 
+    /// <summary>
+    /// Gives back <paramref name="bytes"/> and grants waiters in order. Also called with 0 when a
+    /// waiter is cancelled: the ones queued behind it may fit now and must not wait for a release.
+    /// </summary>
     public void Release(long bytes)
     {
-        if (bytes == 0)
-        {
-            return;
-        }
         lock (_lock)
         {
             _available += bytes;

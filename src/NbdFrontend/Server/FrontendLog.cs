@@ -20,8 +20,6 @@ internal static partial class FrontendLog
     [LoggerMessage(EventId = 1004, Level = LogLevel.Warning, Message = "Connection {Id} from {Remote} dropped: {Reason}")]
     public static partial void ProtocolViolation(ILogger logger, long id, string remote, string reason);
 
-    [LoggerMessage(EventId = 1005, Level = LogLevel.Warning, Message = "Connection {Id}: too many connections ({Max}); refusing {Remote}")]
-    public static partial void TooManyConnections(ILogger logger, long id, int max, string remote);
 
     [LoggerMessage(EventId = 1006, Level = LogLevel.Information, Message = "Shutting down: draining {Connections} connection(s)")]
     public static partial void ShuttingDown(ILogger logger, int connections);
@@ -46,6 +44,9 @@ internal static partial class FrontendLog
 
     [LoggerMessage(EventId = 1013, Level = LogLevel.Debug, Message = "Connection {Id}: TLS established ({Protocol}, client {Client})")]
     public static partial void TlsEstablished(ILogger logger, long id, string protocol, string client);
+
+    [LoggerMessage(EventId = 1014, Level = LogLevel.Debug, Message = "Connection {Id} closed before attaching to an export: {Reason}")]
+    public static partial void UnattachedConnectionClosed(ILogger logger, long id, string reason);
 
     [LoggerMessage(EventId = 1100, Level = LogLevel.Information, Message = "Control socket on {Path} (nbd-server status)")]
     public static partial void ControlListening(ILogger logger, string path);

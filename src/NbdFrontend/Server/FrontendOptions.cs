@@ -20,6 +20,12 @@ internal sealed record FrontendOptions
 {
     public const int DefaultPort = 10809;
 
+    /// <summary>Upper bound of <see cref="MaxBlockStatusExtents"/> (an 8 MiB reply).</summary>
+    private const int MaxBlockStatusExtentsLimit = 1 << 20;
+
+    /// <summary>Upper bound of the payload, send and handshake timeouts.</summary>
+    private static readonly TimeSpan MaxTimeout = TimeSpan.FromDays(1);
+
     /// <summary>TCP endpoint; null serves only the Unix socket.</summary>
     public IPEndPoint? Listen { get; init; } = new(IPAddress.Loopback, DefaultPort);
 
@@ -113,9 +119,19 @@ internal sealed record FrontendOptions
         {
             throw new ArgumentException("Request, connection, option and extent limits must be at least 1.");
         }
-        if (LogThrottleInterval <= TimeSpan.Zero || PayloadTimeout <= TimeSpan.Zero || SendTimeout <= TimeSpan.Zero)
+        if (LogThrottleInterval <= TimeSpan.Zero || PayloadTimeout <= TimeSpan.Zero || SendTimeout <= TimeSpan.Zero || HandshakeTimeout <= TimeSpan.Zero)
         {
-            throw new ArgumentException($"{nameof(LogThrottleInterval)}, {nameof(PayloadTimeout)} and {nameof(SendTimeout)} must be positive.");
+            throw new ArgumentException($"{nameof(LogThrottleInterval)}, {nameof(PayloadTimeout)}, {nameof(SendTimeout)} and {nameof(HandshakeTimeout)} must be positive.");
+        }
+        if (PayloadTimeout > MaxTimeout || SendTimeout > MaxTimeout || HandshakeTimeout > MaxTimeout)
+        {
+            // Timers take at most ~49 days; a longer deadline would fail every request at run time.
+            throw new ArgumentException($"{nameof(PayloadTimeout)}, {nameof(SendTimeout)} and {nameof(HandshakeTimeout)} may be at most {MaxTimeout.TotalHours:0} hours.");
+        }
+        if (MaxBlockStatusExtents > MaxBlockStatusExtentsLimit || MaxOptionBytes < 0)
+        {
+            // A BLOCK_STATUS reply is 4 + 8 bytes per extent, built in one buffer and charged to the budget.
+            throw new ArgumentException($"{nameof(MaxBlockStatusExtents)} may be at most {MaxBlockStatusExtentsLimit}, and {nameof(MaxOptionBytes)} may not be negative.");
         }
         if (Listen is null && UnixSocketPath is null)
         {

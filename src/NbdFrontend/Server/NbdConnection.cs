@@ -46,9 +46,9 @@ internal sealed class NbdConnection : IAsyncDisposable
     private readonly Channel<PendingReply> _replies;
     private readonly CancellationTokenSource _aborted = new();
 
-    // Re-armed per payload / per send (CancelAfter), so the deadlines cost no allocation per request.
-    private readonly CancellationTokenSource _payloadDeadline;
-    private readonly CancellationTokenSource _sendDeadline;
+    // Re-armed per payload / per send, so the deadlines cost no allocation per request.
+    private readonly Deadline _payloadDeadline;
+    private readonly Deadline _sendDeadline;
     private readonly byte[] _requestHeader = new byte[NbdRequest.Size];
     private readonly Lock _inFlightLock = new();
     private TaskCompletionSource? _idle;
@@ -56,7 +56,7 @@ internal sealed class NbdConnection : IAsyncDisposable
     private volatile bool _shuttingDown;
     private NegotiatedSession? _session;
 
-    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null)
+    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null, TimeProvider? time = null)
     {
         _tls = tls;
         Id = id;
@@ -69,8 +69,8 @@ internal sealed class NbdConnection : IAsyncDisposable
         // Every reply holds a request slot until it is sent, so the queue never holds more than there
         // are slots: a client that pipelines requests and never reads stops being read instead.
         _replies = Channel.CreateBounded<PendingReply>(new BoundedChannelOptions(options.MaxInFlightRequestsPerConnection) { SingleReader = true, FullMode = BoundedChannelFullMode.Wait });
-        _payloadDeadline = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token);
-        _sendDeadline = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token);
+        _payloadDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
+        _sendDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
         _logger = logger;
         _throttle = throttle;
     }
@@ -98,6 +98,10 @@ internal sealed class NbdConnection : IAsyncDisposable
                 catch (OperationCanceledException) when (!_aborted.IsCancellationRequested)
                 {
                     reason = serverStopping.IsCancellationRequested ? "server shutting down during handshake" : $"handshake not finished within {_options.HandshakeTimeout.TotalSeconds:0} s";
+                    if (!serverStopping.IsCancellationRequested)
+                    {
+                        ReportDropped("handshake not finished within the handshake timeout", reason);
+                    }
                     return;
                 }
             }
@@ -113,7 +117,7 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 reason = await ReadRequestsAsync();
             }
-            catch (OperationCanceledException) when (_payloadDeadline.IsCancellationRequested && !_aborted.IsCancellationRequested)
+            catch (OperationCanceledException) when (_payloadDeadline.Expired)
             {
                 reason = $"write payload not received within {_options.PayloadTimeout.TotalSeconds:0.#} s";
                 ReportTooSlow("a WRITE payload was not complete within the payload timeout", reason);
@@ -143,7 +147,17 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 FrontendMetrics.ConnectionDetached();
             }
-            FrontendLog.ConnectionClosed(_logger, Id, reason);
+            if (_session is not null)
+            {
+                FrontendLog.ConnectionClosed(_logger, Id, reason);
+            }
+            else
+            {
+                // A connection that never attached was either an honest probe (LIST, INFO) or a
+                // stranger; its drop, if any, was logged through the throttle. One line each would
+                // let anyone who can connect flood the log.
+                FrontendLog.UnattachedConnectionClosed(_logger, Id, reason);
+            }
         }
     }
 
@@ -184,7 +198,7 @@ internal sealed class NbdConnection : IAsyncDisposable
             if (request.Magic != NbdMagic.Request)
             {
                 // Without a valid magic we cannot find the next request boundary: hard disconnect.
-                FrontendLog.ProtocolViolation(_logger, Id, _transport.RemoteEndPoint, $"bad request magic 0x{request.Magic:x8}");
+                ReportDropped("bad request magic", $"magic 0x{request.Magic:x8}");
                 return "protocol violation";
             }
             if (request.Command == NbdCommand.Disconnect)
@@ -198,9 +212,8 @@ internal sealed class NbdConnection : IAsyncDisposable
             {
                 // The payload is still on the wire: drop it so the next header lines up. It is not
                 // buffered, so it holds no budget, but it gets the same deadline as any payload.
-                _payloadDeadline.CancelAfter(_options.PayloadTimeout);
-                await _transport.Input.SkipAsync(payloadLength, _payloadDeadline.Token);
-                _payloadDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
+                await _transport.Input.SkipAsync(payloadLength, _payloadDeadline.Arm(_options.PayloadTimeout));
+                _payloadDeadline.Disarm();
                 ReportFailure(request, error, message);
                 FrontendMetrics.Record(request.Command, request.Length, ok: false, Stopwatch.GetTimestamp());
                 // An error reply is a reply like any other: it waits for a slot and its bytes, so a
@@ -232,9 +245,8 @@ internal sealed class NbdConnection : IAsyncDisposable
                 {
                     // The write holds its budget while its payload arrives: a deadline, so a client
                     // that stops half-way cannot keep it (and starve the other connections) forever.
-                    _payloadDeadline.CancelAfter(_options.PayloadTimeout);
-                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), _payloadDeadline.Token);
-                    _payloadDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
+                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), _payloadDeadline.Arm(_options.PayloadTimeout));
+                    _payloadDeadline.Disarm();
                 }
                 finally
                 {
@@ -277,6 +289,18 @@ internal sealed class NbdConnection : IAsyncDisposable
             return;
         }
         _throttle.Report(LogLevel.Warning, $"NBD client closed: {what}", () => $"first: connection {Id} from {remote}, {reason}; its budget was returned");
+    }
+
+    /// <summary>A connection dropped for a protocol violation: throttled by kind, like the handshake's drops.</summary>
+    private void ReportDropped(string kind, string detail)
+    {
+        string remote = _transport.RemoteEndPoint;
+        if (_throttle is null)
+        {
+            FrontendLog.ProtocolViolation(_logger, Id, remote, $"{kind} ({detail})");
+            return;
+        }
+        _throttle.Report(LogLevel.Warning, $"NBD client dropped: {kind}", () => $"first: connection {Id} from {remote}, {detail}");
     }
 
     /// <summary>Checks a request against the spec and the export; (None, "") if it may run.</summary>
@@ -492,17 +516,21 @@ internal sealed class NbdConnection : IAsyncDisposable
     /// <summary>
     /// A failed request, logged through the throttle: a client that sends garbage in a loop, or a
     /// volume that fails every write, is a first line with details and then one count per interval
-    /// per (connection, command, error) — never a line per request.
+    /// per (command, error) — never a line per request. The key holds nothing a client chooses
+    /// freely (not its connection, not an unknown command's number): otherwise one client could fill
+    /// the throttle's table and push every other error, a failing volume's included, into its
+    /// overflow count.
     /// </summary>
     private void ReportFailure(in NbdRequest request, NbdError error, string message)
     {
+        string command = Enum.IsDefined(request.Command) ? request.Command.ToString() : "unknown command";
         if (_throttle is null)
         {
-            FrontendLog.CommandFailed(_logger, Id, request.Command.ToString(), request.Offset, request.Length, error.ToString(), message);
+            FrontendLog.CommandFailed(_logger, Id, command, request.Offset, request.Length, error.ToString(), message);
             return;
         }
-        (ulong offset, uint length) = (request.Offset, request.Length);
-        _throttle.Report(LogLevel.Warning, $"Connection {Id}: {request.Command} failed with {error}", () => $"first at offset {offset} length {length}: {message}");
+        (ulong offset, uint length, ushort code) = (request.Offset, request.Length, (ushort)request.Command);
+        _throttle.Report(LogLevel.Warning, $"NBD request failed: {command} with {error}", () => $"first: connection {Id}, command {code} at offset {offset} length {length}: {message}");
     }
 
     private PendingReply SuccessReply(in NbdRequest request, long charge)
@@ -631,14 +659,13 @@ internal sealed class NbdConnection : IAsyncDisposable
                 if (!broken)
                 {
                     // Unsent replies hold their budget: a client that stops reading gets SendTimeout.
-                    _sendDeadline.CancelAfter(_options.SendTimeout);
-                    await _transport.SendAsync(segments, _sendDeadline.Token);
-                    _sendDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
+                    await _transport.SendAsync(segments, _sendDeadline.Arm(_options.SendTimeout));
+                    _sendDeadline.Disarm();
                 }
             }
             catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException)
             {
-                if (_sendDeadline.IsCancellationRequested && !_aborted.IsCancellationRequested)
+                if (_sendDeadline.Expired)
                 {
                     ReportTooSlow("replies were not read within the send timeout", $"replies not read within {_options.SendTimeout.TotalSeconds:0.#} s");
                 }

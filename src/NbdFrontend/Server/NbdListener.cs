@@ -25,6 +25,7 @@ internal sealed class NbdListener : IAsyncDisposable
     private readonly ConcurrentDictionary<long, (NbdConnection Connection, Task Running)> _connections = new();
     private readonly CancellationTokenSource _stopping = new();
     private readonly TlsServerPolicy? _tls;
+    private readonly TimeProvider _time;
     private Socket? _socket;
     private Socket? _unixSocket;
     private Task? _acceptLoop;
@@ -35,9 +36,11 @@ internal sealed class NbdListener : IAsyncDisposable
     /// The TLS server side of STARTTLS; when null and <see cref="FrontendOptions.Tls"/> is not off,
     /// it is loaded from <see cref="FrontendOptions.TlsDir"/>.
     /// </param>
-    public NbdListener(ExportRegistry exports, FrontendOptions options, ILogger logger, TlsServerPolicy? tls = null)
+    /// <param name="time">The clock of the payload and send deadlines (tests pass a fake one).</param>
+    public NbdListener(ExportRegistry exports, FrontendOptions options, ILogger logger, TlsServerPolicy? tls = null, TimeProvider? time = null)
     {
         options.Validate();
+        _time = time ?? TimeProvider.System;
         _exports = exports;
         _options = options;
         _logger = logger;
@@ -102,7 +105,9 @@ internal sealed class NbdListener : IAsyncDisposable
         long id = Interlocked.Increment(ref _nextId);
         if (_connections.Count >= _options.MaxConnections)
         {
-            FrontendLog.TooManyConnections(_logger, id, _options.MaxConnections, client.RemoteEndPoint?.ToString() ?? "?");
+            // Throttled: whoever fills the cap can otherwise write a line per refused connection.
+            string remote = client.RemoteEndPoint?.ToString() ?? "?";
+            _throttle.Report(LogLevel.Warning, $"NBD connection refused: the limit of {_options.MaxConnections} connections is reached", () => $"first: connection {id} from {remote}");
             client.Dispose();
             return;
         }
@@ -116,7 +121,7 @@ internal sealed class NbdListener : IAsyncDisposable
 
     private Task RunConnection(long id, Transport transport)
     {
-        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle, _tls);
+        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle, _tls, _time);
         var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         Task running = Task.Run(async () =>
         {

@@ -53,7 +53,7 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
         if ((clientFlags & ~(ClientFlags.FixedNewstyle | ClientFlags.NoZeroes)) != 0)
         {
             // proto.md: "the server MUST drop the TCP connection if the client sets an unknown flag".
-            return Drop($"unknown client flags 0x{(uint)clientFlags:x8}");
+            return Drop("unknown client flags", $"flags 0x{(uint)clientFlags:x8}");
         }
         _fixedNewstyle = (clientFlags & ClientFlags.FixedNewstyle) != 0;
         _noZeroes = (clientFlags & ClientFlags.NoZeroes) != 0;
@@ -70,17 +70,17 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
             uint length = BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(12));
             if (magic != NbdMagic.Option)
             {
-                return Drop($"bad option magic 0x{magic:x16}");
+                return Drop("bad option magic", $"magic 0x{magic:x16}");
             }
             if (!_fixedNewstyle && option != NbdOption.ExportName)
             {
-                return Drop($"option {option} from a client that did not ask for fixed newstyle");
+                return Drop("option from a client that did not ask for fixed newstyle", $"option {(uint)option}");
             }
             if (length > options.MaxOptionBytes)
             {
                 if (option == NbdOption.ExportName)
                 {
-                    return Drop($"export name of {length} bytes");
+                    return Drop("oversize NBD_OPT_EXPORT_NAME", $"{length} bytes, limit {options.MaxOptionBytes}");
                 }
                 await transport.Input.SkipAsync(length, cancellationToken);
                 await ReplyAsync(option, OptionReplyType.ErrTooBig, $"option data of {length} bytes exceeds the limit of {options.MaxOptionBytes}", cancellationToken);
@@ -95,7 +95,7 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
             {
                 if (option == NbdOption.ExportName)
                 {
-                    return Drop("server is shutting down");
+                    return Drop("NBD_OPT_EXPORT_NAME while the server is shutting down");
                 }
                 await ReplyAsync(option, OptionReplyType.ErrShutdown, "server is shutting down", cancellationToken);
                 continue;
@@ -105,7 +105,7 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
                 if (option == NbdOption.ExportName)
                 {
                     // EXPORT_NAME cannot be answered with an error: the spec has the server end the session.
-                    return DropTls("NBD_OPT_EXPORT_NAME without TLS (tls require)");
+                    return Drop("NBD_OPT_EXPORT_NAME without TLS (tls require)");
                 }
                 await ReplyAsync(option, OptionReplyType.ErrTlsRequired, "this server requires TLS: send NBD_OPT_STARTTLS first", cancellationToken);
                 continue;
@@ -116,7 +116,7 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
                 return session;
             }
         }
-        return Drop($"more than {options.MaxOptionsPerHandshake} options without choosing an export");
+        return Drop("too many options without choosing an export", $"limit {options.MaxOptionsPerHandshake}");
     }
 
     private async Task<(bool Done, NegotiatedSession? Session)> HandleOptionAsync(NbdOption option, byte[] data, CancellationToken cancellationToken)
@@ -128,7 +128,7 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
                     if (!TryDecodeString(data, out string name) || !exports.TryGet(name, out NbdExport export))
                     {
                         // EXPORT_NAME cannot return an error: the spec requires closing the session.
-                        return (true, Drop($"unknown export '{Printable(data)}' requested with NBD_OPT_EXPORT_NAME"));
+                        return (true, Drop("unknown export requested with NBD_OPT_EXPORT_NAME", $"export '{Printable(data)}'"));
                     }
                     NegotiatedSession session = Settle(export);
                     byte[] reply = new byte[_noZeroes ? 10 : 10 + ZeroPaddingSize];
@@ -227,7 +227,7 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
         {
             // The client must wait for our ACK before its TLS handshake; plaintext bytes already sent
             // after STARTTLS would otherwise be read as if they had come over TLS.
-            DropTls("data sent after NBD_OPT_STARTTLS without waiting for the reply");
+            Drop("data sent after NBD_OPT_STARTTLS without waiting for the reply");
             return false;
         }
         await ReplyAsync(NbdOption.StartTls, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken);
@@ -238,7 +238,7 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
         catch (TlsHandshakeException e)
         {
             // After the ACK there is no way back to plaintext: the spec has the server end the session.
-            DropTls($"TLS handshake failed: {e.Message}");
+            Drop("TLS handshake failed", e.Message);
             return false;
         }
         // What was negotiated in plaintext may have been tampered with on the way: start again.
@@ -513,21 +513,20 @@ internal sealed class NbdNegotiator(Transport transport, ExportRegistry exports,
         return new string([.. text.Select(c => char.IsControl(c) ? '?' : c)]);
     }
 
-    /// <summary>A TLS refusal: throttled, since a scanner or a misconfigured client repeats it every connection.</summary>
-    private NegotiatedSession? DropTls(string reason)
+    /// <summary>
+    /// Drops the client. Every drop goes through the throttle keyed by its kind, never by a value the
+    /// peer chose (flags, magic, names), so a scanner or a thousand strangers sending garbage are a
+    /// first line with details and then a count, not a line per connection.
+    /// </summary>
+    private NegotiatedSession? Drop(string kind, string detail = "")
     {
+        string remote = transport.RemoteEndPoint;
         if (throttle is null)
         {
-            return Drop(reason);
+            FrontendLog.ProtocolViolation(logger, connectionId, remote, detail.Length == 0 ? kind : $"{kind} ({detail})");
+            return null;
         }
-        string remote = transport.RemoteEndPoint;
-        throttle.Report(LogLevel.Warning, $"NBD client refused: {reason}", () => $"first: connection {connectionId} from {remote}");
-        return null;
-    }
-
-    private NegotiatedSession? Drop(string reason)
-    {
-        FrontendLog.ProtocolViolation(logger, connectionId, transport.RemoteEndPoint, reason);
+        throttle.Report(LogLevel.Warning, $"NBD client dropped during the handshake: {kind}", () => $"first: connection {connectionId} from {remote}{(detail.Length == 0 ? "" : $", {detail}")}");
         return null;
     }
 }

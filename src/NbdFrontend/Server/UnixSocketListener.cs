@@ -11,6 +11,10 @@ namespace NbdServer.Frontend.Server;
 /// </summary>
 internal static class UnixSocketListener
 {
+    private const uint PermissionBits = 0x1FF;
+    private const int TypeMask = 0xF000;
+    private const int SocketFileType = 0xC000;
+
     public static Socket Bind(string path, UnixFileMode mode, ILogger logger)
     {
         if (OperatingSystem.IsWindows())
@@ -21,10 +25,23 @@ internal static class UnixSocketListener
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
         {
-            socket.Bind(new UnixDomainSocketEndPoint(path));
-            // Before Listen nobody can connect (connect gets ECONNREFUSED), so the umask's mode the
-            // socket was created with is never usable: the permissions below are the ones that count.
-            File.SetUnixFileMode(path, mode);
+            // The file is born with the configured mode: bind(2) applies the umask, so it is set to
+            // exactly the bits the mode leaves out for the bind. A chmod by path afterwards would follow
+            // a symlink someone swapped in for the fresh socket (chmod-ing a file of their choosing with
+            // our privileges), and would leave a window with the umask's mode.
+            uint previous = SetUmask(~(uint)mode & PermissionBits);
+            try
+            {
+                socket.Bind(new UnixDomainSocketEndPoint(path));
+            }
+            finally
+            {
+                SetUmask(previous);
+            }
+            if (Stat(path) is not { } stat || (stat & TypeMask) != SocketFileType || (UnixFileMode)(stat & PermissionBits) != mode)
+            {
+                throw new IOException($"{path} was replaced or changed while the NBD socket was created; not listening on it.");
+            }
             socket.Listen(128);
             return socket;
         }
@@ -75,21 +92,31 @@ internal static class UnixSocketListener
         throw new IOException($"{path} is in use by a running server; stop it first (or choose another unix path).");
     }
 
+    /// <summary>Sets the process umask; returns the previous one.</summary>
+    private static unsafe uint SetUmask(uint mask)
+    {
+        if (!NativeLibrary.TryGetExport(NativeLibrary.GetMainProgramHandle(), "umask", out IntPtr umask))
+        {
+            throw new IOException("cannot set the file mode of the NBD Unix socket (no umask in libc).");
+        }
+        return ((delegate* unmanaged<uint, uint>)umask)(mask);
+    }
+
+    private static bool IsSocket(string path) => Stat(path) is { } mode && (mode & TypeMask) == SocketFileType;
+
     /// <summary>
-    /// True when <paramref name="path"/> itself (not a link's target) is a socket. .NET reports every
+    /// The st_mode of <paramref name="path"/> itself (not a link's target); null if it does not exist. .NET reports every
     /// non-directory as "Normal", and a connect to any non-socket file is refused just like one to a
     /// stale socket, so the type comes from statx(2), whose struct layout is the same on every Linux
     /// architecture (stx_mode: 16 bits at byte 28).
     /// </summary>
-    private static unsafe bool IsSocket(string path)
+    private static unsafe int? Stat(string path)
     {
         const int AtFdCwd = -100;
         const int AtSymlinkNoFollow = 0x100;
         const uint StatxType = 0x1;
         const int StatxSize = 256;
         const int ModeOffset = 28;
-        const int TypeMask = 0xF000;
-        const int SocketType = 0xC000;
         if (!NativeLibrary.TryGetExport(NativeLibrary.GetMainProgramHandle(), "statx", out IntPtr statx))
         {
             throw new IOException($"cannot tell whether {path} is a socket (no statx in libc); remove it by hand.");
@@ -103,9 +130,8 @@ internal static class UnixSocketListener
         }
         if (result != 0)
         {
-            return false;
+            return null;
         }
-        ushort mode = *(ushort*)(buffer + ModeOffset);
-        return (mode & TypeMask) == SocketType;
+        return *(ushort*)(buffer + ModeOffset);
     }
 }
