@@ -105,7 +105,8 @@ internal sealed record ServeCommand
                                      payload bytes all connections may hold (default 512MiB)
             --max-requests-per-connection N
                                      requests in flight per connection (default 256)
-            --max-connections N      concurrent clients (default 256)
+            --max-connections N      concurrent clients, counted separately on TCP and on the Unix
+                                     socket (default 256 each)
             --verbose                log every connection and option at debug level
             --log-interval SECONDS   repeated errors are summarised once per interval (default 5)
             --log-json FILE          also write every log event as one JSON object per line to FILE

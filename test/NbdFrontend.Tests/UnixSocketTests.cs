@@ -94,6 +94,36 @@ public sealed class UnixSocketTests
 
     private string[] Entries() => [.. new DirectoryInfo(_dir).GetFileSystemInfos().Select(f => f.Name)];
 
+    [Test]
+    public async Task Strangers_filling_the_tcp_connection_cap_do_not_lock_out_the_unix_socket()
+    {
+        await using var listener = new NbdListener(new ExportRegistry([new NbdExport("vol0", _volume)]),
+            new FrontendOptions { Listen = new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, 0), UnixSocketPath = _path, MaxConnections = 2 }, new CapturingLogger());
+        listener.Start();
+        var strangers = new List<Socket>();
+        try
+        {
+            for (int i = 0; i < 4; i++)
+            {
+                var s = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+                await s.ConnectAsync(listener.LocalEndPoint);
+                strangers.Add(s);
+            }
+            Assert.That(() => listener.ConnectionCount, Is.EqualTo(2).After(5000).MilliSeconds.PollEvery(20).MilliSeconds, "TCP is at its cap");
+
+            // The kernel client's way in still works.
+            await using NbdTestClient client = Connect();
+            Assert.That((await client.ConnectAsync("vol0")).Size, Is.EqualTo(16UL << 20));
+        }
+        finally
+        {
+            foreach (Socket s in strangers)
+            {
+                s.Dispose();
+            }
+        }
+    }
+
     private NbdTestClient Connect()
     {
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);

@@ -90,6 +90,7 @@ internal sealed record FrontendOptions
     /// <summary>A client that has not finished the handshake after this long is disconnected.</summary>
     public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>Concurrent clients, on TCP and on the Unix socket each: strangers on a TCP port can never fill the slots the local kernel client reconnects through.</summary>
     public int MaxConnections { get; init; } = 256;
 
     /// <summary>Descriptors in one BLOCK_STATUS reply.</summary>

@@ -23,6 +23,8 @@ internal sealed class NbdListener : IAsyncDisposable
     private readonly ByteBudget _serverBudget;
     private readonly LogThrottle _throttle;
     private readonly ConcurrentDictionary<long, (NbdConnection Connection, Task Running)> _connections = new();
+    private int _tcpConnections;
+    private int _unixConnections;
     private readonly CancellationTokenSource _stopping = new();
     private readonly TlsServerPolicy? _tls;
     private readonly TimeProvider _time;
@@ -103,23 +105,28 @@ internal sealed class NbdListener : IAsyncDisposable
     private void Accepted(Socket client)
     {
         long id = Interlocked.Increment(ref _nextId);
-        if (_connections.Count >= _options.MaxConnections)
+        // The Unix socket (root and the service only) and TCP each get their own MaxConnections:
+        // strangers on a TCP port must never fill the slots the kernel client reconnects through.
+        bool unix = client.AddressFamily == AddressFamily.Unix;
+        if (Interlocked.Increment(ref unix ? ref _unixConnections : ref _tcpConnections) > _options.MaxConnections)
         {
+            Interlocked.Decrement(ref unix ? ref _unixConnections : ref _tcpConnections);
             // Throttled: whoever fills the cap can otherwise write a line per refused connection.
             string remote = client.RemoteEndPoint?.ToString() ?? "?";
             _throttle.Report(LogLevel.Warning, $"NBD connection refused: the limit of {_options.MaxConnections} connections is reached", () => $"first: connection {id} from {remote}");
             client.Dispose();
             return;
         }
-        if (client.AddressFamily != AddressFamily.Unix)
+        if (!unix)
         {
             client.NoDelay = true;
         }
         FrontendLog.ConnectionOpened(_logger, id, client.RemoteEndPoint?.ToString() ?? "?");
-        _ = RunConnection(id, new Transport(new NetworkStream(client, ownsSocket: true), client, ReadBufferSize));
+        _ = RunConnection(id, new Transport(new NetworkStream(client, ownsSocket: true), client, ReadBufferSize),
+            () => Interlocked.Decrement(ref unix ? ref _unixConnections : ref _tcpConnections));
     }
 
-    private Task RunConnection(long id, Transport transport)
+    private Task RunConnection(long id, Transport transport, Action? released = null)
     {
         var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle, _tls, _time);
         var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -133,6 +140,7 @@ internal sealed class NbdListener : IAsyncDisposable
             finally
             {
                 _connections.TryRemove(id, out _);
+                released?.Invoke();
                 await connection.DisposeAsync();
             }
         });
