@@ -63,7 +63,7 @@ try
                 a.RejectUnknown();
                 // Loaded before anything starts, so a missing or unreadable file is one line and exit 2.
                 TlsServerPolicy? tls = options.TlsDir is { } tlsDir
-                    ? new TlsServerPolicy(TlsCredentials.LoadServer(tlsDir), requireClientCertificate: true, options.TlsAllowClients) { CoalesceWrites = true }
+                    ? new TlsServerPolicy(TlsCredentials.LoadServer(tlsDir), requireClientCertificate: true, options.TlsAllowClients) { CoalesceWrites = true, PreferAes128 = true }
                     : null;
                 return await RunAsync(options, tls, verbose, logJson, metrics, config.ConfigFile);
             }

@@ -1,6 +1,7 @@
 using System.Net;
 using System.Net.Security;
 using System.Net.Sockets;
+using System.Security.Authentication;
 using System.Security.Cryptography.X509Certificates;
 using NbdServer.Common.Tls;
 
@@ -205,6 +206,31 @@ public sealed class TlsTests
     }
 
     [Test, CancelAfter(20_000)]
+    public async Task Downstairs_link_negotiates_tls13_aes128_gcm_when_the_server_prefers_it()
+    {
+        (SslStream server, SslStream client) = await Handshake(_client, "127.0.0.1", preferAes128: true);
+        await using (server)
+        await using (client)
+        {
+            Assert.That(server.SslProtocol, Is.EqualTo(SslProtocols.Tls13));
+            Assert.That(server.NegotiatedCipherSuite, Is.EqualTo(TlsCipherSuite.TLS_AES_128_GCM_SHA256));
+            Assert.That(client.NegotiatedCipherSuite, Is.EqualTo(TlsCipherSuite.TLS_AES_128_GCM_SHA256));
+        }
+    }
+
+    [Test, CancelAfter(20_000)]
+    public async Task A_server_without_the_aes128_preference_keeps_the_platform_choice()
+    {
+        // The NBD frontend's policy: clients such as GnuTLS keep whatever the platform negotiates.
+        (SslStream server, SslStream client) = await Handshake(_client, "127.0.0.1", preferAes128: false);
+        await using (server)
+        await using (client)
+        {
+            Assert.That(server.NegotiatedCipherSuite, Is.EqualTo(TlsCipherSuite.TLS_AES_256_GCM_SHA384));
+        }
+    }
+
+    [Test, CancelAfter(20_000)]
     public async Task Mutual_tls_handshake_succeeds_with_certificates_from_our_ca()
     {
         (SslStream server, SslStream client) = await Handshake(_client, "127.0.0.1", allowed: ["upstairs"]);
@@ -285,7 +311,7 @@ public sealed class TlsTests
     }
 
     /// <summary>Runs both sides over loopback TCP; throws the first side's <see cref="TlsHandshakeException"/> (server first).</summary>
-    private async Task<(SslStream Server, SslStream Client)> Handshake(X509Certificate2? clientCertificate, string expectedName, IReadOnlyCollection<string>? allowed = null)
+    private async Task<(SslStream Server, SslStream Client)> Handshake(X509Certificate2? clientCertificate, string expectedName, IReadOnlyCollection<string>? allowed = null, bool preferAes128 = false)
     {
         using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
         listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
@@ -295,7 +321,7 @@ public sealed class TlsTests
         Socket serverSocket = await listener.AcceptAsync();
         var serverCredentials = TlsCredentials.FromCertificates([_ca], _server);
         var clientCredentials = TlsCredentials.FromCertificates([_ca], clientCertificate);
-        var serverPolicy = new TlsServerPolicy(serverCredentials, requireClientCertificate: true, allowed);
+        var serverPolicy = new TlsServerPolicy(serverCredentials, requireClientCertificate: true, allowed) { PreferAes128 = preferAes128 };
         var clientPolicy = new TlsClientPolicy(clientCredentials);
         Task<SslStream> server = serverPolicy.AuthenticateAsync(new NetworkStream(serverSocket, ownsSocket: true), TimeSpan.FromSeconds(10), CancellationToken.None);
         Task<SslStream> client = clientPolicy.AuthenticateAsync(new NetworkStream(clientSocket, ownsSocket: true), expectedName, TimeSpan.FromSeconds(10), CancellationToken.None);

@@ -163,7 +163,7 @@ internal sealed class DownstairsClient : IAsyncDisposable
     {
         options ??= new DownstairsClientOptions();
         var sender = new FrameSender(stream);
-        var reader = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: options.ReceiveBufferBytes, minimumReadSize: 4096, leaveOpen: true));
+        var reader = LinkReader.Create(stream, options.ReceiveBufferBytes);
         try
         {
             sender.Enqueue(hello.Encode());

@@ -132,7 +132,7 @@ internal sealed partial class DownstairsConnection
 
     public async Task RunAsync(CancellationToken cancellationToken)
     {
-        var reader = PipeReader.Create(_stream, new StreamPipeReaderOptions(bufferSize: _options.ReceiveBufferBytes, minimumReadSize: 4096, leaveOpen: true));
+        var reader = LinkReader.Create(_stream, _options.ReceiveBufferBytes);
         string? reason = "peer closed the connection";
         try
         {
