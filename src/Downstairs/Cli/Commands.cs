@@ -125,8 +125,16 @@ internal static class Commands
         }
         using TlsCredentials? credentials = tlsDir is null ? null : TlsCredentials.LoadClient(tlsDir);
         var clientOptions = new DownstairsClientOptions { Tls = credentials is null ? null : new TlsClientPolicy(credentials) { CoalesceWrites = true } };
+        // Take over as the next generation, as an upstairs does: probe read-only for the highest one
+        // seen (a jump such as the Unix time would be refused by --max-generation-step).
+        ulong highest;
+        await using (DownstairsClient probe = await DownstairsClient.ConnectAsync(target,
+            new HelloRequest(Wire.ProtocolVersion, true, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), 0), clientOptions).ConfigureAwait(false))
+        {
+            highest = probe.Region.HighestGeneration;
+        }
         await using DownstairsClient client = await DownstairsClient.ConnectAsync(target,
-            new HelloRequest(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), (ulong)DateTimeOffset.UtcNow.ToUnixTimeSeconds()), clientOptions).ConfigureAwait(false);
+            new HelloRequest(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), checked(highest + 1)), clientOptions).ConfigureAwait(false);
         int bs = client.BlockSize;
         long regionBytes = client.Region.RegionBytes;
         span = span <= 0 || span > regionBytes ? regionBytes : span;
