@@ -517,6 +517,9 @@ public sealed partial class ReplicatedVolume
         long extentBytes = (long)_extentBlocks * _blockSize;
         foreach (int extent in extents)
         {
+            // Sources that failed this extent (an error, or metadata no honest replica can hold): the
+            // next attempt goes to another one, so one bad source cannot stall the repair.
+            var failedSources = new HashSet<IDownstairs>();
             while (true)
             {
                 IDownstairs? source;
@@ -526,11 +529,12 @@ public sealed partial class ReplicatedVolume
                     {
                         return; // faulted again while repairing; the maintainer starts over
                     }
-                    source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null)?.Client;
+                    source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null && !failedSources.Contains(l.Client))?.Client;
                 }
                 if (source is null)
                 {
                     // No healthy copy to repair from right now; wait for one rather than copy garbage.
+                    failedSources.Clear();
                     await Task.Delay(200, cancellationToken);
                     continue;
                 }
@@ -551,9 +555,11 @@ public sealed partial class ReplicatedVolume
                     await PaceAsync(copyStarted, _options.RepairDutyCycle, cancellationToken);
                     break;
                 }
-                catch (RepairSourceException)
+                catch (RepairSourceException e)
                 {
-                    // The source failed (and is being faulted by its own jobs): try the next one.
+                    // The source failed (and is being faulted by its own jobs) or lied: try the next one.
+                    failedSources.Add(source);
+                    _throttle.Report(LogLevel.Warning, $"replica {link.Index} repair: a source failed", () => $"{e.Message}; trying another source");
                     await Task.Delay(50, cancellationToken);
                 }
             }
