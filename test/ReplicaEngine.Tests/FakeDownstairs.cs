@@ -170,6 +170,8 @@ internal sealed class FakeReplica
                 SetContext(block, BlockContext.Hash(data), 0);
             }
             _meta[extent] = meta;
+            // Like a real region: its highest generation covers every extent's (computed at open).
+            HighestGeneration = Math.Max(HighestGeneration, meta.Generation);
         }
     }
 
