@@ -48,8 +48,21 @@ public sealed class HostileDownstairsTests
         OutgoingFrame hello = (Sane() with { ReadOnly = false, HighestGeneration = 7 }).Encode();
         await peer.SendAsync([.. hello.Prefix.AsSpan(0, hello.PrefixLength)]);
         hello.ReturnPrefix();
-        await using DownstairsClient c = await connecting.WaitAsync(TimeSpan.FromSeconds(5));
+        DownstairsClient c = await connecting.WaitAsync(TimeSpan.FromSeconds(5));
+        try
+        {
+            await ReadLyingExtentAsync(c, peer, generation, flush, names);
+        }
+        finally
+        {
+            // End the link from the downstairs' side first: the client's receive loop then stops by itself.
+            await peer.DisposeAsync();
+            await c.DisposeAsync();
+        }
+    }
 
+    private static async Task ReadLyingExtentAsync(DownstairsClient c, RawPeer peer, ulong generation, ulong flush, string names)
+    {
         byte[] contexts = new byte[BlockContext.Size];
         byte[] data = new byte[4096];
         Task<ExtentReadResult> reading = c.ReadExtentAsync(1, new ExtentRange(0, 0, 1), contexts, data);
