@@ -49,6 +49,12 @@ internal sealed record ServeCommand
                                      (default $RUNTIME_DIRECTORY/control.sock under systemd, else
                                      /run/nbd-server/control.sock if writable, else
                                      $XDG_RUNTIME_DIR/nbd-server/control.sock; see `nbd-server status`)
+            --max-generation-step N  a replica whose highest generation is more than this above
+                                     every other's is left out of activation (default 1000000;
+                                     keep it equal to the downstairs' --max-generation-step)
+            --max-flush-step N       a replica whose highest flush number is more than this above
+                                     every other's is left out of activation (default 2^40; keep
+                                     it equal to the downstairs' --max-flush-step)
             --max-outstanding-jobs N jobs one replica may owe before it is faulted (default 900)
             --max-outstanding-bytes SIZE
                                      bytes one replica may owe before it is faulted (default 64MiB)
@@ -272,6 +278,12 @@ internal sealed record ServeCommand
                 case "--generation":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { Generation = ulong.Parse(Value(), NumberStyles.None, CultureInfo.InvariantCulture) } };
                     break;
+                case "--max-generation-step":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { MaxGenerationStep = ulong.Parse(Value(), NumberStyles.None, CultureInfo.InvariantCulture) } };
+                    break;
+                case "--max-flush-step":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { MaxFlushStep = ulong.Parse(Value(), NumberStyles.None, CultureInfo.InvariantCulture) } };
+                    break;
                 case "--control":
                     command = command with { Control = ParseControlPath(Value(), arg) };
                     break;
@@ -389,6 +401,8 @@ internal sealed record ServeCommand
         ["ScrubInterval"] = "--scrub-interval",
         ["LogThrottleInterval"] = "--log-interval",
         ["Generation"] = "--generation",
+        ["MaxGenerationStep"] = "--max-generation-step",
+        ["MaxFlushStep"] = "--max-flush-step",
         ["Downstairs"] = "--downstairs",
         ["Listen"] = "--listen",
         ["UnixSocketPath"] = "--unix",

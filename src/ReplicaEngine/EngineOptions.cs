@@ -43,6 +43,22 @@ public sealed record EngineOptions
     public ulong? Generation { get; init; }
 
     /// <summary>
+    /// How far one replica's highest generation may lie above every other replica's before it is left
+    /// out of activation as misbehaving: the downstairs refuses a Hello that raises its generation by
+    /// more than its --max-generation-step, so following such a replica would get the activation refused
+    /// by the honest ones on every start. Same default as the downstairs' step.
+    /// </summary>
+    public ulong MaxGenerationStep { get; init; } = Wire.DefaultMaxGenerationStep;
+
+    /// <summary>
+    /// How far one replica's highest flush number may lie above every other replica's before it is
+    /// left out of activation as misbehaving: the engine continues from the highest flush number it
+    /// adopts, and a planted 2^63 − 1 would make every later flush refused. An honest replica is ahead
+    /// only by flushes the others missed. Same default as the downstairs' --max-flush-step.
+    /// </summary>
+    public ulong MaxFlushStep { get; init; } = Wire.DefaultMaxFlushStep;
+
+    /// <summary>
     /// Jobs one replica may have outstanding before it is faulted (while two others are in service).
     /// Crucible faults at 1000 jobs; ours is lower than the downstairs client's 1024-slot window so
     /// that submitting to a stuck replica never blocks the guest.
@@ -132,6 +148,10 @@ public sealed record EngineOptions
         if (Generation is 0 or > Wire.MaxGeneration)
         {
             throw new ArgumentException($"{nameof(Generation)} must be 1 to {Wire.MaxGeneration}; got {Generation}.");
+        }
+        if (MaxGenerationStep is 0 or > Wire.MaxGeneration || MaxFlushStep is 0 or >= Wire.MaxFlushNumber)
+        {
+            throw new ArgumentException($"{nameof(MaxGenerationStep)} must be 1 to {Wire.MaxGeneration} and {nameof(MaxFlushStep)} 1 to {Wire.MaxFlushNumber - 1}; got {MaxGenerationStep} and {MaxFlushStep}.");
         }
         if (Downstairs.Count != 3)
         {

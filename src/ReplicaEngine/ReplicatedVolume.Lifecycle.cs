@@ -45,6 +45,14 @@ public sealed partial class ReplicatedVolume
             // StartupTimeout ran out (not a shutdown): tell the operator why, not "the operation was canceled".
             throw new InvalidOperationException($"fewer than two downstairs reachable within {_options.StartupTimeout.TotalSeconds:0.#} s ({string.Join(", ", _options.Downstairs)}): cannot start a replicated volume");
         }
+        // A replica far ahead of all the others in generation or flush number cannot be honest (the
+        // downstairs bound both steps); following it would get our activation refused by the honest
+        // ones, or plant a flush number at the ceiling. Leave it out; the others decide.
+        LeaveOutImplausible(probes, "probe");
+        if (probes.Count(p => p is not null) < 2)
+        {
+            throw new InvalidOperationException("fewer than two downstairs report plausible generations and flush numbers (see the 'misbehaving' warnings): cannot start a replicated volume");
+        }
         HelloReply first = probes.First(p => p is not null)!;
         foreach (HelloReply? probe in probes)
         {
@@ -68,18 +76,55 @@ public sealed partial class ReplicatedVolume
             throw new InvalidOperationException($"generation {Generation} is older than generation {highest}, which a replica has already seen; choose a higher one (or omit --generation)");
         }
 
-        // 2. Connect read-write with our generation: from now on older upstairs are fenced out.
+        // 2. Connect read-write with our generation: from now on older upstairs are fenced out. One
+        // replica that refuses (or answers nonsense) does not decide for the others: two suffice,
+        // and the reconnect loop brings the third in later through live repair.
         var connected = new List<(ReplicaLink Link, IDownstairs Client)>();
+        var replies = new HelloReply?[_links.Length];
         for (int i = 0; i < _links.Length; i++)
         {
             if (probes[i] is null)
             {
                 continue;
             }
-            IDownstairs client = await _connector.ConnectAsync(i, Hello(probes[i]!.RegionId), timeout.Token);
+            IDownstairs client;
+            try
+            {
+                client = await _connector.ConnectAsync(i, Hello(probes[i]!.RegionId), timeout.Token);
+                if (ImplausibleActivationReply(client.Region) is { } why)
+                {
+                    await client.DisposeAsync();
+                    throw new DownstairsProtocolException($"misbehaving replica: {why}");
+                }
+            }
+            catch (Exception e) when (e is DownstairsRefusedException or DownstairsProtocolException or DownstairsConnectionException)
+            {
+                string what = e is DownstairsRefusedException r ? $"refused ({r.Result.Code})" : e is DownstairsProtocolException ? "misbehaving" : "unreachable";
+                _throttle.Report(LogLevel.Warning, $"replica {i} ({_links[i].EndPoint}) {what} at activation", () => $"{e.Message}; starting without it");
+                continue;
+            }
             _links[i].RegionId = client.Region.RegionId;
             connected.Add((_links[i], client));
-            EngineLog.Connected(_logger, i, _links[i].EndPoint.ToString(), client.Region.RegionId, client.Region.ExtentCount, (long)client.Region.ExtentBlocks * client.Region.BlockSize, client.Region.BlockSize);
+            replies[i] = client.Region;
+        }
+        // The read-write reply is a second answer: a liar can change its story after the probe.
+        LeaveOutImplausible(replies, "activation");
+        foreach ((ReplicaLink link, IDownstairs client) in connected.Where(c => replies[c.Link.Index] is null).ToList())
+        {
+            connected.Remove((link, client));
+            await client.DisposeAsync();
+        }
+        if (connected.Count < 2)
+        {
+            foreach ((_, IDownstairs client) in connected)
+            {
+                await client.DisposeAsync();
+            }
+            throw new InvalidOperationException($"only {connected.Count} downstairs accepted activation at generation {Generation} (see the warnings): cannot start a replicated volume");
+        }
+        foreach ((ReplicaLink link, IDownstairs client) in connected)
+        {
+            EngineLog.Connected(_logger, link.Index, link.EndPoint.ToString(), client.Region.RegionId, client.Region.ExtentCount, (long)client.Region.ExtentBlocks * client.Region.BlockSize, client.Region.BlockSize);
         }
 
         // 3. Reconcile: per extent, highest generation then highest flush number wins; dirty or differing copies are replaced.
@@ -123,7 +168,7 @@ public sealed partial class ReplicatedVolume
                 ExtentMeta m = c.Client.Region.Extents[e];
                 if (anyDirty || m.Generation != best.Generation || m.FlushNumber != best.FlushNumber)
                 {
-                    await CopyExtentAsync(winner.Client, c.Client, e, timeout.Token);
+                    await CopyExtentAsync(winner.Client, c.Client, e, best, timeout.Token);
                     repaired++;
                 }
             }
@@ -158,6 +203,86 @@ public sealed partial class ReplicatedVolume
         {
             _maintainers.Add(Task.Run(() => PeriodicScrubAsync(_stopping.Token)));
         }
+    }
+
+    /// <summary>
+    /// Leaves out (sets to null, with a "misbehaving replica" warning) each reply whose highest
+    /// generation or highest flush number lies more than the step above every other reply's. Judged
+    /// against the others as reported (not iteratively), so honest replicas that lag are never left
+    /// out because of a liar ahead of them; with two liars there is no honest majority anyway.
+    /// </summary>
+    private void LeaveOutImplausible(HelloReply?[] replies, string stage)
+    {
+        var reasons = new string?[replies.Length];
+        for (int i = 0; i < replies.Length; i++)
+        {
+            if (replies[i] is not { } mine)
+            {
+                continue;
+            }
+            ulong othersGeneration = 0;
+            ulong othersFlush = 0;
+            bool anyOther = false;
+            for (int j = 0; j < replies.Length; j++)
+            {
+                if (j != i && replies[j] is { } other)
+                {
+                    anyOther = true;
+                    othersGeneration = Math.Max(othersGeneration, other.HighestGeneration);
+                    othersFlush = Math.Max(othersFlush, HighestFlush(other));
+                }
+            }
+            if (!anyOther)
+            {
+                continue;
+            }
+            ulong flush = HighestFlush(mine);
+            // Each subtraction only after the comparison that keeps it from wrapping.
+            if (mine.HighestGeneration > othersGeneration && mine.HighestGeneration - othersGeneration > _options.MaxGenerationStep)
+            {
+                reasons[i] = $"highest generation {mine.HighestGeneration} is more than {_options.MaxGenerationStep} (MaxGenerationStep) above the others' {othersGeneration}";
+            }
+            else if (flush > othersFlush && flush - othersFlush > _options.MaxFlushStep)
+            {
+                reasons[i] = $"highest flush number {flush} is more than {_options.MaxFlushStep} (MaxFlushStep) above the others' {othersFlush}";
+            }
+        }
+        for (int i = 0; i < replies.Length; i++)
+        {
+            if (reasons[i] is { } why)
+            {
+                replies[i] = null;
+                _throttle.Report(LogLevel.Warning, $"replica {i} ({_links[i].EndPoint}) misbehaving at {stage}", () => $"misbehaving replica: its {why}; not used (live repair replaces its copy)");
+            }
+        }
+    }
+
+    private static ulong HighestFlush(HelloReply reply)
+    {
+        ulong highest = 0;
+        foreach (ExtentMeta m in reply.Extents)
+        {
+            highest = Math.Max(highest, m.FlushNumber);
+        }
+        return highest;
+    }
+
+    /// <summary>Why a read-write Hello reply cannot be honest, or null: after our Hello no extent can carry a newer generation than ours.</summary>
+    private string? ImplausibleActivationReply(HelloReply reply)
+    {
+        for (int e = 0; e < reply.Extents.Length; e++)
+        {
+            ExtentMeta m = reply.Extents[e];
+            if (m.Generation > Generation)
+            {
+                return $"extent {e} has generation {m.Generation}, above generation {Generation} it has just accepted";
+            }
+            if (m.FlushNumber >= Wire.MaxFlushNumber)
+            {
+                return $"extent {e} has flush number {m.FlushNumber}, at or above the ceiling {Wire.MaxFlushNumber}";
+            }
+        }
+        return null;
     }
 
     private HelloRequest Hello(Guid regionId, bool readOnly = false) =>
@@ -392,6 +517,9 @@ public sealed partial class ReplicatedVolume
         long extentBytes = (long)_extentBlocks * _blockSize;
         foreach (int extent in extents)
         {
+            // Sources that failed this extent (an error, or metadata no honest replica can hold): the
+            // next attempt goes to another one, so one bad source cannot stall the repair.
+            var failedSources = new HashSet<IDownstairs>();
             while (true)
             {
                 IDownstairs? source;
@@ -401,11 +529,12 @@ public sealed partial class ReplicatedVolume
                     {
                         return; // faulted again while repairing; the maintainer starts over
                     }
-                    source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null)?.Client;
+                    source = _links.FirstOrDefault(l => l.State == ReplicaState.Active && l.Client is not null && !failedSources.Contains(l.Client))?.Client;
                 }
                 if (source is null)
                 {
                     // No healthy copy to repair from right now; wait for one rather than copy garbage.
+                    failedSources.Clear();
                     await Task.Delay(200, cancellationToken);
                     continue;
                 }
@@ -416,7 +545,7 @@ public sealed partial class ReplicatedVolume
                     long copyStarted = Stopwatch.GetTimestamp();
                     try
                     {
-                        await CopyExtentAsync(source, client, extent, cancellationToken);
+                        await CopyExtentAsync(source, client, extent, null, cancellationToken);
                         committed = true;
                     }
                     finally
@@ -426,9 +555,11 @@ public sealed partial class ReplicatedVolume
                     await PaceAsync(copyStarted, _options.RepairDutyCycle, cancellationToken);
                     break;
                 }
-                catch (RepairSourceException)
+                catch (RepairSourceException e)
                 {
-                    // The source failed (and is being faulted by its own jobs): try the next one.
+                    // The source failed (and is being faulted by its own jobs) or lied: try the next one.
+                    failedSources.Add(source);
+                    _throttle.Report(LogLevel.Warning, $"replica {link.Index} repair: a source failed", () => $"{e.Message}; trying another source");
                     await Task.Delay(50, cancellationToken);
                 }
             }
@@ -467,8 +598,15 @@ public sealed partial class ReplicatedVolume
         }
     }
 
-    /// <summary>Copies one extent, chunk by chunk (contexts and data as stored), then commits it with the source's metadata.</summary>
-    private async Task CopyExtentAsync(IDownstairs source, IDownstairs target, int extent, CancellationToken cancellationToken)
+    /// <summary>
+    /// Copies one extent, chunk by chunk (contexts and data as stored), then commits it with the
+    /// source's metadata — only if that metadata is no newer than <paramref name="expected"/> (what the
+    /// source reported at activation) or, when null, than the engine's own generation and flush number
+    /// (read after the reply: every number a flush stamps was taken from the counter before it was
+    /// sent). The commit plants the metadata on the target, so a source lying here could plant a
+    /// number nobody can step past.
+    /// </summary>
+    private async Task CopyExtentAsync(IDownstairs source, IDownstairs target, int extent, ExtentMeta? expected, CancellationToken cancellationToken)
     {
         int chunkBlocks = Math.Max(1, Math.Min(_extentBlocks, _options.RepairChunkBytes / _blockSize));
         byte[] contexts = ArrayPool<byte>.Shared.Rent(chunkBlocks * BlockContext.Size);
@@ -495,6 +633,15 @@ public sealed partial class ReplicatedVolume
                     throw new RepairSourceException(read.Result.ToString());
                 }
                 meta = read.Meta;
+                ExtentMeta limit;
+                lock (_gate)
+                {
+                    limit = expected ?? new ExtentMeta(Generation, _flushNumber, false);
+                }
+                if (meta.Generation > limit.Generation || meta.FlushNumber > limit.FlushNumber)
+                {
+                    throw new RepairSourceException($"misbehaving replica: extent {extent} read back as generation {meta.Generation} flush {meta.FlushNumber}, newer than generation {limit.Generation} flush {limit.FlushNumber}, the most it can hold");
+                }
                 DownstairsResult written = await target.WriteExtentAsync(NextJobId(), new ExtentRange(extent, first, count, first == 0 ? ExtentRange.BeginFlag : 0), ctx, blocks, cancellationToken);
                 if (!written.IsOk)
                 {

@@ -202,7 +202,14 @@ public sealed partial class ReplicatedVolume : IBlockVolume
         HashSet<int> flushed;
         lock (_gate)
         {
-            flushNumber = ++_flushNumber;
+            // Reconciliation leaves every adopted flush number below the ceiling, so this cannot
+            // happen in practice; if it ever did, refuse clearly rather than wrap (a wrapped number
+            // would lose every later reconciliation).
+            if (_flushNumber >= Wire.MaxFlushNumber - 1)
+            {
+                throw new VolumeException(VolumeError.IoError, $"flush numbers are exhausted (at {_flushNumber}, ceiling {Wire.MaxFlushNumber}): the volume cannot record another flush");
+            }
+            flushNumber = checked(++_flushNumber);
             flushed = [.. _dirty];
             _dirty.Clear();
             _flushing[flushNumber] = flushed;

@@ -35,7 +35,7 @@ public sealed class CodecTests
     public void Hello_reply_round_trips_with_extent_state()
     {
         // Full-width values where the wire allows them; generations stay at or below the highest (a real region's).
-        ExtentMeta[] extents = [new(1, 2, false), new(3, 4, true), new(Wire.MaxGeneration - 1, Wire.MaxFlushNumber, true)];
+        ExtentMeta[] extents = [new(1, 2, false), new(3, 4, true), new(Wire.MaxGeneration - 1, Wire.MaxFlushNumber - 1, true)];
         var reply = new HelloReply(1, false, Guid.NewGuid(), 4096, 8192, 3, 1 << 20, 100, Wire.MaxGeneration - 1, extents);
         (FrameHeader h, ReadOnlySequence<byte> body) = ReadOne(Bytes(reply.Encode()));
         HelloReply parsed = HelloReply.Parse(body);

@@ -1,6 +1,8 @@
+using System.Buffers.Binary;
 using Nerdbank.Streams;
 using NbdServer.Downstairs.Client;
 using NbdServer.Downstairs.Protocol;
+using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Tests;
 
@@ -31,6 +33,48 @@ public sealed class HostileDownstairsTests
         await peer.DisposeAsync();
         await c.DisposeAsync();
         return null;
+    }
+
+    [TestCase(Wire.MaxGeneration - 1, 5UL, "generation")]
+    [TestCase(8UL, 5UL, "generation")]
+    [TestCase(3UL, Wire.MaxFlushNumber, "flush number")]
+    public async Task Extent_read_reply_with_impossible_metadata_fails_the_job_and_is_never_handed_to_the_engine(ulong generation, ulong flush, string names)
+    {
+        (Stream client, Stream server) = FullDuplexStream.CreatePair();
+        await using var peer = new RawPeer(server);
+        // A writer at generation 7: no extent it reads can carry a newer generation.
+        Task<DownstairsClient> connecting = DownstairsClient.ConnectAsync(client, new HelloRequest(Wire.ProtocolVersion, false, Guid.Empty, Guid.NewGuid(), Guid.NewGuid(), 7));
+        Assert.That(await peer.ReceiveAsync(), Is.Not.Null, "the Hello arrived");
+        OutgoingFrame hello = (Sane() with { ReadOnly = false, HighestGeneration = 7 }).Encode();
+        await peer.SendAsync([.. hello.Prefix.AsSpan(0, hello.PrefixLength)]);
+        hello.ReturnPrefix();
+        DownstairsClient c = await connecting.WaitAsync(TimeSpan.FromSeconds(5));
+        try
+        {
+            await ReadLyingExtentAsync(c, peer, generation, flush, names);
+        }
+        finally
+        {
+            // End the link from the downstairs' side first: the client's receive loop then stops by itself.
+            await peer.DisposeAsync();
+            await c.DisposeAsync();
+        }
+    }
+
+    private static async Task ReadLyingExtentAsync(DownstairsClient c, RawPeer peer, ulong generation, ulong flush, string names)
+    {
+        byte[] contexts = new byte[BlockContext.Size];
+        byte[] data = new byte[4096];
+        Task<ExtentReadResult> reading = c.ReadExtentAsync(1, new ExtentRange(0, 0, 1), contexts, data);
+        Assert.That(await peer.ReceiveAsync(), Is.Not.Null, "the ExtentRead arrived");
+        byte[] body = new byte[24 + BlockContext.Size + 4096];
+        BinaryPrimitives.WriteUInt64LittleEndian(body, generation);
+        BinaryPrimitives.WriteUInt64LittleEndian(body.AsSpan(8), flush);
+        BinaryPrimitives.WriteInt32LittleEndian(body.AsSpan(20), 1);
+        await peer.SendAsync(RawPeer.Frame(MessageType.ExtentReadReply, 1, body));
+
+        Assert.That(async () => await reading.WaitAsync(TimeSpan.FromSeconds(5)),
+            Throws.TypeOf<DownstairsConnectionException>().With.Message.Contains("misbehaving").And.Message.Contains(names));
     }
 
     private static HelloReply Sane(int extentCount = 4) =>

@@ -150,7 +150,47 @@ public sealed class HostileInProcessTests
         }
     }
 
+    [Test]
+    public async Task Flush_number_at_the_ceiling_or_beyond_the_flush_step_is_refused_and_the_region_keeps_its_flush_number()
+    {
+        (DownstairsClient writer, byte[] block) = await HonestAsync(5);
+        await using (writer)
+        {
+            ulong step = _host.Options.MaxFlushStep;
+            Assert.That((await writer.WriteAsync(3, 1100, TestData.Block(4096, 1100, 1))).IsOk, Is.True);
+            ExtentMeta before = _host.Region.GetExtentMeta(2);
+            // The one-packet brick: recorded, every later flush (ceiling + 1) would be refused everywhere.
+            Assert.That((await writer.FlushAsync(4, Wire.MaxFlushNumber, 5)).Code, Is.EqualTo(ResultCode.Invalid), "the ceiling itself");
+            Assert.That((await writer.FlushAsync(5, Wire.MaxFlushNumber - 1, 5)).Code, Is.EqualTo(ResultCode.Invalid), "one below the ceiling, far beyond the step");
+            Assert.That((await writer.FlushAsync(6, 1 + step + 1, 5)).Code, Is.EqualTo(ResultCode.Invalid), "one more than the step above the recorded 1");
+            Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(before), "nothing stamped");
+            Assert.That(_host.Region.HighestFlushRecorded, Is.EqualTo(1UL));
+            // An upstairs ahead by the flushes this replica missed is still served.
+            Assert.That((await writer.FlushAsync(7, 1 + step, 5)).IsOk, Is.True, "exactly the step");
+            Assert.That(_host.Region.GetExtentMeta(2), Is.EqualTo(new ExtentMeta(5, 1 + step, false)));
+            await AssertStillServedAsync(writer, block);
+        }
+    }
+
+    [Test]
+    public async Task Flush_step_is_measured_from_the_record_so_repeated_flushes_cannot_ratchet_it_up()
+    {
+        (DownstairsClient writer, byte[] block) = await HonestAsync(5);
+        await using (writer)
+        {
+            ulong step = _host.Options.MaxFlushStep;
+            // Empty flushes up to the step are accepted but record nothing (no extent is dirty) ...
+            Assert.That((await writer.FlushAsync(3, 1 + step, 5)).IsOk, Is.True);
+            // ... so the next one is still measured from the recorded 1, not from what was sent.
+            Assert.That((await writer.FlushAsync(4, 1 + step + step, 5)).Code, Is.EqualTo(ResultCode.Invalid));
+            Assert.That(_host.Region.HighestFlushRecorded, Is.EqualTo(1UL));
+            await AssertStillServedAsync(writer, block);
+        }
+    }
+
     [TestCase(6UL, 1UL, TestName = "ExtentCommit with a generation above the connection's is refused")]
+    [TestCase(4UL, Wire.MaxFlushNumber, TestName = "ExtentCommit with the flush number ceiling itself is refused")]
+    [TestCase(4UL, Wire.MaxFlushNumber - 1, TestName = "ExtentCommit with a flush number beyond the flush step is refused")]
     [TestCase(5UL, 999UL, TestName = "ExtentCommit claiming a flush of its own generation that never happened is refused")]
     [TestCase(4UL, ulong.MaxValue, TestName = "ExtentCommit with a flush number beyond the maximum is refused")]
     public async Task Forged_extent_commit_is_refused_and_the_extent_is_unchanged(ulong generation, ulong flush)

@@ -67,6 +67,15 @@ internal sealed class FakeReplica
 
     public ulong HighestGeneration { get; set; }
 
+    /// <summary>Like the downstairs' --max-generation-step: a writer's Hello may raise the generation by at most this.</summary>
+    public ulong MaxGenerationStep { get; set; } = Wire.DefaultMaxGenerationStep;
+
+    /// <summary>Like the downstairs' --max-flush-step: a flush or commit may lie at most this above the highest recorded flush number.</summary>
+    public ulong MaxFlushStep { get; set; } = Wire.DefaultMaxFlushStep;
+
+    /// <summary>A lying source: extent reads report this metadata instead of the stored one.</summary>
+    public ExtentMeta? ExtentReadMetaLie { get; set; }
+
     /// <summary>False: connection attempts fail (the process is down or the network is cut).</summary>
     public bool Reachable { get; set; } = true;
 
@@ -161,6 +170,8 @@ internal sealed class FakeReplica
                 SetContext(block, BlockContext.Hash(data), 0);
             }
             _meta[extent] = meta;
+            // Like a real region: its highest generation covers every extent's (computed at open).
+            HighestGeneration = Math.Max(HighestGeneration, meta.Generation);
         }
     }
 
@@ -216,6 +227,10 @@ internal sealed class FakeReplica
                 if (hello.Generation < HighestGeneration)
                 {
                     throw new DownstairsRefusedException(new DownstairsResult(ResultCode.Fenced, 0, $"generation {hello.Generation} < {HighestGeneration}"));
+                }
+                if (hello.Generation is 0 or > Wire.MaxGeneration || hello.Generation - HighestGeneration > MaxGenerationStep)
+                {
+                    throw new DownstairsRefusedException(new DownstairsResult(ResultCode.Invalid, 0, $"generation {hello.Generation} is beyond the step from {HighestGeneration}"));
                 }
                 HighestGeneration = hello.Generation;
             }
@@ -302,6 +317,10 @@ internal sealed class FakeReplica
         {
             return new DownstairsResult(code, code == ResultCode.NoSpace ? 28 : 5, "injected");
         }
+        if (flushNumber is 0 or >= Wire.MaxFlushNumber || FlushBeyondStep(flushNumber))
+        {
+            return new DownstairsResult(ResultCode.Invalid, 0, $"flush number {flushNumber} refused");
+        }
         for (int e = 0; e < ExtentCount; e++)
         {
             if (_meta[e].Dirty && !_repairPending[e])
@@ -317,7 +336,13 @@ internal sealed class FakeReplica
         long first = ((long)range.Extent * ExtentBlocks) + range.FirstBlock;
         _data.AsSpan((int)(first * BlockSize), range.BlockCount * BlockSize).CopyTo(data);
         _contexts.AsSpan((int)(first * BlockContext.Size), range.BlockCount * BlockContext.Size).CopyTo(contexts);
-        return new ExtentReadResult(DownstairsResult.Ok, _meta[range.Extent]);
+        return new ExtentReadResult(DownstairsResult.Ok, ExtentReadMetaLie ?? _meta[range.Extent]);
+    }
+
+    private bool FlushBeyondStep(ulong flushNumber)
+    {
+        ulong recorded = _meta.Max(m => m.FlushNumber);
+        return flushNumber > recorded && flushNumber - recorded > MaxFlushStep;
     }
 
     internal DownstairsResult ApplyExtentWrite(ExtentRange range, ReadOnlySpan<byte> contexts, ReadOnlySpan<byte> data)
@@ -334,6 +359,10 @@ internal sealed class FakeReplica
 
     internal DownstairsResult ApplyExtentCommit(int extent, ExtentMeta meta)
     {
+        if (meta.FlushNumber >= Wire.MaxFlushNumber || FlushBeyondStep(meta.FlushNumber))
+        {
+            return new DownstairsResult(ResultCode.Invalid, 0, $"commit flush number {meta.FlushNumber} refused");
+        }
         (byte[] stagedData, byte[] stagedContexts) = _staging[extent] ?? (new byte[ExtentBlocks * BlockSize], new byte[ExtentBlocks * BlockContext.Size]);
         _staging[extent] = null;
         long first = (long)extent * ExtentBlocks;

@@ -53,6 +53,7 @@ public sealed partial class ConfigurationDocTests
         ["MaxMemoryBytes"] = "--max-memory",
         ["LogSummaryInterval"] = "--log-interval",
         ["MaxGenerationStep"] = "--max-generation-step",
+        ["MaxFlushStep"] = "--max-flush-step",
         ["ReceiveBufferBytes"] = "--receive-buffer",
         ["FailWritesWhen"] = "--fail-writes-when",
         ["TlsDir"] = "--tls-dir",

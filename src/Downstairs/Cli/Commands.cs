@@ -82,6 +82,7 @@ internal static class Commands
             SendTimeout = a.Seconds("--send-timeout", d.SendTimeout),
             MaxMemoryBytes = a.Size("--max-memory", d.MaxMemoryBytes),
             MaxGenerationStep = a.ULong("--max-generation-step", d.MaxGenerationStep),
+            MaxFlushStep = a.ULong("--max-flush-step", d.MaxFlushStep),
             LogSummaryInterval = a.Seconds("--log-interval", d.LogSummaryInterval),
             ReceiveBufferBytes = checked((int)a.Size("--receive-buffer", d.ReceiveBufferBytes)),
             StickyDirty = a.Flag("--sticky-dirty"),

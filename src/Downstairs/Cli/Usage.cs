@@ -97,6 +97,9 @@ OPTIONS
     --max-generation-step N    How far one read-write Hello may raise the region's highest
                                generation (default 1000000). Stops a peer from recording
                                2^64-1, after which no upstairs could ever start again.
+    --max-flush-step N         How far a flush or repair commit may put a flush number above
+                               the highest this region has recorded (default 2^40). Stops a
+                               peer from recording 2^63-1, after which every flush is refused.
     --log-interval SECONDS     Repeated errors are summarised once per interval (default 5).
     --receive-buffer SIZE      Socket read size per connection (default 64K).
     --sticky-dirty             Keep an extent written since the last flush marked dirty across

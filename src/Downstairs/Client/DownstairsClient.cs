@@ -80,14 +80,21 @@ internal sealed class DownstairsClient : IAsyncDisposable
     private readonly ITimer? _pinger;
     private readonly TimeSpan _pingInterval;
 
+    /// <summary>
+    /// The highest generation an extent read may report: a writer's own (it fenced out every higher
+    /// one), a reader's the highest the Hello reply reported.
+    /// </summary>
+    private readonly ulong _generationLimit;
+
     /// <summary>Cancelled once the link has failed or been disposed: releases callers waiting for a send slot.</summary>
     private readonly CancellationTokenSource _closed = new();
     private Exception? _failure;
     private long _internalIds;
     private long _lastSend;
 
-    private DownstairsClient(Stream stream, FrameSender sender, PipeReader reader, HelloReply region, DownstairsClientOptions options)
+    private DownstairsClient(Stream stream, FrameSender sender, PipeReader reader, HelloReply region, DownstairsClientOptions options, ulong generationLimit)
     {
+        _generationLimit = generationLimit;
         _stream = stream;
         _sender = sender;
         Region = region;
@@ -184,7 +191,7 @@ internal sealed class DownstairsClient : IAsyncDisposable
                     }
                     HelloReply reply = HelloReply.Parse(body);
                     reader.AdvanceTo(buffer.Start);
-                    return new DownstairsClient(stream, sender, reader, reply, options);
+                    return new DownstairsClient(stream, sender, reader, reply, options, hello.ReadOnly ? reply.HighestGeneration : hello.Generation);
                 }
                 if (result.IsCompleted)
                 {
@@ -449,6 +456,16 @@ internal sealed class DownstairsClient : IAsyncDisposable
                     uint flags = r.ReadUInt32();
                     int count = r.ReadInt32();
                     ExpectPayload(r.Remaining, pending.Count, count, BlockContext.Size, header);
+                    // The engine commits this metadata onto other replicas (repair): a lie here could
+                    // plant a generation or flush number nobody can step past.
+                    if (gen > _generationLimit)
+                    {
+                        throw new DownstairsProtocolException($"misbehaving replica: extent read reports generation {gen}, above {_generationLimit}, the highest this connection can have seen");
+                    }
+                    if (flush >= Wire.MaxFlushNumber)
+                    {
+                        throw new DownstairsProtocolException($"misbehaving replica: extent read reports flush number {flush}, at or above the ceiling {Wire.MaxFlushNumber}");
+                    }
                     pending.Meta = new ExtentMeta(gen, flush, (flags & ExtentMeta.DirtyFlag) != 0);
                     CopyPayload(ref r, pending, count * BlockContext.Size, count * BlockSize);
                     break;

@@ -167,9 +167,10 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
         }
         foreach (ExtentMeta m in Extents)
         {
-            if (m.FlushNumber > Wire.MaxFlushNumber)
+            // Strict: the upstairs adds one to the highest it finds, and the ceiling itself is never a valid flush number.
+            if (m.FlushNumber >= Wire.MaxFlushNumber)
             {
-                throw new DownstairsProtocolException($"misbehaving replica: it reports flush number {m.FlushNumber}, above the maximum {Wire.MaxFlushNumber}");
+                throw new DownstairsProtocolException($"misbehaving replica: it reports flush number {m.FlushNumber}, at or above the ceiling {Wire.MaxFlushNumber}");
             }
         }
     }

@@ -66,10 +66,23 @@ internal static class Wire
     public const ulong MaxGeneration = long.MaxValue;
 
     /// <summary>
-    /// Highest flush number accepted or reported: 2^63 − 1, for the same reason (the upstairs continues
-    /// from the highest flush number it finds, + 1). At a million flushes a second it lasts 292,000 years.
+    /// The flush-number ceiling, 2^63 − 1, itself never used: every flush number accepted, committed or
+    /// reported is strictly below it, so "highest + 1" (the upstairs continues from the highest flush
+    /// number it finds) never reaches it and never wraps. At a million flushes a second it lasts 292,000 years.
     /// </summary>
     public const ulong MaxFlushNumber = long.MaxValue;
+
+    /// <summary>Default of the downstairs' --max-generation-step and of the engine's tolerance for a replica's generation (see DownstairsOptions.MaxGenerationStep).</summary>
+    public const ulong DefaultMaxGenerationStep = 1_000_000;
+
+    /// <summary>
+    /// Default of the downstairs' --max-flush-step and of the engine's tolerance for a replica's flush
+    /// numbers: 2^40. An honest flush number is the count of flushes in the volume's life, and a replica
+    /// (even a blank replacement, at 0) lags the others by at most that count: 2^40 flushes take 35
+    /// years at a thousand a second (3.5 at ten thousand). A peer that could jump further would reach
+    /// the ceiling with one packet; with this step it needs 2^23 maximal jumps.
+    /// </summary>
+    public const ulong DefaultMaxFlushStep = 1UL << 40;
 }
 
 /// <summary>Message types. Replies use the request type with <see cref="Wire.ReplyFlag"/> set.</summary>

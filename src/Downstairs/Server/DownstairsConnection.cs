@@ -386,9 +386,14 @@ internal sealed partial class DownstairsConnection
                     await RefuseAsync(header, ResultCode.Invalid, $"flush names generation {flush.Generation}; this connection holds generation {Generation}", cancellationToken).ConfigureAwait(false);
                     return;
                 }
-                if (flush.FlushNumber is 0 or > Wire.MaxFlushNumber)
+                if (flush.FlushNumber is 0 or >= Wire.MaxFlushNumber)
                 {
-                    await RefuseAsync(header, ResultCode.Invalid, $"flush number {flush.FlushNumber} is not 1 to {Wire.MaxFlushNumber}", cancellationToken).ConfigureAwait(false);
+                    await RefuseAsync(header, ResultCode.Invalid, $"flush number {flush.FlushNumber} is not 1 to {Wire.MaxFlushNumber - 1}", cancellationToken).ConfigureAwait(false);
+                    return;
+                }
+                if (FlushStepTooLarge(flush.FlushNumber) is { } tooFar)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, $"flush {tooFar}", cancellationToken).ConfigureAwait(false);
                     return;
                 }
                 _highestFlushSent = Math.Max(_highestFlushSent, flush.FlushNumber);
@@ -481,13 +486,34 @@ internal sealed partial class DownstairsConnection
         {
             return $"commit names generation {meta.Generation}, above this connection's generation {Generation}";
         }
-        if (meta.FlushNumber > Wire.MaxFlushNumber)
+        if (meta.FlushNumber >= Wire.MaxFlushNumber)
         {
-            return $"commit names flush number {meta.FlushNumber}, above the maximum {Wire.MaxFlushNumber}";
+            return $"commit names flush number {meta.FlushNumber}, at or above the ceiling {Wire.MaxFlushNumber}";
+        }
+        if (FlushStepTooLarge(meta.FlushNumber) is { } tooFar)
+        {
+            return $"commit names {tooFar}";
         }
         if (meta.Generation == Generation && meta.FlushNumber > _highestFlushSent && meta.FlushNumber > Region.HighestFlushNumber(Generation))
         {
             return $"commit names flush {meta.FlushNumber} of generation {Generation}, which neither this connection (up to {_highestFlushSent}) nor this region has seen";
+        }
+        return null;
+    }
+
+    /// <summary>
+    /// Why <paramref name="flushNumber"/> lies too far above the highest flush number this region has
+    /// recorded (more than --max-flush-step), or null. Measured from the durable record, not from what
+    /// this connection sent, so a stream of flushes cannot ratchet it up a step at a time; an honest
+    /// upstairs is ahead only by the flushes this replica missed.
+    /// </summary>
+    private string? FlushStepTooLarge(ulong flushNumber)
+    {
+        ulong recorded = Region.HighestFlushRecorded;
+        // flushNumber > recorded is checked first, so the subtraction cannot wrap.
+        if (flushNumber > recorded && flushNumber - recorded > _host.Options.MaxFlushStep)
+        {
+            return $"number {flushNumber}, which would raise this region's highest flush number {recorded} by more than --max-flush-step ({_host.Options.MaxFlushStep})";
         }
         return null;
     }

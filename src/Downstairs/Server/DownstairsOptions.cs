@@ -110,7 +110,16 @@ internal sealed record DownstairsOptions
     /// explicit --generation). A million keeps ~9·10^12 activations of headroom below the cap and
     /// still lets an operator jump ahead; raise it for a larger deliberate jump.
     /// </summary>
-    public ulong MaxGenerationStep { get; init; } = 1_000_000;
+    public ulong MaxGenerationStep { get; init; } = Wire.DefaultMaxGenerationStep;
+
+    /// <summary>
+    /// How far a Flush or repair commit may put a flush number above the highest this region has
+    /// recorded. The upstairs continues from the highest flush number any replica reports, so a peer
+    /// that could record 2^63 − 1 would make every later flush refused (the volume bricked); an
+    /// honest upstairs is ahead of a replica only by the flushes it missed. 2^40: see
+    /// <see cref="Wire.DefaultMaxFlushStep"/>.
+    /// </summary>
+    public ulong MaxFlushStep { get; init; } = Wire.DefaultMaxFlushStep;
 
     /// <summary>Repeated errors are summarised once per this interval (DESIGN §4).</summary>
     public TimeSpan LogSummaryInterval { get; init; } = TimeSpan.FromSeconds(5);
@@ -144,6 +153,7 @@ internal sealed record DownstairsOptions
         Check(SendTimeout > TimeSpan.Zero, "--send-timeout must be positive");
         Check(MaxMemoryBytes >= 2 * WriterMemoryReserve, $"--max-memory must be at least twice (--max-bytes + --max-frame) = {2 * WriterMemoryReserve} bytes (half is the writer's reserve)");
         Check(MaxGenerationStep is >= 1 and <= Wire.MaxGeneration, $"--max-generation-step must be 1 to {Wire.MaxGeneration}");
+        Check(MaxFlushStep is >= 1 and < Wire.MaxFlushNumber, $"--max-flush-step must be 1 to {Wire.MaxFlushNumber - 1}");
         Check(LogSummaryInterval > TimeSpan.Zero, "--log-interval must be positive");
         Check(ReceiveBufferBytes is >= 4096 and <= 16 << 20, "--receive-buffer must be 4 KiB to 16 MiB");
         Check(TlsHandshakeTimeout > TimeSpan.Zero, "--tls-handshake-timeout must be positive");

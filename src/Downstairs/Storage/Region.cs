@@ -38,6 +38,7 @@ internal sealed class Region : IDisposable
     private bool _commitRunning;
     private ulong _stateSeq;
     private int _stateSlot;
+    private ulong _highestFlushRecorded;
 
     private Region(string dir, Guid uuid, RegionGeometry geometry, bool preallocated, bool readOnly, SafeFileHandle meta, FileStream? lockFile, Extent[] extents, ulong stateSeq, int stateSlot, ulong highestGeneration)
     {
@@ -52,6 +53,10 @@ internal sealed class Region : IDisposable
         _stateSeq = stateSeq;
         _stateSlot = stateSlot;
         HighestGeneration = highestGeneration;
+        foreach (Extent e in extents)
+        {
+            _highestFlushRecorded = Math.Max(_highestFlushRecorded, e.Flush);
+        }
     }
 
     public Guid Uuid { get; }
@@ -92,6 +97,21 @@ internal sealed class Region : IDisposable
     }
 
     public bool IsPoisoned(int extent) => _extents[extent].Poisoned;
+
+    /// <summary>
+    /// The highest flush number any extent has recorded since the region was opened (any generation):
+    /// the base from which a flush or repair commit may step (DownstairsOptions.MaxFlushStep).
+    /// </summary>
+    public ulong HighestFlushRecorded
+    {
+        get
+        {
+            lock (_recordLock)
+            {
+                return _highestFlushRecorded;
+            }
+        }
+    }
 
     /// <summary>The highest flush number recorded on any extent stamped with <paramref name="generation"/> (0 if none).</summary>
     public ulong HighestFlushNumber(ulong generation)
@@ -682,6 +702,7 @@ internal sealed class Region : IDisposable
             foreach ((Extent e, ulong seq, int s, ulong gen, ulong flush, bool dirty) in written)
             {
                 (e.Seq, e.Slot, e.Generation, e.Flush) = (seq, s, gen, flush);
+                _highestFlushRecorded = Math.Max(_highestFlushRecorded, flush);
                 e.Dirty = dirty;
             }
         }
