@@ -42,10 +42,13 @@ internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints
     }
 
     public async Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, CancellationToken cancellationToken) =>
-        new Adapter(await DownstairsClient.ConnectAsync(endPoints[replica], hello, options?[replica] ?? new DownstairsClientOptions(), cancellationToken));
+        new ClientAdapter(await DownstairsClient.ConnectAsync(endPoints[replica], hello, options?[replica] ?? new DownstairsClientOptions(), cancellationToken));
 
-    /// <summary>The client already has the right shape; this only names it as the engine's interface.</summary>
-    private sealed class Adapter(DownstairsClient client) : IDownstairs
+    /// <summary>
+    /// The client already has the right shape; this only names it as the engine's interface (also
+    /// for tests that put a real client in front of a fake downstairs).
+    /// </summary>
+    internal sealed class ClientAdapter(DownstairsClient client) : IDownstairs
     {
         public HelloReply Region => client.Region;
 

@@ -146,7 +146,7 @@ public sealed partial class FrontendOperationsTests
         ExternalTool.Result result = await ExternalTool.RunAsync("/usr/bin/python3", ["-c", script], TimeSpan.FromSeconds(90));
         Assert.That(result.Output, Does.Contain("failed 2000"), result.ToString());
         string summary = await WaitForLogAsync(server, RepeatedLine());
-        int lines = server.Log.Split('\n').Count(l => l.Contains("failed with EPERM", StringComparison.Ordinal));
+        int lines = server.Log.Split('\n').Count(l => l.Contains("request failed: Write with EPERM", StringComparison.Ordinal));
         Assert.That(lines, Is.LessThanOrEqualTo(5), server.Log);
         Assert.That(summary, Does.Contain("repeated"));
     }
@@ -182,6 +182,6 @@ public sealed partial class FrontendOperationsTests
     [GeneratedRegex(@"metrics on http://127\.0\.0\.1:(\d+)/metrics")]
     private static partial Regex MetricsLine();
 
-    [GeneratedRegex(@"failed with EPERM: repeated [\d,]+ times")]
+    [GeneratedRegex(@"request failed: Write with EPERM: repeated [\d,]+ times")]
     private static partial Regex RepeatedLine();
 }
