@@ -127,26 +127,9 @@ public sealed class TlsServerPolicy
     /// On failure the stream (and <paramref name="inner"/>) is disposed and a
     /// <see cref="TlsHandshakeException"/> says why; nothing of the peer's was read beyond the handshake.
     /// </summary>
-    public async Task<SslStream> AuthenticateAsync(Stream inner, TimeSpan timeout, CancellationToken cancellationToken)
-    {
-        var check = new TlsPeerCheck();
-        var transport = new TlsTransportStream(inner, TlsHandshake.TransportBufferBytes);
-        var ssl = new SslStream(transport, leaveInnerStreamOpen: false);
-        using var deadline = new CancellationTokenSource(timeout, _time);
-        using var linked = CancellationTokenSource.CreateLinkedTokenSource(deadline.Token, cancellationToken);
-        try
-        {
-            await ssl.AuthenticateAsServerAsync(CreateOptions(check), linked.Token).ConfigureAwait(false);
-            transport.CoalesceWrites = CoalesceWrites;
-            return ssl;
-        }
-        catch (Exception e) when (e is AuthenticationException or IOException or OperationCanceledException or ObjectDisposedException)
-        {
-            await ssl.DisposeAsync().ConfigureAwait(false);
-            cancellationToken.ThrowIfCancellationRequested();
-            throw TlsHandshake.Failure(e, check, deadline.IsCancellationRequested, timeout);
-        }
-    }
+    public Task<SslStream> AuthenticateAsync(Stream inner, TimeSpan timeout, CancellationToken cancellationToken) =>
+        TlsHandshake.RunAsync(inner, timeout, _time, CoalesceWrites, cancellationToken,
+            (ssl, check, ct) => ssl.AuthenticateAsServerAsync(CreateOptions(check), ct));
 
     private bool Verify(X509Certificate? presented, X509Chain? chain, TlsPeerCheck check)
     {
@@ -233,26 +216,9 @@ public sealed class TlsClientPolicy
     /// Runs the client side of the handshake within <paramref name="timeout"/>. On failure the stream
     /// (and <paramref name="inner"/>) is disposed and a <see cref="TlsHandshakeException"/> says why.
     /// </summary>
-    public async Task<SslStream> AuthenticateAsync(Stream inner, string expectedName, TimeSpan timeout, CancellationToken cancellationToken)
-    {
-        var check = new TlsPeerCheck();
-        var transport = new TlsTransportStream(inner, TlsHandshake.TransportBufferBytes);
-        var ssl = new SslStream(transport, leaveInnerStreamOpen: false);
-        using var deadline = new CancellationTokenSource(timeout, _time);
-        using var linked = CancellationTokenSource.CreateLinkedTokenSource(deadline.Token, cancellationToken);
-        try
-        {
-            await ssl.AuthenticateAsClientAsync(CreateOptions(expectedName, check), linked.Token).ConfigureAwait(false);
-            transport.CoalesceWrites = CoalesceWrites;
-            return ssl;
-        }
-        catch (Exception e) when (e is AuthenticationException or IOException or OperationCanceledException or ObjectDisposedException)
-        {
-            await ssl.DisposeAsync().ConfigureAwait(false);
-            cancellationToken.ThrowIfCancellationRequested();
-            throw TlsHandshake.Failure(e, check, deadline.IsCancellationRequested, timeout);
-        }
-    }
+    public Task<SslStream> AuthenticateAsync(Stream inner, string expectedName, TimeSpan timeout, CancellationToken cancellationToken) =>
+        TlsHandshake.RunAsync(inner, timeout, _time, CoalesceWrites, cancellationToken,
+            (ssl, check, ct) => ssl.AuthenticateAsClientAsync(CreateOptions(expectedName, check), ct));
 
     private bool Verify(X509Certificate? presented, X509Chain? chain, string expectedName, TlsPeerCheck check)
     {
@@ -297,6 +263,32 @@ internal static class TlsHandshake
             }
         }
         return new Presented(extra);
+    }
+
+    /// <summary>
+    /// One handshake, either side, under a deadline: over our read-ahead/coalescing transport, and on
+    /// failure the stream (and <paramref name="inner"/>) disposed and the reason in one exception.
+    /// </summary>
+    public static async Task<SslStream> RunAsync(Stream inner, TimeSpan timeout, TimeProvider time, bool coalesceWrites, CancellationToken cancellationToken,
+        Func<SslStream, TlsPeerCheck, CancellationToken, Task> authenticate)
+    {
+        var check = new TlsPeerCheck();
+        var transport = new TlsTransportStream(inner, TransportBufferBytes);
+        var ssl = new SslStream(transport, leaveInnerStreamOpen: false);
+        using var deadline = new CancellationTokenSource(timeout, time);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(deadline.Token, cancellationToken);
+        try
+        {
+            await authenticate(ssl, check, linked.Token).ConfigureAwait(false);
+            transport.CoalesceWrites = coalesceWrites;
+            return ssl;
+        }
+        catch (Exception e) when (e is AuthenticationException or IOException or OperationCanceledException or ObjectDisposedException)
+        {
+            await ssl.DisposeAsync().ConfigureAwait(false);
+            cancellationToken.ThrowIfCancellationRequested();
+            throw Failure(e, check, deadline.IsCancellationRequested, timeout);
+        }
     }
 
     public static TlsHandshakeException Failure(Exception e, TlsPeerCheck check, bool timedOut, TimeSpan timeout)
