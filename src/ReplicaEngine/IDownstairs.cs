@@ -1,5 +1,4 @@
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine;
 

@@ -1,7 +1,6 @@
 using System.Diagnostics;
 using System.Net;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine;
 

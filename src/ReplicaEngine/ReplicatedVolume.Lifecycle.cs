@@ -1,9 +1,7 @@
 using System.Buffers;
 using System.Diagnostics;
 using NbdServer.Common.Volumes;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
-using NbdServer.Downstairs.Storage;
+using NbdServer.Protocol;
 using Microsoft.Extensions.Logging;
 
 namespace NbdServer.ReplicaEngine;

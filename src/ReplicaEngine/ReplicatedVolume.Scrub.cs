@@ -1,9 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Diagnostics;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
-using NbdServer.Downstairs.Storage;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine;
 

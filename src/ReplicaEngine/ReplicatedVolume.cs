@@ -4,9 +4,7 @@ using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
 using NbdServer.Common.Volumes;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
-using NbdServer.Downstairs.Storage;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine;
 

@@ -1,7 +1,6 @@
 using System.Net;
 using NbdServer.Common.Tls;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine;
 

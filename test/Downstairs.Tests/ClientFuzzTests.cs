@@ -2,8 +2,7 @@ using System.Buffers.Binary;
 using System.Diagnostics;
 using System.IO.Pipelines;
 using Nerdbank.Streams;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Testing;
 
 namespace NbdServer.Downstairs.Tests;

@@ -1,6 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.Downstairs.Tests;
 

@@ -1,6 +1,6 @@
 using System.Security.Cryptography;
 using NbdServer.Downstairs.Cli;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Tests;

@@ -1,6 +1,5 @@
 using System.Buffers.Binary;
-using NbdServer.Downstairs.Protocol;
-using NbdServer.Downstairs.Storage;
+using NbdServer.Protocol;
 using NbdServer.Testing;
 
 namespace NbdServer.Downstairs.Tests;

@@ -1,7 +1,6 @@
 using System.Buffers.Binary;
 using Nerdbank.Streams;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Tests;

@@ -1,8 +1,7 @@
 using System.IO.Pipelines;
 using System.Net;
 using Nerdbank.Streams;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Server;
 using NbdServer.Downstairs.Storage;
 

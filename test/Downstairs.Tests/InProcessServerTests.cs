@@ -2,8 +2,7 @@ using System.Buffers.Binary;
 using System.IO.Pipelines;
 using Microsoft.Extensions.Logging;
 using Nerdbank.Streams;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Server;
 using NbdServer.Downstairs.Storage;
 

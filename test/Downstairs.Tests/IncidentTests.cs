@@ -1,8 +1,7 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
 using NbdServer.Common.Posix;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Tests;

@@ -1,7 +1,5 @@
 using System.Buffers.Binary;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
-using NbdServer.Downstairs.Storage;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine.Tests;
 

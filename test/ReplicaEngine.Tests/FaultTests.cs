@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using NbdServer.Common.Volumes;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine.Tests;
 

@@ -2,8 +2,7 @@ using System.Diagnostics;
 using System.IO.Pipelines;
 using Nerdbank.Streams;
 using NbdServer.Common.Volumes;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Tests;
 using NbdServer.Testing;
 

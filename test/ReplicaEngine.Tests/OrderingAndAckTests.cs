@@ -156,7 +156,7 @@ public sealed class OrderingAndAckTests
         {
             Assert.That(r.Received.Select(o => o.Kind), Is.EqualTo(new[] { OpKind.Write, OpKind.Flush }), $"replica {r.Index}");
         }
-        Assert.That(cluster.Replicas[0].Meta(2), Is.EqualTo(cluster.Replicas[1].Meta(2)).And.Property(nameof(NbdServer.Downstairs.Protocol.ExtentMeta.Dirty)).False);
+        Assert.That(cluster.Replicas[0].Meta(2), Is.EqualTo(cluster.Replicas[1].Meta(2)).And.Property(nameof(NbdServer.Protocol.ExtentMeta.Dirty)).False);
         cluster.Replicas[2].Release();
     }
 }

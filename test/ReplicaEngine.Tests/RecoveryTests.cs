@@ -180,7 +180,7 @@ public sealed class RecoveryTests
         await using var cluster = new Cluster();
         await cluster.StartAsync();
         FakeDownstairs first = cluster.Replicas[0].Current!;
-        cluster.Replicas[0].FailWritesWith = NbdServer.Downstairs.Protocol.ResultCode.IoError;
+        cluster.Replicas[0].FailWritesWith = NbdServer.Protocol.ResultCode.IoError;
         await cluster.WriteAsync(1, 1);
         await Cluster.WaitUntilAsync(() => cluster.Status(0).Faults == 1, "replica 0 faulted");
         cluster.Replicas[0].FailWritesWith = null;
@@ -206,7 +206,7 @@ public sealed class RecoveryTests
         await cluster.WriteAsync(1, 1); // finds the connection gone: fault 1, then a repair that copies block 1's extent
         await cluster.WaitForStateAsync(0, ReplicaState.Repairing);
         await Cluster.WaitUntilAsync(() => replica.Received.Any(op => op.Kind == OpKind.ExtentWrite), "the repair copy is in flight");
-        replica.FailWritesWith = NbdServer.Downstairs.Protocol.ResultCode.IoError;
+        replica.FailWritesWith = NbdServer.Protocol.ResultCode.IoError;
         await cluster.WriteAsync(Block(3), 2); // another extent: sent to the repairing replica at once, and refused
         await Cluster.WaitUntilAsync(() => cluster.Status(0).Faults == 2, "the guest write faulted the repairing replica");
         replica.FailWritesWith = null;
@@ -276,7 +276,7 @@ public sealed class RecoveryTests
         await cluster.WaitForIdleAsync();
         Assert.That(away.Received.Where(o => o.Kind == OpKind.Write).Select(o => o.FirstBlock), Does.Not.Contain(Block(3, 5)),
             "a write to an extent still to be copied is not sent to the repairing replica (the copy brings it)");
-        NbdServer.Downstairs.Protocol.ExtentMeta current = cluster.Replicas[1].Meta(3);
+        NbdServer.Protocol.ExtentMeta current = cluster.Replicas[1].Meta(3);
         Assert.That(away.Meta(3), Is.Not.EqualTo(current), "the stale extent was not stamped current by the flush");
         Assert.That(cluster.Status(2).State, Is.EqualTo(ReplicaState.Repairing), "still mid-repair");
 

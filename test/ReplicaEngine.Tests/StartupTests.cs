@@ -1,4 +1,4 @@
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine.Tests;
 

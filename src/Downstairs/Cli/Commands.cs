@@ -4,8 +4,7 @@ using System.Net;
 using System.Text;
 using NbdServer.Common.Text;
 using NbdServer.Common.Tls;
-using NbdServer.Downstairs.Client;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Server;
 using NbdServer.Downstairs.Storage;
 

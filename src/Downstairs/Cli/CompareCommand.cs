@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.Globalization;
 using System.Text;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Cli;

@@ -3,7 +3,7 @@ using System.Buffers.Binary;
 using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Posix;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Server;

@@ -1,5 +1,5 @@
 using System.Net;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.Downstairs.Server;
 

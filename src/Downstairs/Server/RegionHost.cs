@@ -1,6 +1,6 @@
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 using NbdServer.Downstairs.Storage;
 
 namespace NbdServer.Downstairs.Server;

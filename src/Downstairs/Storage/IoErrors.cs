@@ -1,5 +1,5 @@
 using NbdServer.Common.Posix;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.Downstairs.Storage;
 

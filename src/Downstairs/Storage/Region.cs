@@ -3,7 +3,7 @@ using System.Buffers.Binary;
 using System.IO.Hashing;
 using Microsoft.Win32.SafeHandles;
 using NbdServer.Common.Posix;
-using NbdServer.Downstairs.Protocol;
+using NbdServer.Protocol;
 
 namespace NbdServer.Downstairs.Storage;
 

@@ -1,10 +1,10 @@
 using System.IO.Pipelines;
 using System.Net.Security;
 
-namespace NbdServer.Downstairs.Protocol;
+namespace NbdServer.Protocol;
 
 /// <summary>The PipeReader both ends of the downstairs link read frames through.</summary>
-internal static class LinkReader
+public static class LinkReader
 {
     /// <summary>Plaintext: any free space of a page or more is worth a receive call.</summary>
     private const int PlainMinimumRead = 4096;

@@ -1,12 +1,11 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
-using NbdServer.Downstairs.Storage;
 
-namespace NbdServer.Downstairs.Protocol;
+namespace NbdServer.Protocol;
 
 /// <summary>Per-extent state the engine compares replicas by (DESIGN §3 "Flush numbers").</summary>
-internal readonly record struct ExtentMeta(ulong Generation, ulong FlushNumber, bool Dirty)
+public readonly record struct ExtentMeta(ulong Generation, ulong FlushNumber, bool Dirty)
 {
     public const int WireSize = 24;
     public const uint DirtyFlag = 1;
@@ -36,7 +35,7 @@ internal readonly record struct ExtentMeta(ulong Generation, ulong FlushNumber, 
 ///  upstairs id [16] | session id [16] | generation u64
 /// </code>
 /// </summary>
-internal readonly record struct HelloRequest(uint Version, bool ReadOnly, Guid RegionId, Guid UpstairsId, Guid SessionId, ulong Generation)
+public readonly record struct HelloRequest(uint Version, bool ReadOnly, Guid RegionId, Guid UpstairsId, Guid SessionId, ulong Generation)
 {
     public const int BodySize = 64;
     public const uint ReadOnlyFlag = 1;
@@ -69,7 +68,7 @@ internal readonly record struct HelloRequest(uint Version, bool ReadOnly, Guid R
 ///  highest generation seen u64 | extent count × (generation u64, flush u64, flags u32, rsvd u32)
 /// </code>
 /// </summary>
-internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, int BlockSize, int ExtentBlocks, int ExtentCount,
+public sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, int BlockSize, int ExtentBlocks, int ExtentCount,
     int MaxFrameBytes, int MaxJobs, ulong HighestGeneration, ExtentMeta[] Extents)
 {
     public const int FixedSize = 56;
@@ -110,7 +109,7 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
         r.ReadUInt32();
         ulong highest = r.ReadUInt64();
         // Checked against the body length before anything is allocated by this peer-supplied count.
-        if (extentCount < 0 || extentCount > RegionLayout.MaxExtentCount || r.Remaining != (long)extentCount * ExtentMeta.WireSize)
+        if (extentCount < 0 || extentCount > Wire.MaxExtentCount || r.Remaining != (long)extentCount * ExtentMeta.WireSize)
         {
             throw new DownstairsProtocolException($"Hello reply announces {extentCount} extents but carries {r.Remaining} bytes of extent state");
         }
@@ -144,14 +143,14 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
         {
             throw new DownstairsProtocolException($"misbehaving replica: block size {BlockSize} (only 512 and 4096 exist)");
         }
-        if (ExtentBlocks is <= 0 or > RegionLayout.MaxExtentBlocks)
+        if (ExtentBlocks is <= 0 or > Wire.MaxExtentBlocks)
         {
-            throw new DownstairsProtocolException($"misbehaving replica: {ExtentBlocks} blocks per extent (1 to {RegionLayout.MaxExtentBlocks})");
+            throw new DownstairsProtocolException($"misbehaving replica: {ExtentBlocks} blocks per extent (1 to {Wire.MaxExtentBlocks})");
         }
         // Both at most 2^20, so blocks × block size stays far below 2^63: RegionBytes cannot overflow.
-        if (ExtentCount is <= 0 or > RegionLayout.MaxExtentCount || Extents.Length != ExtentCount)
+        if (ExtentCount is <= 0 or > Wire.MaxExtentCount || Extents.Length != ExtentCount)
         {
-            throw new DownstairsProtocolException($"misbehaving replica: {ExtentCount} extents announced, {Extents.Length} described (1 to {RegionLayout.MaxExtentCount})");
+            throw new DownstairsProtocolException($"misbehaving replica: {ExtentCount} extents announced, {Extents.Length} described (1 to {Wire.MaxExtentCount})");
         }
         if (MaxFrameBytes is < Wire.MinMaxFrameBytes or > Wire.MaxMaxFrameBytes)
         {
@@ -180,7 +179,7 @@ internal sealed record HelloReply(uint Version, bool ReadOnly, Guid RegionId, in
 /// Write: <c>first block u64 | block count u32 | reserved u32 | count × hash u64 | count × block</c>.
 /// Read: <c>first block u64 | block count u32 | reserved u32</c> (no payload).
 /// </summary>
-internal readonly record struct BlockRange(long FirstBlock, int BlockCount)
+public readonly record struct BlockRange(long FirstBlock, int BlockCount)
 {
     public const int FixedSize = 16;
 
@@ -214,7 +213,7 @@ internal readonly record struct BlockRange(long FirstBlock, int BlockCount)
 }
 
 /// <summary>Flush: <c>flush number u64 | generation u64</c>.</summary>
-internal readonly record struct FlushRequest(ulong FlushNumber, ulong Generation)
+public readonly record struct FlushRequest(ulong FlushNumber, ulong Generation)
 {
     public const int BodySize = 16;
 }
@@ -225,7 +224,7 @@ internal readonly record struct FlushRequest(ulong FlushNumber, ulong Generation
 /// ExtentWrite: the range, then <c>count × context(16) | count × block</c>; flag bit 0 ("begin") discards any earlier staging copy.
 /// ExtentCommit: <c>extent u32 | flags u32 (bit 0 dirty) | generation u64 | flush u64</c>.
 /// </summary>
-internal readonly record struct ExtentRange(int Extent, int FirstBlock, int BlockCount, uint Flags = 0)
+public readonly record struct ExtentRange(int Extent, int FirstBlock, int BlockCount, uint Flags = 0)
 {
     public const int FixedSize = 16;
     public const uint BeginFlag = 1;
@@ -258,7 +257,7 @@ internal readonly record struct ExtentRange(int Extent, int FirstBlock, int Bloc
     }
 }
 
-internal readonly record struct ExtentCommitRequest(int Extent, ExtentMeta Meta)
+public readonly record struct ExtentCommitRequest(int Extent, ExtentMeta Meta)
 {
     public const int BodySize = 24;
 }
@@ -268,7 +267,7 @@ internal readonly record struct ExtentCommitRequest(int Extent, ExtentMeta Meta)
 /// starts, before any other job of that repair: these extents hold stale data until their copy is
 /// committed, so until then a flush must not stamp them current (nor refuse because one is poisoned).
 /// </summary>
-internal static class ExtentsPendingRequest
+public static class ExtentsPendingRequest
 {
     public const int HeaderSize = 4;
 
@@ -305,7 +304,7 @@ internal static class ExtentsPendingRequest
 }
 
 /// <summary>Body of every reply whose result is not Ok: <c>errno i32 | message UTF-8</c>.</summary>
-internal readonly record struct ErrorBody(int Errno, string Message)
+public readonly record struct ErrorBody(int Errno, string Message)
 {
     public static OutgoingFrame Encode(MessageType replyType, ulong jobId, ResultCode code, int errno, string message)
     {
@@ -330,7 +329,7 @@ internal readonly record struct ErrorBody(int Errno, string Message)
     }
 }
 
-internal static class Messages
+public static class Messages
 {
     public static void ExpectLength(ReadOnlySequence<byte> body, long expected, string what)
     {

@@ -5,13 +5,11 @@ using System.IO.Pipelines;
 using System.Net;
 using System.Net.Sockets;
 using NbdServer.Common.Tls;
-using NbdServer.Downstairs.Protocol;
-using NbdServer.Downstairs.Storage;
 
-namespace NbdServer.Downstairs.Client;
+namespace NbdServer.Protocol;
 
 /// <summary>Client-side limits.</summary>
-internal sealed record DownstairsClientOptions
+public sealed record DownstairsClientOptions
 {
     /// <summary>Largest reply body accepted (the Hello reply of a large region, or a big read).</summary>
     public int MaxFrameBytes { get; init; } = Wire.DefaultMaxFrameBytes;
@@ -36,7 +34,7 @@ internal sealed record DownstairsClientOptions
 }
 
 /// <summary>Typed outcome of one job.</summary>
-internal readonly record struct DownstairsResult(ResultCode Code, int Errno = 0, string? Message = null)
+public readonly record struct DownstairsResult(ResultCode Code, int Errno = 0, string? Message = null)
 {
     public static DownstairsResult Ok => default;
 
@@ -45,16 +43,16 @@ internal readonly record struct DownstairsResult(ResultCode Code, int Errno = 0,
     public override string ToString() => IsOk ? "ok" : $"{ResultCodes.Name(Code)}{(Errno != 0 ? $" (errno {Errno})" : "")}: {Message}";
 }
 
-internal readonly record struct ExtentReadResult(DownstairsResult Result, ExtentMeta Meta);
+public readonly record struct ExtentReadResult(DownstairsResult Result, ExtentMeta Meta);
 
 /// <summary>The downstairs refused the Hello (fenced, wrong region, version…).</summary>
-internal sealed class DownstairsRefusedException(DownstairsResult result) : Exception($"downstairs refused the connection: {result}")
+public sealed class DownstairsRefusedException(DownstairsResult result) : Exception($"downstairs refused the connection: {result}")
 {
     public DownstairsResult Result { get; } = result;
 }
 
 /// <summary>The link to a downstairs is gone; every job still pending on it fails with this.</summary>
-internal sealed class DownstairsConnectionException(string message, Exception? inner = null) : IOException(message, inner);
+public sealed class DownstairsConnectionException(string message, Exception? inner = null) : IOException(message, inner);
 
 /// <summary>
 /// One connection to one downstairs: negotiate, then send jobs pipelined (many in flight, any order
@@ -67,7 +65,7 @@ internal sealed class DownstairsConnectionException(string message, Exception? i
 /// the receive loop before the task completes. Cancellation applies to waiting for a send slot;
 /// once sent, a job can only end with its reply or the connection.
 /// </remarks>
-internal sealed class DownstairsClient : IAsyncDisposable
+public sealed class DownstairsClient : IAsyncDisposable
 {
     private const ulong InternalIdBase = 0xFFFF_0000_0000_0000;
 

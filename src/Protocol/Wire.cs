@@ -1,4 +1,4 @@
-namespace NbdServer.Downstairs.Protocol;
+namespace NbdServer.Protocol;
 
 /// <summary>
 /// The engine ↔ downstairs wire format, version 1. All integers are little-endian (both ends are
@@ -21,7 +21,7 @@ namespace NbdServer.Downstairs.Protocol;
 /// the same job id, and a <see cref="ResultCode"/>. A reply whose result is not <c>Ok</c> has the
 /// error body (<c>errno i32, message UTF-8</c>) instead of its normal body.
 /// </remarks>
-internal static class Wire
+public static class Wire
 {
     public const uint Magic = 0x31575344; // "DSW1" read as little-endian bytes 'D' 'S' 'W' '1'
     public const uint ProtocolVersion = 1;
@@ -51,6 +51,13 @@ internal static class Wire
 
     /// <summary>Largest maximum either side may announce (a peer announcing more is not believed).</summary>
     public const int MaxMaxFrameBytes = 1 << 30;
+
+    /// <summary>
+    /// Most extents, and most blocks per extent, a region may have: a Hello reply announcing more is not
+    /// believed, and a region header claiming more is not opened (no peer or corrupt file makes us size absurd tables).
+    /// </summary>
+    public const int MaxExtentCount = 1 << 20;
+    public const int MaxExtentBlocks = 1 << 20;
 
     /// <summary>Most jobs in flight a peer may announce.</summary>
     public const int MaxJobsLimit = 1 << 20;
@@ -86,7 +93,7 @@ internal static class Wire
 }
 
 /// <summary>Message types. Replies use the request type with <see cref="Wire.ReplyFlag"/> set.</summary>
-internal enum MessageType : ushort
+public enum MessageType : ushort
 {
     Hello = 1,
     Write = 2,
@@ -110,7 +117,7 @@ internal enum MessageType : ushort
 }
 
 /// <summary>Typed outcome of every reply.</summary>
-internal enum ResultCode : ushort
+public enum ResultCode : ushort
 {
     Ok = 0,
     /// <summary>ENOSPC / EDQUOT / EFBIG: the downstairs' filesystem is full.</summary>
@@ -135,7 +142,7 @@ internal enum ResultCode : ushort
     Unavailable = 10,
 }
 
-internal static class ResultCodes
+public static class ResultCodes
 {
     public static string Name(ResultCode code) => code switch
     {
@@ -155,4 +162,4 @@ internal static class ResultCodes
 }
 
 /// <summary>A frame that breaks the wire rules: the connection that sent it is closed.</summary>
-internal sealed class DownstairsProtocolException(string message) : Exception(message);
+public sealed class DownstairsProtocolException(string message) : Exception(message);

@@ -1,16 +1,16 @@
 using System.Buffers;
 using System.Buffers.Binary;
 
-namespace NbdServer.Downstairs.Protocol;
+namespace NbdServer.Protocol;
 
 /// <summary>A decoded frame header; <see cref="BodyLength"/> bytes of body follow it.</summary>
-internal readonly record struct FrameHeader(MessageType Type, ResultCode Result, ulong JobId, int BodyLength)
+public readonly record struct FrameHeader(MessageType Type, ResultCode Result, ulong JobId, int BodyLength)
 {
     public bool IsReply => ((ushort)Type & Wire.ReplyFlag) != 0;
 }
 
 /// <summary>Splits a byte stream into frames (see the diagram on <see cref="Wire"/>).</summary>
-internal static class FrameReader
+public static class FrameReader
 {
     /// <summary>
     /// Takes one whole frame off the front of <paramref name="buffer"/>. Returns false (buffer untouched)
@@ -80,7 +80,7 @@ internal static class FrameReader
 /// One frame ready to send: header + fixed body in a pooled prefix, then up to two payload
 /// segments sent straight from the caller's memory (gather write: never copied into the frame).
 /// </summary>
-internal sealed class OutgoingFrame
+public sealed class OutgoingFrame
 {
     private OutgoingFrame(byte[] prefix, int prefixLength)
     {
@@ -122,11 +122,12 @@ internal sealed class OutgoingFrame
     public static OutgoingFrame Create(MessageType type, ResultCode result, ulong jobId, ReadOnlyMemory<byte> payload1 = default, ReadOnlyMemory<byte> payload2 = default) =>
         Create(type, result, jobId, 0, 0, static (_, _) => { }, payload1, payload2);
 
-    internal void ReturnPrefix() => ArrayPool<byte>.Shared.Return(Prefix);
+    /// <summary>Gives the pooled prefix back; for a frame that is encoded but never handed to a <see cref="FrameSender"/> (which returns it itself).</summary>
+    public void ReturnPrefix() => ArrayPool<byte>.Shared.Return(Prefix);
 }
 
 /// <summary>Forward-only reader over a frame body (which may span pipe segments).</summary>
-internal ref struct BodyReader(ReadOnlySequence<byte> body)
+public ref struct BodyReader(ReadOnlySequence<byte> body)
 {
     private SequenceReader<byte> _reader = new(body);
 

@@ -3,7 +3,7 @@ using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
 
-namespace NbdServer.Downstairs.Protocol;
+namespace NbdServer.Protocol;
 
 /// <summary>
 /// The single writer of a connection. Frames queued by any thread are sent in order; everything
@@ -14,7 +14,7 @@ namespace NbdServer.Downstairs.Protocol;
 /// The queue itself is unbounded on purpose: every frame in it already holds a slot of the
 /// connection's in-flight budget, which is what bounds it (and a reply can never be refused).
 /// </remarks>
-internal sealed class FrameSender
+public sealed class FrameSender
 {
     /// <summary>At most this many frames or bytes per gather send (keeps the segment list small).</summary>
     private const int MaxFramesPerSend = 64;
@@ -27,7 +27,7 @@ internal sealed class FrameSender
     /// lets records fill to their 16 KiB maximum. Payloads at least this big go out directly: they
     /// fill their records anyway and a copy would only cost memory bandwidth.
     /// </summary>
-    internal const int CoalesceBytes = 256 << 10;
+    public const int CoalesceBytes = 256 << 10;
 
     private readonly Stream _stream;
     private readonly Socket? _socket;
