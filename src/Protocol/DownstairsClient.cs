@@ -14,9 +14,6 @@ public sealed record DownstairsClientOptions
     /// <summary>Largest reply body accepted (the Hello reply of a large region, or a big read).</summary>
     public int MaxFrameBytes { get; init; } = Wire.DefaultMaxFrameBytes;
 
-    /// <summary>Jobs sent but not answered; further calls wait. Also capped by the downstairs' own limit.</summary>
-    public int MaxInFlightJobs { get; init; } = 1024;
-
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
     public int ReceiveBufferBytes { get; init; } = 64 << 10;
@@ -40,6 +37,17 @@ public readonly record struct DownstairsResult(ResultCode Code, int Errno = 0, s
 
     public bool IsOk => Code == ResultCode.Ok;
 
+    /// <summary>
+    /// Set when the job ended because the link did (lost, broken by an invalid reply, disposed), not by a
+    /// reply: the replica's state for this job is unknown. The code is then <see cref="ResultCode.Unavailable"/>.
+    /// </summary>
+    public DownstairsConnectionException? LinkFailure { get; init; }
+
+    public bool IsLinkFailure => LinkFailure is not null;
+
+    /// <summary>The outcome of a job cut off by the end of its link.</summary>
+    public static DownstairsResult Lost(DownstairsConnectionException failure) => new(ResultCode.Unavailable, 0, failure.Message) { LinkFailure = failure };
+
     public override string ToString() => IsOk ? "ok" : $"{ResultCodes.Name(Code)}{(Errno != 0 ? $" (errno {Errno})" : "")}: {Message}";
 }
 
@@ -56,23 +64,37 @@ public sealed class DownstairsConnectionException(string message, Exception? inn
 
 /// <summary>
 /// One connection to one downstairs: negotiate, then send jobs pipelined (many in flight, any order
-/// of completion) and await their typed replies. Thread-safe. Job ids are the caller's (the engine's
+/// of completion) and receive their typed replies. Thread-safe. Job ids are the caller's (the engine's
 /// job numbers) and must be unique among the jobs in flight on this connection.
 /// </summary>
 /// <remarks>
-/// Payload memory passed to a Write/ExtentWrite must stay untouched until the returned task
-/// completes (it is sent straight from there, no copy). Destination memory of a Read is filled by
-/// the receive loop before the task completes. Cancellation applies to waiting for a send slot;
-/// once sent, a job can only end with its reply or the connection.
+/// <para>
+/// Requests go on the wire in the order they were submitted (calls from one thread in call order):
+/// every <c>Submit…</c> and every Task-returning call queues its frame synchronously and never waits.
+/// There is no send window here on purpose: a window whose waiters resume in any order is how
+/// overlapping writes once reached a replica out of order. Keeping the jobs in flight at most
+/// <see cref="MaxJobs"/> is the caller's job (the engine's admission); beyond it the downstairs simply
+/// stops reading, which holds the sender back without reordering anything.
+/// </para>
+/// <para>
+/// Payload memory passed to a write-type call must stay untouched, and destination memory of a read
+/// must stay valid, until the job is reported (see <see cref="IDownstairsReplyHandler.OnReply"/>):
+/// it is sent straight from there and filled straight into there, no copy.
+/// </para>
 /// </remarks>
 public sealed class DownstairsClient : IAsyncDisposable
 {
     private const ulong InternalIdBase = 0xFFFF_0000_0000_0000;
 
+    /// <summary>Job records kept for reuse once their job is reported; more than this in flight at once are allocated and dropped.</summary>
+    private const int MaxPooledJobs = 1024;
+
+    /// <summary>Largest fixed body of a pooled request frame (ExtentCommit's); ExtentsPending, variable, gets a frame of its own.</summary>
+    private const int MaxPooledFixedBody = ExtentCommitRequest.BodySize;
+
     private readonly Stream _stream;
     private readonly FrameSender _sender;
-    private readonly SemaphoreSlim _slots;
-    private readonly ConcurrentDictionary<ulong, Pending> _pending = new();
+    private readonly PipeReader _reader;
     private readonly int _maxFrameBytes;
     private readonly Task _receiveLoop;
     private readonly ITimer? _pinger;
@@ -84,9 +106,15 @@ public sealed class DownstairsClient : IAsyncDisposable
     /// </summary>
     private readonly ulong _generationLimit;
 
-    /// <summary>Cancelled once the link has failed or been disposed: releases callers waiting for a send slot.</summary>
-    private readonly CancellationTokenSource _closed = new();
-    private Exception? _failure;
+    /// <summary>Guards <see cref="_pending"/>, <see cref="_staged"/> and <see cref="_batchDepth"/>; held for a few instructions, never across a call out.</summary>
+    private readonly Lock _lock = new();
+    private readonly Dictionary<ulong, Pending> _pending = [];
+    private readonly List<Pending> _staged = [];
+    private int _batchDepth;
+    private readonly ConcurrentQueue<Pending> _pool = new();
+    private int _pooled;
+
+    private DownstairsConnectionException? _failure;
     private long _internalIds;
     private long _lastSend;
 
@@ -95,10 +123,14 @@ public sealed class DownstairsClient : IAsyncDisposable
         _generationLimit = generationLimit;
         _stream = stream;
         _sender = sender;
+        _reader = reader;
         Region = region;
         _maxFrameBytes = options.MaxFrameBytes;
-        _slots = new SemaphoreSlim(Math.Max(1, Math.Min(options.MaxInFlightJobs, region.MaxJobs)));
-        _receiveLoop = Task.Run(() => ReceiveLoopAsync(reader));
+        _receiveLoop = Task.Run(ReceiveLoopAsync);
+        // A sender that stops (its write failed) ends the link at once: frames queued after it would
+        // otherwise be dropped silently and their jobs left for the engine's watchdog.
+        _ = sender.Completion.ContinueWith(static (t, state) => ((DownstairsClient)state!).SenderStopped(t), this,
+            CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         _lastSend = System.Diagnostics.Stopwatch.GetTimestamp();
         _pingInterval = options.PingInterval;
         if (_pingInterval > TimeSpan.Zero)
@@ -124,13 +156,30 @@ public sealed class DownstairsClient : IAsyncDisposable
 
     public int BlockSize => Region.BlockSize;
 
-    /// <summary>Completes when the connection ends (the receive loop stops).</summary>
+    /// <summary>
+    /// Jobs the downstairs takes in flight on this connection (its --max-jobs, from the Hello reply).
+    /// The client does not enforce it: the caller keeps its jobs in flight at or below it (a job over it
+    /// is not refused, it waits unread in the socket and delays everything after it).
+    /// </summary>
+    public int MaxJobs => Region.MaxJobs;
+
+    /// <summary>Completes when the connection ends (the receive loop stops); never faults.</summary>
     public Task Completion => _receiveLoop;
 
     /// <summary>Why the connection ended, if it did.</summary>
     public Exception? Failure => Volatile.Read(ref _failure);
 
-    public int InFlight => _pending.Count;
+    /// <summary>Jobs submitted and not yet answered (or failed).</summary>
+    public int InFlight
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _pending.Count;
+            }
+        }
+    }
 
     public static async Task<DownstairsClient> ConnectAsync(IPEndPoint endpoint, HelloRequest hello, DownstairsClientOptions? options = null, CancellationToken cancellationToken = default)
     {
@@ -207,59 +256,202 @@ public sealed class DownstairsClient : IAsyncDisposable
         }
     }
 
-    // ------------------------------------------------------------------ operations
+    // ------------------------------------------------------------------ operations: callbacks
+
+    /// <summary>
+    /// Writes whole blocks starting at <paramref name="firstBlock"/>; <paramref name="hashes"/>: one 8-byte
+    /// little-endian <see cref="BlockContext.Hash"/> per block. Queued at once, never waits.
+    /// </summary>
+    public void SubmitWrite(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes, IDownstairsReplyHandler handler)
+    {
+        int count = BlockCount(data.Length);
+        CheckHashes(hashes.Length, count);
+        Pending p = Rent(jobId, MessageType.WriteReply, handler);
+        p.Frame.Reset(MessageType.Write, ResultCode.Ok, jobId, BlockRange.FixedSize, new BlockRange(firstBlock, count), static (d, r) => r.Write(d), hashes, data);
+        Submit(p, p.Frame);
+    }
+
+    /// <summary>Reads <c>data.Length / BlockSize</c> blocks into <paramref name="data"/> and their stored hashes (0 = never written) into <paramref name="hashes"/> (may be empty).</summary>
+    public void SubmitRead(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes, IDownstairsReplyHandler handler)
+    {
+        int count = BlockCount(data.Length);
+        if (!hashes.IsEmpty)
+        {
+            CheckHashes(hashes.Length, count);
+        }
+        Pending p = Rent(jobId, MessageType.ReadReply, handler);
+        p.Count = count;
+        p.Destination1 = hashes;
+        p.Destination2 = data;
+        p.Frame.Reset(MessageType.Read, ResultCode.Ok, jobId, BlockRange.FixedSize, new BlockRange(firstBlock, count), static (d, r) => r.Write(d));
+        Submit(p, p.Frame);
+    }
+
+    /// <summary>Makes every write answered before it durable and records (generation, flush number) on the dirty extents.</summary>
+    public void SubmitFlush(ulong jobId, ulong flushNumber, ulong generation, IDownstairsReplyHandler handler)
+    {
+        Pending p = Rent(jobId, MessageType.FlushReply, handler);
+        p.Frame.Reset(MessageType.Flush, ResultCode.Ok, jobId, FlushRequest.BodySize, new FlushRequest(flushNumber, generation), static (d, f) =>
+        {
+            BinaryPrimitives.WriteUInt64LittleEndian(d, f.FlushNumber);
+            BinaryPrimitives.WriteUInt64LittleEndian(d[8..], f.Generation);
+        });
+        Submit(p, p.Frame);
+    }
+
+    /// <summary>Live repair, source side: blocks of one extent as stored, with their 16-byte contexts; the extent's metadata comes with the reply.</summary>
+    public void SubmitReadExtent(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data, IDownstairsReplyHandler handler)
+    {
+        CheckExtentBuffers(range, contexts.Length, data.Length);
+        Pending p = Rent(jobId, MessageType.ExtentReadReply, handler);
+        p.Count = range.BlockCount;
+        p.Destination1 = contexts;
+        p.Destination2 = data;
+        p.Frame.Reset(MessageType.ExtentRead, ResultCode.Ok, jobId, ExtentRange.FixedSize, range, static (d, x) => x.Write(d));
+        Submit(p, p.Frame);
+    }
+
+    /// <summary>Live repair, target side: stage part of a healthy copy (set <see cref="ExtentRange.BeginFlag"/> on the first chunk).</summary>
+    public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data, IDownstairsReplyHandler handler)
+    {
+        CheckExtentBuffers(range, contexts.Length, data.Length);
+        Pending p = Rent(jobId, MessageType.ExtentWriteReply, handler);
+        p.Frame.Reset(MessageType.ExtentWrite, ResultCode.Ok, jobId, ExtentRange.FixedSize, range, static (d, x) => x.Write(d), contexts, data);
+        Submit(p, p.Frame);
+    }
+
+    /// <summary>Live repair: replace the extent by its staged copy (unsent blocks read as unwritten) and record <paramref name="meta"/>.</summary>
+    public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta, IDownstairsReplyHandler handler)
+    {
+        Pending p = Rent(jobId, MessageType.ExtentCommitReply, handler);
+        p.Frame.Reset(MessageType.ExtentCommit, ResultCode.Ok, jobId, ExtentCommitRequest.BodySize, new ExtentCommitRequest(extent, meta), static (d, c) =>
+        {
+            BinaryPrimitives.WriteInt32LittleEndian(d, c.Extent);
+            BinaryPrimitives.WriteUInt32LittleEndian(d[4..], c.Meta.Dirty ? ExtentMeta.DirtyFlag : 0);
+            BinaryPrimitives.WriteUInt64LittleEndian(d[8..], c.Meta.Generation);
+            BinaryPrimitives.WriteUInt64LittleEndian(d[16..], c.Meta.FlushNumber);
+        });
+        Submit(p, p.Frame);
+    }
+
+    /// <summary>Live repair, target side: these extents are stale until their copy is committed; flushes must not stamp them.</summary>
+    public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents, IDownstairsReplyHandler handler)
+    {
+        ArgumentNullException.ThrowIfNull(extents);
+        Pending p = Rent(jobId, MessageType.ExtentsPendingReply, handler);
+        // Variable length (rare: once per repair): a pooled frame of its own rather than the job's small one.
+        OutgoingFrame frame = OutgoingFrame.Create(MessageType.ExtentsPending, ResultCode.Ok, jobId, ExtentsPendingRequest.BodySize(extents.Count), extents,
+            static (d, x) => ExtentsPendingRequest.Write(d, x));
+        frame.Completed = FrameDone;
+        frame.State = p;
+        Submit(p, frame);
+    }
+
+    /// <summary>
+    /// Holds the frames submitted from now on until the matching <see cref="EndBatch"/>, which hands them
+    /// to the sender together: a caller queuing many jobs at once wakes the sender once, and they leave
+    /// in one gather send. Nests; every call must be matched.
+    /// </summary>
+    public void BeginBatch()
+    {
+        lock (_lock)
+        {
+            _batchDepth++;
+        }
+    }
+
+    /// <summary>Ends a <see cref="BeginBatch"/>; the outermost one queues the held frames, in submission order.</summary>
+    public void EndBatch()
+    {
+        bool stopped = false;
+        lock (_lock)
+        {
+            if (_batchDepth == 0)
+            {
+                throw new InvalidOperationException("EndBatch without BeginBatch");
+            }
+            if (--_batchDepth > 0)
+            {
+                return;
+            }
+            foreach (Pending p in _staged)
+            {
+                if (!_sender.TryEnqueue(p.CurrentFrame!))
+                {
+                    // The sender has stopped: these frames will never be sent; their jobs fail with the link.
+                    stopped = true;
+                    Dropped(p);
+                }
+            }
+            _staged.Clear();
+        }
+        if (stopped)
+        {
+            FailLink(new DownstairsConnectionException("downstairs link: the sender has stopped"));
+        }
+    }
+
+    // ------------------------------------------------------------------ operations: tasks (tools, tests, setup)
 
     /// <summary>
     /// Writes whole blocks starting at <paramref name="firstBlock"/>. <paramref name="hashes"/>: one
     /// 8-byte little-endian <see cref="BlockContext.Hash"/> per block, or empty to have them computed.
+    /// A lost link faults the task with <see cref="DownstairsConnectionException"/>; <paramref name="cancellationToken"/>
+    /// is only checked before queuing (a queued job ends with its reply or its link).
     /// </summary>
     public Task<DownstairsResult> WriteAsync(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes = default, CancellationToken cancellationToken = default)
     {
-        int count = BlockCount(data.Length);
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return Task.FromCanceled<DownstairsResult>(cancellationToken);
+        }
         if (hashes.IsEmpty)
         {
+            int count = BlockCount(data.Length);
             byte[] computed = new byte[count * Wire.HashSize];
             BlockContext.HashBlocks(data.Span, BlockSize, computed);
             hashes = computed;
         }
-        else if (hashes.Length != count * Wire.HashSize)
-        {
-            throw new ArgumentException($"{hashes.Length} bytes of hashes for {count} blocks", nameof(hashes));
-        }
-        var range = new BlockRange(firstBlock, count);
-        return SendAsync(new Pending(MessageType.WriteReply), jobId,
-            () => OutgoingFrame.Create(MessageType.Write, ResultCode.Ok, jobId, BlockRange.FixedSize, range, static (d, r) => r.Write(d), hashes, data), cancellationToken);
+        var handler = new TaskReplyHandler();
+        SubmitWrite(jobId, firstBlock, data, hashes, handler);
+        return handler.Result;
     }
 
     /// <summary>Reads <c>data.Length / BlockSize</c> blocks into <paramref name="data"/> and their stored hashes (0 = never written) into <paramref name="hashes"/> (may be empty).</summary>
     public Task<DownstairsResult> ReadAsync(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes = default, CancellationToken cancellationToken = default)
     {
-        int count = BlockCount(data.Length);
-        if (!hashes.IsEmpty && hashes.Length != count * Wire.HashSize)
+        if (cancellationToken.IsCancellationRequested)
         {
-            throw new ArgumentException($"{hashes.Length} bytes of hashes for {count} blocks", nameof(hashes));
+            return Task.FromCanceled<DownstairsResult>(cancellationToken);
         }
-        var range = new BlockRange(firstBlock, count);
-        return SendAsync(new Pending(MessageType.ReadReply) { Count = count, Destination1 = hashes, Destination2 = data }, jobId,
-            () => OutgoingFrame.Create(MessageType.Read, ResultCode.Ok, jobId, BlockRange.FixedSize, range, static (d, r) => r.Write(d)), cancellationToken);
+        var handler = new TaskReplyHandler();
+        SubmitRead(jobId, firstBlock, data, hashes, handler);
+        return handler.Result;
     }
 
     /// <summary>Makes every write answered before it durable and records (generation, flush number) on the dirty extents.</summary>
-    public Task<DownstairsResult> FlushAsync(ulong jobId, ulong flushNumber, ulong generation, CancellationToken cancellationToken = default) =>
-        SendAsync(new Pending(MessageType.FlushReply), jobId,
-            () => OutgoingFrame.Create(MessageType.Flush, ResultCode.Ok, jobId, FlushRequest.BodySize, (flushNumber, generation), static (d, f) =>
-            {
-                BinaryPrimitives.WriteUInt64LittleEndian(d, f.flushNumber);
-                BinaryPrimitives.WriteUInt64LittleEndian(d[8..], f.generation);
-            }), cancellationToken);
+    public Task<DownstairsResult> FlushAsync(ulong jobId, ulong flushNumber, ulong generation, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return Task.FromCanceled<DownstairsResult>(cancellationToken);
+        }
+        var handler = new TaskReplyHandler();
+        SubmitFlush(jobId, flushNumber, generation, handler);
+        return handler.Result;
+    }
 
     /// <summary>Round trip on the link (bypasses the IO queue); uses an internal job id.</summary>
     public async Task<TimeSpan> PingAsync(CancellationToken cancellationToken = default)
     {
+        cancellationToken.ThrowIfCancellationRequested();
         ulong id = InternalIdBase + (ulong)Interlocked.Increment(ref _internalIds);
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        DownstairsResult r = await SendAsync(new Pending(MessageType.PingReply), id,
-            () => OutgoingFrame.Create(MessageType.Ping, ResultCode.Ok, id, 8, id, static (d, n) => BinaryPrimitives.WriteUInt64LittleEndian(d, n)), cancellationToken).ConfigureAwait(false);
+        var handler = new TaskReplyHandler();
+        Pending p = Rent(id, MessageType.PingReply, handler);
+        p.Frame.Reset(MessageType.Ping, ResultCode.Ok, id, 8, id, static (d, n) => BinaryPrimitives.WriteUInt64LittleEndian(d, n));
+        Submit(p, p.Frame);
+        DownstairsResult r = await handler.Result.ConfigureAwait(false);
         if (!r.IsOk)
         {
             throw new DownstairsConnectionException($"ping failed: {r}");
@@ -270,37 +462,48 @@ public sealed class DownstairsClient : IAsyncDisposable
     /// <summary>Live repair, source side: blocks [first, first+count) of one extent as stored, with their 16-byte contexts, and the extent's metadata.</summary>
     public async Task<ExtentReadResult> ReadExtentAsync(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data, CancellationToken cancellationToken = default)
     {
-        CheckExtentBuffers(range, contexts.Length, data.Length);
-        var pending = new Pending(MessageType.ExtentReadReply) { Count = range.BlockCount, Destination1 = contexts, Destination2 = data };
-        DownstairsResult r = await SendAsync(pending, jobId,
-            () => OutgoingFrame.Create(MessageType.ExtentRead, ResultCode.Ok, jobId, ExtentRange.FixedSize, range, static (d, x) => x.Write(d)), cancellationToken).ConfigureAwait(false);
-        return new ExtentReadResult(r, pending.Meta);
+        cancellationToken.ThrowIfCancellationRequested();
+        var handler = new TaskReplyHandler();
+        SubmitReadExtent(jobId, range, contexts, data, handler);
+        DownstairsResult r = await handler.Result.ConfigureAwait(false);
+        return new ExtentReadResult(r, handler.Meta);
     }
 
     /// <summary>Live repair, target side: stage part of a healthy copy (set <see cref="ExtentRange.BeginFlag"/> on the first chunk).</summary>
     public Task<DownstairsResult> WriteExtentAsync(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
     {
-        CheckExtentBuffers(range, contexts.Length, data.Length);
-        return SendAsync(new Pending(MessageType.ExtentWriteReply), jobId,
-            () => OutgoingFrame.Create(MessageType.ExtentWrite, ResultCode.Ok, jobId, ExtentRange.FixedSize, range, static (d, x) => x.Write(d), contexts, data), cancellationToken);
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return Task.FromCanceled<DownstairsResult>(cancellationToken);
+        }
+        var handler = new TaskReplyHandler();
+        SubmitWriteExtent(jobId, range, contexts, data, handler);
+        return handler.Result;
     }
 
     /// <summary>Live repair: replace the extent by its staged copy (unsent blocks read as unwritten) and record <paramref name="meta"/>.</summary>
-    public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default) =>
-        SendAsync(new Pending(MessageType.ExtentCommitReply), jobId,
-            () => OutgoingFrame.Create(MessageType.ExtentCommit, ResultCode.Ok, jobId, ExtentCommitRequest.BodySize, (extent, meta), static (d, c) =>
-            {
-                BinaryPrimitives.WriteInt32LittleEndian(d, c.extent);
-                BinaryPrimitives.WriteUInt32LittleEndian(d[4..], c.meta.Dirty ? ExtentMeta.DirtyFlag : 0);
-                BinaryPrimitives.WriteUInt64LittleEndian(d[8..], c.meta.Generation);
-                BinaryPrimitives.WriteUInt64LittleEndian(d[16..], c.meta.FlushNumber);
-            }), cancellationToken);
+    public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return Task.FromCanceled<DownstairsResult>(cancellationToken);
+        }
+        var handler = new TaskReplyHandler();
+        SubmitCommitExtent(jobId, extent, meta, handler);
+        return handler.Result;
+    }
 
     /// <summary>Live repair, target side: these extents are stale until their copy is committed; flushes must not stamp them.</summary>
-    public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
-        SendAsync(new Pending(MessageType.ExtentsPendingReply), jobId,
-            () => OutgoingFrame.Create(MessageType.ExtentsPending, ResultCode.Ok, jobId, ExtentsPendingRequest.BodySize(extents.Count), extents,
-                static (d, x) => ExtentsPendingRequest.Write(d, x)), cancellationToken);
+    public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return Task.FromCanceled<DownstairsResult>(cancellationToken);
+        }
+        var handler = new TaskReplyHandler();
+        SubmitMarkRepairPending(jobId, extents, handler);
+        return handler.Result;
+    }
 
     // ------------------------------------------------------------------ plumbing
 
@@ -313,6 +516,14 @@ public sealed class DownstairsClient : IAsyncDisposable
         return bytes / BlockSize;
     }
 
+    private static void CheckHashes(int hashBytes, int count)
+    {
+        if (hashBytes != count * Wire.HashSize)
+        {
+            throw new ArgumentException($"{hashBytes} bytes of hashes for {count} blocks");
+        }
+    }
+
     private void CheckExtentBuffers(ExtentRange range, int contextBytes, int dataBytes)
     {
         if (contextBytes != range.BlockCount * BlockContext.Size || dataBytes != range.BlockCount * BlockSize)
@@ -321,58 +532,172 @@ public sealed class DownstairsClient : IAsyncDisposable
         }
     }
 
-    private async Task<DownstairsResult> SendAsync(Pending pending, ulong jobId, Func<OutgoingFrame> build, CancellationToken cancellationToken)
+    private Pending Rent(ulong jobId, MessageType replyType, IDownstairsReplyHandler handler)
     {
-        ThrowIfFailed();
-        await WaitForSlotAsync(cancellationToken).ConfigureAwait(false);
-        if (!_pending.TryAdd(jobId, pending))
+        ArgumentNullException.ThrowIfNull(handler);
+        if (_pool.TryDequeue(out Pending? p))
         {
-            _slots.Release();
-            throw new ArgumentException($"job {jobId} is already in flight on this connection", nameof(jobId));
-        }
-        // The receive loop may have ended between the check above and TryAdd: fail rather than hang.
-        if (Failure is { } failure)
-        {
-            Fail(jobId, failure);
+            Interlocked.Decrement(ref _pooled);
         }
         else
         {
-            Volatile.Write(ref _lastSend, System.Diagnostics.Stopwatch.GetTimestamp());
-            _sender.Enqueue(build());
+            p = new Pending(this);
         }
-        return await pending.Task.ConfigureAwait(false);
+        p.JobId = jobId;
+        p.ReplyType = replyType;
+        p.Handler = handler;
+        return p;
+    }
+
+    private void Recycle(Pending p)
+    {
+        p.Clear();
+        if (Interlocked.Increment(ref _pooled) <= MaxPooledJobs)
+        {
+            _pool.Enqueue(p);
+        }
+        else
+        {
+            Interlocked.Decrement(ref _pooled);
+        }
     }
 
     /// <summary>
-    /// A send slot, or a <see cref="DownstairsConnectionException"/> once the link fails: a peer that
-    /// stops answering (or announced a tiny job limit) must not leave callers waiting forever.
+    /// Registers the job, then queues its frame (or holds it for the batch). Whatever happens, the job
+    /// is reported exactly once, and never from inside this call.
     /// </summary>
-    private async Task WaitForSlotAsync(CancellationToken cancellationToken)
+    private void Submit(Pending p, OutgoingFrame frame)
     {
-        if (_slots.Wait(0, CancellationToken.None))
+        p.CurrentFrame = frame;
+        DownstairsConnectionException? failed;
+        lock (_lock)
         {
+            failed = _failure;
+            if (failed is null)
+            {
+                if (!_pending.TryAdd(p.JobId, p))
+                {
+                    p.CurrentFrame = null;
+                    frame.ReturnPrefix();
+                    Recycle(p);
+                    throw new ArgumentException($"job {p.JobId} is already in flight on this connection");
+                }
+                if (_batchDepth > 0)
+                {
+                    _staged.Add(p);
+                    return;
+                }
+            }
+        }
+        if (failed is not null)
+        {
+            // Never registered: only this path reports it (asynchronously: the caller may hold its own lock).
+            p.Result = DownstairsResult.Lost(failed);
+            Dropped(p);
+            Signal(p, Pending.ReplyKnown, inline: false);
             return;
         }
-        using CancellationTokenSource? linked = cancellationToken.CanBeCanceled ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _closed.Token) : null;
-        try
+        Volatile.Write(ref _lastSend, System.Diagnostics.Stopwatch.GetTimestamp());
+        if (!_sender.TryEnqueue(frame))
         {
-            await _slots.WaitAsync(linked?.Token ?? _closed.Token).ConfigureAwait(false);
-        }
-        catch (OperationCanceledException) when (_closed.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
-        {
-            ThrowIfFailed();
-            throw;
+            // The sender stopped between the check above and here; the receive loop fails the registered job.
+            Dropped(p);
+            FailLink(new DownstairsConnectionException("downstairs link: the sender has stopped"));
         }
     }
 
-    private async Task ReceiveLoopAsync(PipeReader reader)
+    /// <summary>A frame that will never reach the sender: it is done with, as far as the sender is concerned.</summary>
+    private void Dropped(Pending p)
     {
-        Exception failure = new DownstairsConnectionException("downstairs closed the connection");
+        OutgoingFrame frame = p.CurrentFrame!;
+        frame.ReturnPrefix();
+        Signal(p, Pending.SendDone, inline: false);
+    }
+
+    /// <summary>The sender is done with a job's frame (sent or dropped): one of the two things its report waits for.</summary>
+    private static readonly Action<OutgoingFrame, bool> FrameDone = static (frame, _) =>
+    {
+        var p = (Pending)frame.State!;
+        p.Owner.Signal(p, Pending.SendDone, inline: true);
+    };
+
+    /// <summary>
+    /// Records one of the two events a job's report waits for — its outcome is known, and the sender has
+    /// let go of its frame — and reports the job when both have happened (whichever thread comes last).
+    /// </summary>
+    private void Signal(Pending p, int what, bool inline)
+    {
+        int before = Interlocked.Or(ref p.State, what);
+        System.Diagnostics.Debug.Assert((before & what) == 0, "each event happens once per job");
+        if ((before | what) != Pending.Both)
+        {
+            return;
+        }
+        if (inline)
+        {
+            Deliver(p);
+        }
+        else
+        {
+            ThreadPool.UnsafeQueueUserWorkItem(p, preferLocal: false);
+        }
+    }
+
+    private void Deliver(Pending p)
+    {
+        ulong jobId = p.JobId;
+        DownstairsResult result = p.Result;
+        ExtentMeta meta = p.Meta;
+        IDownstairsReplyHandler handler = p.Handler!;
+        Recycle(p);
+        try
+        {
+            handler.OnReply(jobId, result, meta);
+        }
+        catch (Exception e)
+        {
+            // A handler that throws is a bug in the caller; it must not stop the thread reporting the
+            // other jobs (the receive loop, the sender). The link goes down so the fault is visible.
+            FailLink(new DownstairsConnectionException($"reply handler for job {jobId} failed: {e.Message}", e));
+        }
+    }
+
+    /// <summary>Ends the link for <paramref name="reason"/> (the first reason wins): the receive loop stops and fails every registered job.</summary>
+    private void FailLink(DownstairsConnectionException reason)
+    {
+        Interlocked.CompareExchange(ref _failure, reason, null);
+        _sender.Complete();
+        try
+        {
+            _reader.CancelPendingRead();
+        }
+        catch (InvalidOperationException)
+        {
+            // The receive loop already completed its reader: it is on its way out anyway.
+        }
+    }
+
+    private void SenderStopped(Task completion)
+    {
+        Exception? e = completion.Exception?.GetBaseException();
+        FailLink(e is null
+            ? new DownstairsConnectionException("downstairs link: the sender has stopped")
+            : new DownstairsConnectionException($"send to downstairs failed: {e.Message}", e));
+    }
+
+    private async Task ReceiveLoopAsync()
+    {
+        PipeReader reader = _reader;
+        var failure = new DownstairsConnectionException("downstairs closed the connection");
         try
         {
             while (true)
             {
                 ReadResult result = await reader.ReadAsync().ConfigureAwait(false);
+                if (result.IsCanceled)
+                {
+                    break; // FailLink: its reason is already recorded
+                }
                 ReadOnlySequence<byte> buffer = result.Buffer;
                 while (FrameReader.TryRead(ref buffer, _maxFrameBytes, out FrameHeader header, out ReadOnlySequence<byte> body))
                 {
@@ -405,88 +730,117 @@ public sealed class DownstairsClient : IAsyncDisposable
         {
             Interlocked.CompareExchange(ref _failure, failure, null);
             _pinger?.Dispose();
-            await _closed.CancelAsync().ConfigureAwait(false);
             _sender.Complete();
             await reader.CompleteAsync().ConfigureAwait(false);
+            // Also aborts a send under way (a socket's): the sender then lets go of its frames, which is
+            // what the failure reports below wait for.
             await _stream.DisposeAsync().ConfigureAwait(false);
-            foreach (ulong id in _pending.Keys)
+            FailRegistered();
+        }
+    }
+
+    /// <summary>
+    /// Fails every registered job with the link's failure. A job whose frame the sender still holds is
+    /// reported when the sender lets go of it (a write blocked in the transport may still read its payload).
+    /// </summary>
+    private void FailRegistered()
+    {
+        DownstairsResult lost = DownstairsResult.Lost(_failure!);
+        List<Pending> failed;
+        lock (_lock)
+        {
+            failed = [.. _pending.Values];
+            _pending.Clear();
+            foreach (Pending p in _staged)
             {
-                Fail(id, Failure!);
+                // Held by an unfinished batch: never reaches the sender now.
+                p.CurrentFrame!.ReturnPrefix();
+                Interlocked.Or(ref p.State, Pending.SendDone);
             }
+            _staged.Clear();
+        }
+        foreach (Pending p in failed)
+        {
+            p.Result = lost;
+            Signal(p, Pending.ReplyKnown, inline: true);
         }
     }
 
     private void Complete(FrameHeader header, ReadOnlySequence<byte> body)
     {
-        if (!_pending.TryRemove(header.JobId, out Pending? pending))
+        Pending? pending;
+        lock (_lock)
+        {
+            _pending.Remove(header.JobId, out pending);
+        }
+        if (pending is null)
         {
             throw new DownstairsProtocolException($"reply {header.Type} for job {header.JobId}, which is not in flight");
         }
-        // Every reply frees its send slot, whatever its outcome.
-        using var release = new SlotRelease(_slots);
         try
         {
-            if (header.Type != pending.ReplyType)
-            {
-                throw new DownstairsProtocolException($"job {header.JobId}: got {header.Type}, expected {pending.ReplyType}");
-            }
-            if (header.Result != ResultCode.Ok)
-            {
-                ErrorBody error = ErrorBody.Parse(body);
-                pending.SetResult(new DownstairsResult(header.Result, error.Errno, error.Message));
-                return;
-            }
-            var r = new BodyReader(body);
-            switch (header.Type)
-            {
-                case MessageType.ReadReply:
-                {
-                    int count = r.ReadInt32();
-                    r.ReadUInt32();
-                    ExpectPayload(r.Remaining, pending.Count, count, Wire.HashSize, header);
-                    CopyPayload(ref r, pending, count * Wire.HashSize, count * BlockSize);
-                    break;
-                }
-                case MessageType.ExtentReadReply:
-                {
-                    ulong gen = r.ReadUInt64();
-                    ulong flush = r.ReadUInt64();
-                    uint flags = r.ReadUInt32();
-                    int count = r.ReadInt32();
-                    ExpectPayload(r.Remaining, pending.Count, count, BlockContext.Size, header);
-                    // The engine commits this metadata onto other replicas (repair): a lie here could
-                    // plant a generation or flush number nobody can step past.
-                    if (gen > _generationLimit)
-                    {
-                        throw new DownstairsProtocolException($"misbehaving replica: extent read reports generation {gen}, above {_generationLimit}, the highest this connection can have seen");
-                    }
-                    if (flush >= Wire.MaxFlushNumber)
-                    {
-                        throw new DownstairsProtocolException($"misbehaving replica: extent read reports flush number {flush}, at or above the ceiling {Wire.MaxFlushNumber}");
-                    }
-                    pending.Meta = new ExtentMeta(gen, flush, (flags & ExtentMeta.DirtyFlag) != 0);
-                    CopyPayload(ref r, pending, count * BlockContext.Size, count * BlockSize);
-                    break;
-                }
-                case MessageType.PingReply:
-                    Messages.ExpectLength(body, 8, "Ping reply");
-                    break;
-                default:
-                    Messages.ExpectLength(body, 0, header.Type.ToString());
-                    break;
-            }
-            pending.SetResult(DownstairsResult.Ok);
+            pending.Result = Parse(header, body, pending);
         }
         catch (DownstairsProtocolException e)
         {
-            pending.SetException(new DownstairsConnectionException($"invalid reply from downstairs: {e.Message}", e));
+            pending.Result = DownstairsResult.Lost(new DownstairsConnectionException($"invalid reply from downstairs: {e.Message}", e));
+            Signal(pending, Pending.ReplyKnown, inline: true);
             throw;
         }
+        Signal(pending, Pending.ReplyKnown, inline: true);
     }
 
-    private readonly struct SlotRelease(SemaphoreSlim slots) : IDisposable
+    private DownstairsResult Parse(FrameHeader header, ReadOnlySequence<byte> body, Pending pending)
     {
-        public void Dispose() => slots.Release();
+        if (header.Type != pending.ReplyType)
+        {
+            throw new DownstairsProtocolException($"job {header.JobId}: got {header.Type}, expected {pending.ReplyType}");
+        }
+        if (header.Result != ResultCode.Ok)
+        {
+            ErrorBody error = ErrorBody.Parse(body);
+            return new DownstairsResult(header.Result, error.Errno, error.Message);
+        }
+        var r = new BodyReader(body);
+        switch (header.Type)
+        {
+            case MessageType.ReadReply:
+            {
+                int count = r.ReadInt32();
+                r.ReadUInt32();
+                ExpectPayload(r.Remaining, pending.Count, count, Wire.HashSize, header);
+                CopyPayload(ref r, pending, count * Wire.HashSize, count * BlockSize);
+                break;
+            }
+            case MessageType.ExtentReadReply:
+            {
+                ulong gen = r.ReadUInt64();
+                ulong flush = r.ReadUInt64();
+                uint flags = r.ReadUInt32();
+                int count = r.ReadInt32();
+                ExpectPayload(r.Remaining, pending.Count, count, BlockContext.Size, header);
+                // The engine commits this metadata onto other replicas (repair): a lie here could
+                // plant a generation or flush number nobody can step past.
+                if (gen > _generationLimit)
+                {
+                    throw new DownstairsProtocolException($"misbehaving replica: extent read reports generation {gen}, above {_generationLimit}, the highest this connection can have seen");
+                }
+                if (flush >= Wire.MaxFlushNumber)
+                {
+                    throw new DownstairsProtocolException($"misbehaving replica: extent read reports flush number {flush}, at or above the ceiling {Wire.MaxFlushNumber}");
+                }
+                pending.Meta = new ExtentMeta(gen, flush, (flags & ExtentMeta.DirtyFlag) != 0);
+                CopyPayload(ref r, pending, count * BlockContext.Size, count * BlockSize);
+                break;
+            }
+            case MessageType.PingReply:
+                Messages.ExpectLength(body, 8, "Ping reply");
+                break;
+            default:
+                Messages.ExpectLength(body, 0, header.Type.ToString());
+                break;
+        }
+        return DownstairsResult.Ok;
     }
 
     private void ExpectPayload(long remaining, int expectedCount, int count, int perBlockMeta, FrameHeader header)
@@ -507,23 +861,6 @@ public sealed class DownstairsClient : IAsyncDisposable
         r.ReadBytes(dataBytes).CopyTo(pending.Destination2.Span);
     }
 
-    private void Fail(ulong jobId, Exception failure)
-    {
-        if (_pending.TryRemove(jobId, out Pending? pending))
-        {
-            pending.SetException(failure);
-            _slots.Release();
-        }
-    }
-
-    private void ThrowIfFailed()
-    {
-        if (Failure is { } f)
-        {
-            throw new DownstairsConnectionException(f.Message, f);
-        }
-    }
-
     public async ValueTask DisposeAsync()
     {
         Interlocked.CompareExchange(ref _failure, new DownstairsConnectionException("client disposed"), null);
@@ -531,7 +868,6 @@ public sealed class DownstairsClient : IAsyncDisposable
         {
             await _pinger.DisposeAsync().ConfigureAwait(false);
         }
-        await _closed.CancelAsync().ConfigureAwait(false);
         _sender.Complete();
         if (_stream is NetworkStream { Socket: { } socket })
         {
@@ -548,29 +884,81 @@ public sealed class DownstairsClient : IAsyncDisposable
             }
         }
         await _stream.DisposeAsync().ConfigureAwait(false);
+        FailLink(_failure!);
         await _receiveLoop.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
-        // _slots and _closed are not disposed: a caller racing with dispose may still touch them, and
-        // neither holds a kernel handle (no AvailableWaitHandle, no timer).
     }
 
-    private sealed class Pending(MessageType replyType)
+    /// <summary>
+    /// One job from submission to report; pooled. Reported once both <see cref="ReplyKnown"/> (a reply, or
+    /// the link's failure) and <see cref="SendDone"/> (the sender let go of the frame) have happened.
+    /// </summary>
+    private sealed class Pending : IThreadPoolWorkItem
+    {
+        public const int ReplyKnown = 1;
+        public const int SendDone = 2;
+        public const int Both = ReplyKnown | SendDone;
+
+        public Pending(DownstairsClient owner)
+        {
+            Owner = owner;
+            Frame = OutgoingFrame.CreateReusable(MaxPooledFixedBody);
+            Frame.Completed = FrameDone;
+            Frame.State = this;
+        }
+
+        public DownstairsClient Owner { get; }
+
+        /// <summary>This job's reusable request frame.</summary>
+        public OutgoingFrame Frame { get; }
+
+        /// <summary>The frame actually queued: <see cref="Frame"/>, or one of its own for a variable-length request.</summary>
+        public OutgoingFrame? CurrentFrame;
+
+        public int State;
+        public ulong JobId;
+        public MessageType ReplyType;
+        public IDownstairsReplyHandler? Handler;
+        public int Count;
+        public Memory<byte> Destination1;
+        public Memory<byte> Destination2;
+        public DownstairsResult Result;
+        public ExtentMeta Meta;
+
+        public void Clear()
+        {
+            Frame.ClearPayloads();
+            CurrentFrame = null;
+            State = 0;
+            Handler = null;
+            Count = 0;
+            Destination1 = default;
+            Destination2 = default;
+            Result = default;
+            Meta = default;
+        }
+
+        /// <summary>Reports a job on the thread pool (one registered or failed inside a caller's Submit).</summary>
+        void IThreadPoolWorkItem.Execute() => Owner.Deliver(this);
+    }
+
+    /// <summary>The Task-returning calls: a completion source fed by the callback path.</summary>
+    private sealed class TaskReplyHandler : IDownstairsReplyHandler
     {
         private readonly TaskCompletionSource<DownstairsResult> _tcs = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-        public MessageType ReplyType { get; } = replyType;
+        public Task<DownstairsResult> Result => _tcs.Task;
 
-        public int Count { get; init; }
+        public ExtentMeta Meta { get; private set; }
 
-        public Memory<byte> Destination1 { get; init; }
-
-        public Memory<byte> Destination2 { get; init; }
-
-        public ExtentMeta Meta { get; set; }
-
-        public Task<DownstairsResult> Task => _tcs.Task;
-
-        public void SetResult(DownstairsResult result) => _tcs.TrySetResult(result);
-
-        public void SetException(Exception e) => _tcs.TrySetException(e);
+        public void OnReply(ulong jobId, DownstairsResult result, ExtentMeta meta)
+        {
+            if (result.LinkFailure is { } failure)
+            {
+                _tcs.TrySetException(failure);
+                return;
+            }
+            Meta = meta;
+            _tcs.TrySetResult(result);
+        }
     }
 }

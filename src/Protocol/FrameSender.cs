@@ -62,6 +62,12 @@ public sealed class FrameSender
         return false;
     }
 
+    /// <summary>
+    /// Queues a frame; false once the writer has stopped, and then the frame stays the caller's (its
+    /// callback has not run and will not). For a caller that must not run completion code on its own thread.
+    /// </summary>
+    public bool TryEnqueue(OutgoingFrame frame) => _queue.Writer.TryWrite(frame);
+
     /// <summary>Stops after the frames already queued are sent.</summary>
     public void Complete() => _queue.Writer.TryComplete();
 

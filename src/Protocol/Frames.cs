@@ -82,19 +82,23 @@ public static class FrameReader
 /// </summary>
 public sealed class OutgoingFrame
 {
-    private OutgoingFrame(byte[] prefix, int prefixLength)
+    /// <summary>False for a frame whose prefix is its own, kept for reuse (see <see cref="CreateReusable"/>).</summary>
+    private readonly bool _pooledPrefix;
+
+    private OutgoingFrame(byte[] prefix, int prefixLength, bool pooledPrefix)
     {
         Prefix = prefix;
         PrefixLength = prefixLength;
+        _pooledPrefix = pooledPrefix;
     }
 
     public byte[] Prefix { get; }
 
-    public int PrefixLength { get; }
+    public int PrefixLength { get; private set; }
 
-    public ReadOnlyMemory<byte> Payload1 { get; private init; }
+    public ReadOnlyMemory<byte> Payload1 { get; private set; }
 
-    public ReadOnlyMemory<byte> Payload2 { get; private init; }
+    public ReadOnlyMemory<byte> Payload2 { get; private set; }
 
     /// <summary>Runs once the frame is on the wire, or when it is dropped because the link closed.</summary>
     public Action<OutgoingFrame, bool>? Completed { get; set; }
@@ -108,22 +112,61 @@ public sealed class OutgoingFrame
         SpanAction<byte, TState> writeFixed, ReadOnlyMemory<byte> payload1 = default, ReadOnlyMemory<byte> payload2 = default)
     {
         int prefixLength = Wire.HeaderSize + fixedLength;
-        byte[] prefix = ArrayPool<byte>.Shared.Rent(prefixLength);
-        long bodyLength = (long)fixedLength + payload1.Length + payload2.Length;
-        if (bodyLength > int.MaxValue)
-        {
-            throw new ArgumentException("frame body too large");
-        }
-        FrameReader.WriteHeader(prefix, type, result, jobId, (int)bodyLength);
-        writeFixed(prefix.AsSpan(Wire.HeaderSize, fixedLength), state);
-        return new OutgoingFrame(prefix, prefixLength) { Payload1 = payload1, Payload2 = payload2 };
+        var frame = new OutgoingFrame(ArrayPool<byte>.Shared.Rent(prefixLength), prefixLength, pooledPrefix: true);
+        frame.Fill(type, result, jobId, fixedLength, state, writeFixed, payload1, payload2);
+        return frame;
     }
 
     public static OutgoingFrame Create(MessageType type, ResultCode result, ulong jobId, ReadOnlyMemory<byte> payload1 = default, ReadOnlyMemory<byte> payload2 = default) =>
         Create(type, result, jobId, 0, 0, static (_, _) => { }, payload1, payload2);
 
+    /// <summary>
+    /// A frame object its owner refills with <see cref="Reset"/> for one job after another (no allocation
+    /// per job); <paramref name="maxFixedLength"/> bounds the fixed body it can hold.
+    /// </summary>
+    internal static OutgoingFrame CreateReusable(int maxFixedLength) => new(new byte[Wire.HeaderSize + maxFixedLength], 0, pooledPrefix: false);
+
+    /// <summary>Refills a reusable frame; only once the sender has finished with its previous contents (its <see cref="Completed"/> ran).</summary>
+    internal void Reset<TState>(MessageType type, ResultCode result, ulong jobId, int fixedLength, TState state,
+        SpanAction<byte, TState> writeFixed, ReadOnlyMemory<byte> payload1 = default, ReadOnlyMemory<byte> payload2 = default)
+    {
+        if (Wire.HeaderSize + fixedLength > Prefix.Length)
+        {
+            throw new ArgumentException($"a {fixedLength}-byte fixed body does not fit this frame", nameof(fixedLength));
+        }
+        Fill(type, result, jobId, fixedLength, state, writeFixed, payload1, payload2);
+    }
+
+    /// <summary>Drops the payload references (the owner's memory) of a frame kept for reuse.</summary>
+    internal void ClearPayloads()
+    {
+        Payload1 = default;
+        Payload2 = default;
+    }
+
+    private void Fill<TState>(MessageType type, ResultCode result, ulong jobId, int fixedLength, TState state,
+        SpanAction<byte, TState> writeFixed, ReadOnlyMemory<byte> payload1, ReadOnlyMemory<byte> payload2)
+    {
+        long bodyLength = (long)fixedLength + payload1.Length + payload2.Length;
+        if (bodyLength > int.MaxValue)
+        {
+            throw new ArgumentException("frame body too large");
+        }
+        PrefixLength = Wire.HeaderSize + fixedLength;
+        FrameReader.WriteHeader(Prefix, type, result, jobId, (int)bodyLength);
+        writeFixed(Prefix.AsSpan(Wire.HeaderSize, fixedLength), state);
+        Payload1 = payload1;
+        Payload2 = payload2;
+    }
+
     /// <summary>Gives the pooled prefix back; for a frame that is encoded but never handed to a <see cref="FrameSender"/> (which returns it itself).</summary>
-    public void ReturnPrefix() => ArrayPool<byte>.Shared.Return(Prefix);
+    public void ReturnPrefix()
+    {
+        if (_pooledPrefix)
+        {
+            ArrayPool<byte>.Shared.Return(Prefix);
+        }
+    }
 }
 
 /// <summary>Forward-only reader over a frame body (which may span pipe segments).</summary>

@@ -169,7 +169,7 @@ public sealed class InProcessServerTests
     public async Task Client_that_stops_reading_makes_the_server_stop_taking_work()
     {
         (Stream s, _) = Pair();
-        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(), new DownstairsClientOptions { MaxInFlightJobs = 100_000 });
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(), new DownstairsClientOptions());
         // Reads of 256 KiB: the 4 MiB budget admits ~16; the rest wait unread in the pipe.
         var reads = new List<Task<DownstairsResult>>();
         var buffers = new byte[64][];
