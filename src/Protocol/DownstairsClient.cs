@@ -671,7 +671,7 @@ public sealed class DownstairsClient : IAsyncDisposable
         {
             _reader.CancelPendingRead();
         }
-        catch (InvalidOperationException)
+        catch (Exception e) when (e is InvalidOperationException or ObjectDisposedException)
         {
             // The receive loop already completed its reader: it is on its way out anyway.
         }
