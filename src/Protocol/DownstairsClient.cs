@@ -374,6 +374,10 @@ public sealed class DownstairsClient : IAsyncDisposable
             {
                 return;
             }
+            if (_staged.Count > 0)
+            {
+                Volatile.Write(ref _lastSend, System.Diagnostics.Stopwatch.GetTimestamp());
+            }
             foreach (Pending p in _staged)
             {
                 if (!_sender.TryEnqueue(p.CurrentFrame!))
@@ -747,17 +751,19 @@ public sealed class DownstairsClient : IAsyncDisposable
     {
         DownstairsResult lost = DownstairsResult.Lost(_failure!);
         List<Pending> failed;
+        List<Pending> held;
         lock (_lock)
         {
             failed = [.. _pending.Values];
             _pending.Clear();
-            foreach (Pending p in _staged)
-            {
-                // Held by an unfinished batch: never reaches the sender now.
-                p.CurrentFrame!.ReturnPrefix();
-                Interlocked.Or(ref p.State, Pending.SendDone);
-            }
+            held = [.. _staged];
             _staged.Clear();
+        }
+        foreach (Pending p in held)
+        {
+            // Held by an unfinished batch: never reaches the sender now.
+            p.CurrentFrame!.ReturnPrefix();
+            Signal(p, Pending.SendDone, inline: true);
         }
         foreach (Pending p in failed)
         {
