@@ -4,30 +4,36 @@ namespace NbdServer.ReplicaEngine;
 
 /// <summary>
 /// The operations the engine needs from one downstairs connection. <see cref="DownstairsClient"/>
-/// implements it over TCP; engine tests script it in-process. Each call enqueues its request
-/// before returning (so calls made in order are sent in order) and completes with the reply.
+/// implements them over TCP; engine tests script them in-process. Each Submit queues its request
+/// before returning and never waits (calls made in order are sent in order; the engine keeps its
+/// own outstanding work below the downstairs' job limit). Every submitted job gets exactly one
+/// <see cref="IDownstairsReplyHandler.OnReply"/>, from the downstairs or, when the link ends, a
+/// failure; after it the connection never touches that job's memory again.
 /// </summary>
 internal interface IDownstairs : IAsyncDisposable
 {
     HelloReply Region { get; }
 
-    Task<DownstairsResult> WriteAsync(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes, CancellationToken cancellationToken = default);
+    void SubmitWrite(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes);
 
-    Task<DownstairsResult> ReadAsync(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes, CancellationToken cancellationToken = default);
+    void SubmitRead(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes);
 
-    Task<DownstairsResult> FlushAsync(ulong jobId, ulong flushNumber, ulong generation, CancellationToken cancellationToken = default);
+    void SubmitFlush(ulong jobId, ulong flushNumber, ulong generation);
 
-    Task<ExtentReadResult> ReadExtentAsync(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data, CancellationToken cancellationToken = default);
+    void SubmitReadExtent(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data);
 
-    Task<DownstairsResult> WriteExtentAsync(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default);
+    void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data);
 
-    Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default);
+    void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta);
 
-    Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default);
+    void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents);
+
+    /// <summary>Everything submitted since the last call goes out now: the sender is woken once per batch, not per request.</summary>
+    void EndBatch();
 }
 
-/// <summary>Opens a connection to one replica (TCP in production, scripted in tests).</summary>
+/// <summary>Opens a connection to one replica (TCP in production, scripted in tests); its replies go to <paramref name="replies"/>.</summary>
 internal interface IDownstairsConnector
 {
-    Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, CancellationToken cancellationToken);
+    Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, IDownstairsReplyHandler replies, CancellationToken cancellationToken);
 }

@@ -1,0 +1,294 @@
+using System.Diagnostics;
+using Microsoft.Extensions.Logging;
+using NbdServer.Protocol;
+
+namespace NbdServer.ReplicaEngine;
+
+/// <summary>
+/// The background life of one replica: whenever it is out of service, reconnect (with backoff) and
+/// live-repair it. A worker, not an owner: every state change it makes is a request to the loop.
+/// </summary>
+internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector connector, Replica replica, ReplicatedVolume volume)
+{
+    private static readonly TimeSpan ProgressLogInterval = TimeSpan.FromSeconds(2);
+    private static readonly TimeSpan GuestIdleAfter = TimeSpan.FromMilliseconds(100);
+
+    private readonly EngineOptions _options = engine.Options;
+    private readonly int _index = replica.Index;
+
+    public async Task RunAsync(CancellationToken stopping)
+    {
+        SemaphoreSlim wake = engine.Reconnect[_index];
+        while (!stopping.IsCancellationRequested)
+        {
+            try
+            {
+                await wake.WaitAsync(stopping);
+                (bool connected, TimeSpan backoff) = await engine.InvokeAsync(() => (replica.Connection is not null, replica.ReconnectDelay));
+                if (connected)
+                {
+                    // A stale wake-up: the fault that signalled it was already answered by a
+                    // reconnect. Connecting again would fence the healthy connection.
+                    continue;
+                }
+                if (backoff > TimeSpan.Zero)
+                {
+                    await Task.Delay(backoff, engine.Time, stopping);
+                }
+            }
+            catch (OperationCanceledException)
+            {
+                return;
+            }
+            await ReconnectAsync(stopping);
+        }
+    }
+
+    private async Task ReconnectAsync(CancellationToken stopping)
+    {
+        TimeSpan delay = _options.ReconnectInitialDelay;
+        while (!stopping.IsCancellationRequested)
+        {
+            var connection = new ReplicaConnection(engine, _index);
+            bool attached = false;
+            try
+            {
+                connection.Client = await connector.ConnectAsync(_index, volume.Hello(replica.RegionId), connection, stopping);
+                HelloReply r = connection.Region;
+                r.Validate();
+                if (r.BlockSize != engine.BlockSize || r.ExtentBlocks != engine.ExtentBlocks || r.ExtentCount != engine.ExtentCount)
+                {
+                    throw new InvalidOperationException($"region has a different shape ({r.ExtentCount} extents of {r.ExtentBlocks} × {r.BlockSize} bytes)");
+                }
+                bool flapping = await engine.InvokeAsync(() =>
+                {
+                    if (replica.RegionId == Guid.Empty)
+                    {
+                        replica.RegionId = r.RegionId;
+                    }
+                    return replica.ReconnectDelay > TimeSpan.Zero;
+                });
+                if (flapping)
+                {
+                    // Flapping: one line per interval, not one per cycle.
+                    engine.Throttle.Report(LogLevel.Information, $"Replica {_index} ({replica.EndPoint}) reconnected", () => "live repair starts again");
+                }
+                else
+                {
+                    EngineLog.Connected(engine.Logger, _index, replica.EndPoint.ToString(), r.RegionId, r.ExtentCount, (long)r.ExtentBlocks * r.BlockSize, r.BlockSize);
+                }
+                attached = true;
+                await LiveRepairAsync(connection, stopping);
+                return;
+            }
+            catch (OperationCanceledException) when (stopping.IsCancellationRequested)
+            {
+                return;
+            }
+            catch (Exception e)
+            {
+                if (attached)
+                {
+                    bool faulted = await engine.InvokeAsync(() =>
+                    {
+                        if (replica.Connection == connection)
+                        {
+                            engine.Fault(replica, $"live repair failed: {e.Message}");
+                            return true;
+                        }
+                        engine.Close(connection);
+                        return false;
+                    });
+                    if (faulted)
+                    {
+                        return; // the fault signalled a reconnect
+                    }
+                }
+                else if (connection.Client is not null)
+                {
+                    await connection.Client.DisposeAsync();
+                }
+                if (e is DownstairsRefusedException refused)
+                {
+                    // Not "down" but answering no (another region at this address, a newer
+                    // generation, a shape mismatch): its own warning, not hidden behind "unreachable".
+                    engine.Throttle.Report(LogLevel.Warning, $"replica {_index} ({replica.EndPoint}) refused ({refused.Result.Code})", () => $"{e.Message}; retrying");
+                }
+                else
+                {
+                    engine.Throttle.Report(LogLevel.Information, $"replica {_index} ({replica.EndPoint}) unreachable", () => $"{e.Message}; retrying");
+                }
+                await Task.Delay(delay, engine.Time, stopping).ContinueWith(static _ => { }, TaskScheduler.Default);
+                delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, _options.ReconnectMaxDelay.Ticks));
+            }
+        }
+    }
+
+    /// <summary>
+    /// Brings a connected replica back: from this moment it receives every write (so nothing new is
+    /// missed), while the extents it may lack are copied one at a time from a replica in service.
+    /// </summary>
+    private async Task LiveRepairAsync(ReplicaConnection connection, CancellationToken cancellationToken)
+    {
+        (List<int> extents, ValueTask<JobOutcome> marked, ValueTask<JobOutcome>? announced, ulong flushNumber) = await engine.InvokeAsync(() =>
+        {
+            // This connection answers every fault signalled so far (one may have arrived while the
+            // maintainer was already retrying); a leftover signal would trigger a second reconnect.
+            while (engine.Reconnect[_index].Wait(0))
+            {
+            }
+            HelloReply region = connection.Region;
+            var needed = new HashSet<int>(engine.Dirty);
+            needed.UnionWith(replica.PendingRepair); // left over from an interrupted repair
+            foreach (List<int> flushing in engine.Flushing.Values)
+            {
+                needed.UnionWith(flushing);
+            }
+            for (int e = 0; e < engine.ExtentCount; e++)
+            {
+                ExtentMeta have = region.Extents[e];
+                ExtentMeta want = engine.Expected[e];
+                if (have.Dirty || want.Dirty || have.Generation != want.Generation || have.FlushNumber != want.FlushNumber)
+                {
+                    needed.Add(e);
+                }
+            }
+            // Extents dirty on the replica first: they include any whose fdatasync failed (the
+            // downstairs keeps those "poisoned" until they are replaced).
+            List<int> chosen = [.. needed.OrderBy(e => region.Extents[e].Dirty ? 0 : 1).ThenBy(e => e)];
+            replica.PendingRepair.Clear();
+            replica.PendingRepair.UnionWith(chosen);
+            replica.BeginRepair(connection, chosen.Count);
+            // Posted now, so they are dispatched before any write or flush reaches the replica (the
+            // connection keeps order): its flushes must leave these extents unstamped until their
+            // copies are committed, or a crash mid-repair would leave stale data recorded as current.
+            ValueTask<JobOutcome> mark = engine.MarkRepairPendingAsync(connection, chosen);
+            // Then a flush with the current flush number: the downstairs accepts a repair commit at our
+            // generation only up to a flush number it has seen, and this replica may have missed the
+            // flushes that stamped the source's copies. It stamps nothing: every extent dirty on the
+            // replica is in the pending set, and nothing has been written on this connection yet.
+            ValueTask<JobOutcome>? announce = engine.FlushNumber > 0 ? engine.FlushOneAsync(connection, engine.FlushNumber) : null;
+            return (chosen, mark, announce, engine.FlushNumber);
+        });
+        JobOutcome mark = await marked;
+        if (!mark.Ok)
+        {
+            throw new InvalidOperationException($"marking {extents.Count} extents for repair failed: {mark.Result}");
+        }
+        if (announced is { } pending && await pending is { Ok: false } announce)
+        {
+            throw new InvalidOperationException($"announcing flush number {flushNumber} before repair failed: {announce.Result}");
+        }
+        bool quiet = await engine.InvokeAsync(() => replica.ReconnectDelay > TimeSpan.Zero);
+        if (!quiet)
+        {
+            EngineLog.RepairStarted(engine.Logger, _index, extents.Count, engine.ExtentCount);
+        }
+        long started = Stopwatch.GetTimestamp();
+        long lastLog = started;
+        long extentBytes = (long)engine.ExtentBlocks * engine.BlockSize;
+        foreach (int extent in extents)
+        {
+            await RepairExtentAsync(connection, extent, cancellationToken);
+            if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
+            {
+                lastLog = Stopwatch.GetTimestamp();
+                int done = await engine.InvokeAsync(() => replica.RepairDone);
+                double mib = done * extentBytes / 1048576.0;
+                EngineLog.RepairProgress(engine.Logger, _index, done, extents.Count, mib, mib / Stopwatch.GetElapsedTime(started).TotalSeconds);
+            }
+        }
+        bool finished = await engine.InvokeAsync(() =>
+        {
+            if (replica.Connection != connection)
+            {
+                return false; // faulted again while repairing; the maintainer starts over
+            }
+            replica.FinishRepair();
+            return true;
+        });
+        if (finished)
+        {
+            EngineLog.RepairDone(engine.Logger, _index, extents.Count, extents.Count * extentBytes / 1048576.0, Stopwatch.GetElapsedTime(started).TotalSeconds);
+        }
+        else
+        {
+            throw new OperationCanceledException("faulted during repair");
+        }
+    }
+
+    private async Task RepairExtentAsync(ReplicaConnection target, int extent, CancellationToken cancellationToken)
+    {
+        // Sources that failed this extent (an error, or metadata no honest replica can hold): the
+        // next attempt goes to another one, so one bad source cannot stall the repair.
+        var failedSources = new HashSet<ReplicaConnection>();
+        while (true)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            (bool gone, ReplicaConnection? source, RepairCopy? copy) = await engine.InvokeAsync(() =>
+            {
+                if (replica.Connection != target)
+                {
+                    return (true, null, null);
+                }
+                ReplicaConnection? from = engine.Replicas.FirstOrDefault(r => r.InService && r.Connection is not null && !failedSources.Contains(r.Connection))?.Connection;
+                return (false, from, from is null ? null : engine.RepairCopies.Begin(replica, target, extent));
+            });
+            if (gone)
+            {
+                throw new OperationCanceledException("faulted during repair");
+            }
+            if (source is null)
+            {
+                // No healthy copy to repair from right now; wait for one rather than copy garbage.
+                failedSources.Clear();
+                await Task.Delay(TimeSpan.FromMilliseconds(200), engine.Time, cancellationToken);
+                continue;
+            }
+            long copyStarted = Stopwatch.GetTimestamp();
+            bool committed = false;
+            try
+            {
+                await ExtentCopier.CopyAsync(engine, source, target, extent, null);
+                committed = true;
+            }
+            catch (RepairSourceException e)
+            {
+                // The source failed (and is being faulted by its own jobs) or lied: try the next one.
+                failedSources.Add(source);
+                engine.Throttle.Report(LogLevel.Warning, $"replica {_index} repair: a source failed", () => $"{e.Message}; trying another source");
+            }
+            finally
+            {
+                RepairCopy ended = copy!;
+                await engine.InvokeAsync(() => engine.RepairCopies.End(ended, committed)); // on success also takes the extent off PendingRepair
+            }
+            if (committed)
+            {
+                await PaceAsync(copyStarted, _options.RepairDutyCycle, cancellationToken);
+                return;
+            }
+            await Task.Delay(TimeSpan.FromMilliseconds(50), engine.Time, cancellationToken);
+        }
+    }
+
+    /// <summary>
+    /// Background work (repair, scrub) keeps at most <paramref name="busyDutyCycle"/> of the time while
+    /// the guest does IO: after a step that took t it pauses t·(1 − d)/d, at most
+    /// <see cref="EngineOptions.RepairMaxPause"/>. With the guest idle it runs at <see cref="EngineOptions.IdleRepairDutyCycle"/>.
+    /// </summary>
+    internal static async Task PaceAsync(Engine engine, long stepStarted, double busyDutyCycle, CancellationToken cancellationToken)
+    {
+        EngineOptions options = engine.Options;
+        bool guestBusy = engine.Time.GetElapsedTime(Volatile.Read(ref engine.LastGuestIo)) < GuestIdleAfter;
+        double duty = guestBusy ? busyDutyCycle : options.IdleRepairDutyCycle;
+        if (duty < 1)
+        {
+            TimeSpan pause = Stopwatch.GetElapsedTime(stepStarted) * ((1 - duty) / duty);
+            await Task.Delay(pause < options.RepairMaxPause ? pause : options.RepairMaxPause, engine.Time, cancellationToken);
+        }
+    }
+
+    private Task PaceAsync(long stepStarted, double busyDutyCycle, CancellationToken cancellationToken) =>
+        PaceAsync(engine, stepStarted, busyDutyCycle, cancellationToken);
+}
