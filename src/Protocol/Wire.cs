@@ -140,6 +140,12 @@ public enum ResultCode : ushort
     VersionMismatch = 9,
     /// <summary>The downstairs is shutting down.</summary>
     Unavailable = 10,
+
+    /// <summary>
+    /// Never on the wire: the client's own verdict for a job whose link ended before its reply.
+    /// A peer sending it is answering with a code it may not use.
+    /// </summary>
+    ConnectionLost = 0xFFFF,
 }
 
 public static class ResultCodes

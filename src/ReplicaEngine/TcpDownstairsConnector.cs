@@ -40,38 +40,54 @@ internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints
         return new TcpDownstairsConnector(engine.Downstairs, perReplica);
     }
 
-    public async Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, CancellationToken cancellationToken) =>
-        new ClientAdapter(await DownstairsClient.ConnectAsync(endPoints[replica], hello, options?[replica] ?? new DownstairsClientOptions(), cancellationToken));
+    public async Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, IDownstairsReplyHandler replies, CancellationToken cancellationToken) =>
+        new ClientAdapter(await DownstairsClient.ConnectAsync(endPoints[replica], hello, options?[replica] ?? new DownstairsClientOptions(), cancellationToken), replies);
 
-    /// <summary>
-    /// The client already has the right shape; this only names it as the engine's interface (also
-    /// for tests that put a real client in front of a fake downstairs).
-    /// </summary>
-    internal sealed class ClientAdapter(DownstairsClient client) : IDownstairs
+    /// <summary>The client under the engine's name for it, with the connection's reply sink bound (also for tests that put a real client in front of a fake downstairs).</summary>
+    internal sealed class ClientAdapter(DownstairsClient client, IDownstairsReplyHandler replies) : IDownstairs
     {
         public HelloReply Region => client.Region;
 
-        public Task<DownstairsResult> WriteAsync(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes, CancellationToken cancellationToken = default) =>
-            client.WriteAsync(jobId, firstBlock, data, hashes, cancellationToken);
+        public void SubmitWrite(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes) =>
+            Forward(jobId, client.WriteAsync(jobId, firstBlock, data, hashes));
 
-        public Task<DownstairsResult> ReadAsync(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes, CancellationToken cancellationToken = default) =>
-            client.ReadAsync(jobId, firstBlock, data, hashes, cancellationToken);
+        public void SubmitRead(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes) =>
+            Forward(jobId, client.ReadAsync(jobId, firstBlock, data, hashes));
 
-        public Task<DownstairsResult> FlushAsync(ulong jobId, ulong flushNumber, ulong generation, CancellationToken cancellationToken = default) =>
-            client.FlushAsync(jobId, flushNumber, generation, cancellationToken);
+        public void SubmitFlush(ulong jobId, ulong flushNumber, ulong generation) =>
+            Forward(jobId, client.FlushAsync(jobId, flushNumber, generation));
 
-        public Task<ExtentReadResult> ReadExtentAsync(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data, CancellationToken cancellationToken = default) =>
-            client.ReadExtentAsync(jobId, range, contexts, data, cancellationToken);
+        public void SubmitReadExtent(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data) =>
+            client.ReadExtentAsync(jobId, range, contexts, data).ContinueWith(
+                t => replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result.Result : Lost(t), t.IsCompletedSuccessfully ? t.Result.Meta : default),
+                CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
-        public Task<DownstairsResult> WriteExtentAsync(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default) =>
-            client.WriteExtentAsync(jobId, range, contexts, data, cancellationToken);
+        public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data) =>
+            Forward(jobId, client.WriteExtentAsync(jobId, range, contexts, data));
 
-        public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default) =>
-            client.CommitExtentAsync(jobId, extent, meta, cancellationToken);
+        public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta) =>
+            Forward(jobId, client.CommitExtentAsync(jobId, extent, meta));
 
-        public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
-            client.MarkRepairPendingAsync(jobId, extents, cancellationToken);
+        public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) =>
+            Forward(jobId, client.MarkRepairPendingAsync(jobId, extents));
+
+        public void EndBatch()
+        {
+        }
 
         public ValueTask DisposeAsync() => client.DisposeAsync();
+
+        private void Forward(ulong jobId, Task<DownstairsResult> task) =>
+            task.ContinueWith(t => replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result : Lost(t), default),
+                CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+
+        private static DownstairsResult Lost(Task t) =>
+            new(ResultCode.ConnectionLost, 0, t.Exception?.InnerException?.Message ?? "cancelled");
     }
+}
+
+/// <summary>Where one connection's replies go: called exactly once per submitted job, after the connection is done with its memory.</summary>
+internal interface IDownstairsReplyHandler
+{
+    void OnReply(ulong jobId, DownstairsResult result, ExtentMeta meta);
 }

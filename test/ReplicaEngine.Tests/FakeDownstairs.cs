@@ -205,7 +205,7 @@ internal sealed class FakeReplica
 
     // ------------------------------------------------------------ connections
 
-    public async Task<IDownstairs> ConnectAsync(HelloRequest hello, CancellationToken cancellationToken)
+    public async Task<IDownstairs> ConnectAsync(HelloRequest hello, IDownstairsReplyHandler replies, CancellationToken cancellationToken)
     {
         await Task.Yield();
         cancellationToken.ThrowIfCancellationRequested();
@@ -234,7 +234,7 @@ internal sealed class FakeReplica
             }
             var reply = new HelloReply(Wire.ProtocolVersion, hello.ReadOnly, RegionId, BlockSize, ExtentBlocks, ExtentCount,
                 Wire.DefaultMaxFrameBytes, 1024, HighestGeneration, [.. _meta]);
-            var connection = new FakeDownstairs(this, ++_connections, reply, hello.ReadOnly ? 0 : hello.Generation);
+            var connection = new FakeDownstairs(this, ++_connections, reply, hello.ReadOnly ? 0 : hello.Generation, replies);
             if (!hello.ReadOnly)
             {
                 Current = connection;
@@ -402,8 +402,11 @@ internal sealed class FakeDownstairs : IDownstairs
     private readonly CancellationTokenSource _closed = new();
     private string? _closeReason;
 
-    public FakeDownstairs(FakeReplica replica, int serial, HelloReply region, ulong generation)
+    private readonly IDownstairsReplyHandler _replies;
+
+    public FakeDownstairs(FakeReplica replica, int serial, HelloReply region, ulong generation, IDownstairsReplyHandler replies)
     {
+        _replies = replies;
         _replica = replica;
         Serial = serial;
         Region = region;
@@ -452,6 +455,42 @@ internal sealed class FakeDownstairs : IDownstairs
 
     public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
         Enqueue(OpKind.MarkPending, jobId, 0, 0, 0, () => Fenced() ?? _replica.ApplyMarkPending([.. extents]), cancellationToken);
+
+    // The engine's interface: each request queued at the call (in call order), its reply delivered
+    // to the connection's sink once it ran or the connection ended.
+
+    public void SubmitWrite(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes) =>
+        Forward(jobId, WriteAsync(jobId, firstBlock, data, hashes));
+
+    public void SubmitRead(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes) =>
+        Forward(jobId, ReadAsync(jobId, firstBlock, data, hashes));
+
+    public void SubmitFlush(ulong jobId, ulong flushNumber, ulong generation) =>
+        Forward(jobId, FlushAsync(jobId, flushNumber, generation));
+
+    public void SubmitReadExtent(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data) =>
+        ReadExtentAsync(jobId, range, contexts, data).ContinueWith(
+            t => _replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result.Result : Lost(t), t.IsCompletedSuccessfully ? t.Result.Meta : default),
+            CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+
+    public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data) =>
+        Forward(jobId, WriteExtentAsync(jobId, range, contexts, data));
+
+    public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta) =>
+        Forward(jobId, CommitExtentAsync(jobId, extent, meta));
+
+    public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) =>
+        Forward(jobId, MarkRepairPendingAsync(jobId, extents));
+
+    public void EndBatch()
+    {
+    }
+
+    private void Forward(ulong jobId, Task<DownstairsResult> task) =>
+        task.ContinueWith(t => _replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result : Lost(t), default),
+            CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+
+    private static DownstairsResult Lost(Task t) => new(ResultCode.ConnectionLost, 0, t.Exception?.InnerException?.Message ?? "cancelled");
 
     public ValueTask DisposeAsync()
     {
@@ -556,6 +595,6 @@ internal sealed class FakeDownstairs : IDownstairs
 /// <summary>Hands out connections to the three fake replicas.</summary>
 internal sealed class FakeConnector(IReadOnlyList<FakeReplica> replicas) : IDownstairsConnector
 {
-    public Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, CancellationToken cancellationToken) =>
-        replicas[replica].ConnectAsync(hello, cancellationToken);
+    public Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, IDownstairsReplyHandler replies, CancellationToken cancellationToken) =>
+        replicas[replica].ConnectAsync(hello, replies, cancellationToken);
 }

@@ -83,11 +83,11 @@ public sealed class MaliciousReplicaFuzzTests
 
         public int Sessions => Volatile.Read(ref _sessions);
 
-        public async Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, CancellationToken cancellationToken)
+        public async Task<IDownstairs> ConnectAsync(int replica, HelloRequest hello, IDownstairsReplyHandler replies, CancellationToken cancellationToken)
         {
             if (replica != Liar || !Lying)
             {
-                return await replicas[replica].ConnectAsync(hello, cancellationToken);
+                return await replicas[replica].ConnectAsync(hello, replies, cancellationToken);
             }
             int session = Interlocked.Increment(ref _sessions);
             FakeReplica r = replicas[replica];
@@ -99,7 +99,7 @@ public sealed class MaliciousReplicaFuzzTests
             helloTimeout.CancelAfter(TimeSpan.FromSeconds(1));
             try
             {
-                return new TcpDownstairsConnector.ClientAdapter(await DownstairsClient.ConnectAsync(client, hello, new DownstairsClientOptions(), helloTimeout.Token));
+                return new TcpDownstairsConnector.ClientAdapter(await DownstairsClient.ConnectAsync(client, hello, new DownstairsClientOptions(), helloTimeout.Token), replies);
             }
             catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
             {
