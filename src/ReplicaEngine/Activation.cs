@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using NbdServer.Protocol;
 
@@ -70,8 +69,8 @@ internal sealed class Activation(Engine engine, IDownstairsConnector connector, 
         // 2. Connect read-write with our generation. One replica that refuses (or answers nonsense)
         // does not decide for the others: two suffice, and its maintainer brings it in later.
         var connected = new List<ReplicaConnection>();
-        var replies = new HelloReply?[engine.Replicas.Count];
-        for (int i = 0; i < engine.Replicas.Count; i++)
+        var replies = new HelloReply?[engine.Replicas.Length];
+        for (int i = 0; i < engine.Replicas.Length; i++)
         {
             if (probes[i] is null)
             {
@@ -124,16 +123,16 @@ internal sealed class Activation(Engine engine, IDownstairsConnector connector, 
         var dirty = new List<int>();
         int repaired = 0;
         ulong maxFlush = 0;
-        long started = Stopwatch.GetTimestamp();
+        long started = engine.Time.GetTimestamp();
         long lastProgressLog = started;
         for (int e = 0; e < extentCount; e++)
         {
             report(new StartupStatus("reconciling", e, extentCount, repaired));
-            if (Stopwatch.GetElapsedTime(lastProgressLog) > ProgressLogInterval)
+            if (engine.Time.GetElapsedTime(lastProgressLog) > ProgressLogInterval)
             {
                 // A replaced or long-dead replica can need every extent copied before the guest is served.
-                lastProgressLog = Stopwatch.GetTimestamp();
-                EngineLog.ReconcileProgress(engine.Logger, e, extentCount, repaired, Stopwatch.GetElapsedTime(started).TotalSeconds);
+                lastProgressLog = engine.Time.GetTimestamp();
+                EngineLog.ReconcileProgress(engine.Logger, e, extentCount, repaired, engine.Time.GetElapsedTime(started).TotalSeconds);
             }
             ReplicaConnection winner = connected[0];
             foreach (ReplicaConnection c in connected)
@@ -286,7 +285,7 @@ internal sealed class Activation(Engine engine, IDownstairsConnector connector, 
 
     private async Task<HelloReply?[]> ProbeAllAsync(CancellationToken cancellationToken)
     {
-        var probes = new HelloReply?[engine.Replicas.Count];
+        var probes = new HelloReply?[engine.Replicas.Length];
         Task[] tasks = [.. engine.Replicas.Select((replica, i) => Task.Run(async () =>
         {
             TimeSpan delay = _options.ReconnectInitialDelay;

@@ -249,7 +249,17 @@ internal sealed class RangeLocks
     private readonly List<RangeLease> _held = [];
     private readonly List<RangeLease> _waiting = [];
 
-    public bool Overlaps(long first, long end) => _held.Exists(h => h.Overlaps(first, end));
+    public bool Overlaps(long first, long end)
+    {
+        foreach (RangeLease held in _held)
+        {
+            if (held.Overlaps(first, end))
+            {
+                return true;
+            }
+        }
+        return false;
+    }
 
     /// <summary>Takes the range now, or never (a read repair must not wait on its own read's lock).</summary>
     public bool TryTake(RangeLease lease)

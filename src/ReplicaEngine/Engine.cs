@@ -69,7 +69,7 @@ internal sealed partial class Engine
 
     public TimeProvider Time => _time;
 
-    public IReadOnlyList<Replica> Replicas => _replicas;
+    public Replica[] Replicas => _replicas;
 
     public RangeLocks RangeLocks => _rangeLocks;
 

@@ -191,18 +191,10 @@ internal sealed class Job
 /// </summary>
 internal sealed class JobCompletion : IValueTaskSource<JobOutcome>
 {
-    private static readonly ConcurrentQueue<JobCompletion> Pool = new();
-    private const int PoolLimit = 1024;
+    private static readonly BoundedPool<JobCompletion> Pool = new(1024);
     private ManualResetValueTaskSourceCore<JobOutcome> _core;
 
-    public static JobCompletion Rent()
-    {
-        if (!Pool.TryDequeue(out JobCompletion? completion))
-        {
-            completion = new JobCompletion();
-        }
-        return completion;
-    }
+    public static JobCompletion Rent() => Pool.TryRent() ?? new JobCompletion();
 
     public ValueTask<JobOutcome> Task => new(this, _core.Version);
 
@@ -221,10 +213,7 @@ internal sealed class JobCompletion : IValueTaskSource<JobOutcome>
         {
             _core.Reset();
             RunAsync = false;
-            if (Pool.Count < PoolLimit)
-            {
-                Pool.Enqueue(this);
-            }
+            Pool.Return(this);
         }
     }
 
@@ -237,17 +226,46 @@ internal sealed class JobCompletion : IValueTaskSource<JobOutcome>
 /// <summary>Jobs are rented by submitters on any thread and returned by the loop.</summary>
 internal static class JobPool
 {
-    private static readonly ConcurrentQueue<Job> Pool = new();
-    private const int PoolLimit = 2048;
+    private static readonly BoundedPool<Job> Pool = new(2048);
 
-    public static Job Rent() => Pool.TryDequeue(out Job? job) ? job : new Job();
+    public static Job Rent() => Pool.TryRent() ?? new Job();
 
     public static void Return(Job job)
     {
         job.Reset();
-        if (Pool.Count < PoolLimit)
+        Pool.Return(job);
+    }
+}
+
+/// <summary>
+/// A thread-safe pool holding at most <c>limit</c> objects. Its own count, because
+/// <see cref="ConcurrentQueue{T}.Count"/> across segments freezes them for observation, after
+/// which every enqueue allocates a new segment: a pool that allocates.
+/// </summary>
+internal sealed class BoundedPool<T>(int limit) where T : class
+{
+    private readonly ConcurrentQueue<T> _items = new();
+    private int _count;
+
+    public T? TryRent()
+    {
+        if (_items.TryDequeue(out T? item))
         {
-            Pool.Enqueue(job);
+            Interlocked.Decrement(ref _count);
+            return item;
+        }
+        return null;
+    }
+
+    public void Return(T item)
+    {
+        if (Interlocked.Increment(ref _count) <= limit)
+        {
+            _items.Enqueue(item);
+        }
+        else
+        {
+            Interlocked.Decrement(ref _count);
         }
     }
 }

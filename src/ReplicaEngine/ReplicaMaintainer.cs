@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using NbdServer.Protocol;
 
@@ -184,18 +183,18 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         {
             EngineLog.RepairStarted(engine.Logger, _index, extents.Count, engine.ExtentCount);
         }
-        long started = Stopwatch.GetTimestamp();
+        long started = engine.Time.GetTimestamp();
         long lastLog = started;
         long extentBytes = (long)engine.ExtentBlocks * engine.BlockSize;
         foreach (int extent in extents)
         {
             await RepairExtentAsync(connection, extent, cancellationToken);
-            if (Stopwatch.GetElapsedTime(lastLog) > ProgressLogInterval)
+            if (engine.Time.GetElapsedTime(lastLog) > ProgressLogInterval)
             {
-                lastLog = Stopwatch.GetTimestamp();
+                lastLog = engine.Time.GetTimestamp();
                 int done = await engine.InvokeAsync(() => replica.RepairDone);
                 double mib = done * extentBytes / 1048576.0;
-                EngineLog.RepairProgress(engine.Logger, _index, done, extents.Count, mib, mib / Stopwatch.GetElapsedTime(started).TotalSeconds);
+                EngineLog.RepairProgress(engine.Logger, _index, done, extents.Count, mib, mib / engine.Time.GetElapsedTime(started).TotalSeconds);
             }
         }
         bool finished = await engine.InvokeAsync(() =>
@@ -209,7 +208,7 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         });
         if (finished)
         {
-            EngineLog.RepairDone(engine.Logger, _index, extents.Count, extents.Count * extentBytes / 1048576.0, Stopwatch.GetElapsedTime(started).TotalSeconds);
+            EngineLog.RepairDone(engine.Logger, _index, extents.Count, extents.Count * extentBytes / 1048576.0, engine.Time.GetElapsedTime(started).TotalSeconds);
         }
         else
         {
@@ -245,7 +244,7 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
                 await Task.Delay(TimeSpan.FromMilliseconds(200), engine.Time, cancellationToken);
                 continue;
             }
-            long copyStarted = Stopwatch.GetTimestamp();
+            long copyStarted = engine.Time.GetTimestamp();
             bool committed = false;
             try
             {
@@ -284,7 +283,7 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         double duty = guestBusy ? busyDutyCycle : options.IdleRepairDutyCycle;
         if (duty < 1)
         {
-            TimeSpan pause = Stopwatch.GetElapsedTime(stepStarted) * ((1 - duty) / duty);
+            TimeSpan pause = engine.Time.GetElapsedTime(stepStarted) * ((1 - duty) / duty);
             await Task.Delay(pause < options.RepairMaxPause ? pause : options.RepairMaxPause, engine.Time, cancellationToken);
         }
     }

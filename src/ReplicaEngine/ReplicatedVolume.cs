@@ -143,6 +143,7 @@ public sealed class ReplicatedVolume : IBlockVolume
         }
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, WriteOptions options, CancellationToken cancellationToken)
     {
         _engine.LastGuestIo = _engine.Time.GetTimestamp();
@@ -208,6 +209,7 @@ public sealed class ReplicatedVolume : IBlockVolume
 
     // ------------------------------------------------------------------ writes
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask WriteRangeAsync(long offset, ReadOnlyMemory<byte> source)
     {
         int lead = (int)(offset % _blockSize);
@@ -222,8 +224,19 @@ public sealed class ReplicatedVolume : IBlockVolume
             }
             return;
         }
-        // Partial blocks: read-modify-write under a range lock, so no other write to these blocks is
-        // dispatched between our read and our write (it would be silently undone).
+        await ReadModifyWriteAsync(offset, source);
+    }
+
+    /// <summary>
+    /// Partial blocks: read-modify-write under a range lock, so no other write to these blocks is
+    /// dispatched between our read and our write (it would be silently undone). Its own method: the
+    /// lock's closures would otherwise be allocated on every whole-block write too.
+    /// </summary>
+    private async ValueTask ReadModifyWriteAsync(long offset, ReadOnlyMemory<byte> source)
+    {
+        int lead = (int)(offset % _blockSize);
+        int tail = (int)((offset + source.Length) % _blockSize);
+        long firstBlock = offset / _blockSize;
         long endBlock = (offset + source.Length + _blockSize - 1) / _blockSize;
         int bytes = checked((int)((endBlock - firstBlock) * _blockSize));
         byte[] buffer = ArrayPool<byte>.Shared.Rent(bytes);
@@ -282,6 +295,7 @@ public sealed class ReplicatedVolume : IBlockVolume
 
     // ------------------------------------------------------------------ reads
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask ReadBlocksAsync(long firstBlock, Memory<byte> destination)
     {
         for (int done = 0; done < destination.Length; done += _maxIoBytes)
@@ -326,7 +340,7 @@ public sealed class ReplicatedVolume : IBlockVolume
                     return;
                 }
                 read.ReturnBuffers();
-                await _engine.InvokeAsync(() => _engine.Replicas[read.Replica].CountError());
+                await CountErrorAsync(read.Replica);
                 problem = $"block {firstBlock + badBlock} does not match its stored hash";
                 repairable = true;
             }
@@ -344,6 +358,8 @@ public sealed class ReplicatedVolume : IBlockVolume
         }
         throw new VolumeException(VolumeError.IoError, Describe(firstBlock, blocks, bad, null));
     }
+
+    private Task CountErrorAsync(int replica) => _engine.InvokeAsync(() => _engine.Replicas[replica].CountError());
 
     private static string Describe(long firstBlock, int blocks, List<(int Replica, string Problem, bool Repairable)>? bad, string? last) =>
         bad is null

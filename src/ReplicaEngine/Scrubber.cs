@@ -1,5 +1,4 @@
 using System.Buffers.Binary;
-using System.Diagnostics;
 
 using NbdServer.Protocol;
 
@@ -51,7 +50,7 @@ internal sealed class Scrubber(ReplicatedVolume volume, Engine engine)
             {
                 await Task.Delay(engine.Options.ScrubInterval, engine.Time, cancellationToken);
                 // A replica out of service or under repair: wait for it rather than scrub two copies.
-                while (await engine.InvokeAsync(() => engine.InServiceCount) < engine.Replicas.Count)
+                while (await engine.InvokeAsync(() => engine.InServiceCount) < engine.Replicas.Length)
                 {
                     await Task.Delay(TimeSpan.FromSeconds(1), engine.Time, cancellationToken);
                 }
@@ -65,7 +64,7 @@ internal sealed class Scrubber(ReplicatedVolume volume, Engine engine)
 
     private async Task ScrubAsync(CancellationToken cancellationToken)
     {
-        long started = Stopwatch.GetTimestamp();
+        long started = engine.Time.GetTimestamp();
         int chunkBlocks = Math.Max(1, Math.Min(engine.ExtentBlocks, engine.Options.RepairChunkBytes / engine.BlockSize));
         long checkedBlocks = 0;
         long repaired = 0;
@@ -78,7 +77,7 @@ internal sealed class Scrubber(ReplicatedVolume volume, Engine engine)
                 {
                     cancellationToken.ThrowIfCancellationRequested();
                     int count = Math.Min(chunkBlocks, engine.ExtentBlocks - first);
-                    long chunkStarted = Stopwatch.GetTimestamp();
+                    long chunkStarted = engine.Time.GetTimestamp();
                     (long c, long r) = await ScrubChunkAsync(extent, first, count);
                     checkedBlocks += c;
                     repaired += r;
@@ -102,7 +101,7 @@ internal sealed class Scrubber(ReplicatedVolume volume, Engine engine)
         {
             _status = _status with { Running = false, BlocksChecked = checkedBlocks, BlocksRepaired = repaired, Problem = problem };
         }
-        EngineLog.ScrubDone(engine.Logger, checkedBlocks, repaired, Stopwatch.GetElapsedTime(started).TotalSeconds, problem ?? "complete");
+        EngineLog.ScrubDone(engine.Logger, checkedBlocks, repaired, engine.Time.GetElapsedTime(started).TotalSeconds, problem ?? "complete");
     }
 
     /// <summary>Reads one chunk from every replica in service, repairs blocks that fail their own hash on one and pass on another.</summary>

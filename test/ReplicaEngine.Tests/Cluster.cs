@@ -45,10 +45,11 @@ internal sealed class Cluster : IAsyncDisposable
         ReconnectMaxDelay = TimeSpan.FromMilliseconds(100),
     };
 
-    public async Task<ReplicatedVolume> StartAsync(EngineOptions? options = null)
+    /// <param name="time">The engine's clock: a FakeTimeProvider makes every deadline a test's to pass.</param>
+    public async Task<ReplicatedVolume> StartAsync(EngineOptions? options = null, TimeProvider? time = null)
     {
         using var cts = new CancellationTokenSource(Patience);
-        _volume = await ReplicatedVolume.StartAsync(options ?? Options(), Log, Connector, cts.Token);
+        _volume = await ReplicatedVolume.StartAsync(options ?? Options(), Log, Connector, cts.Token, time: time);
         return _volume;
     }
 
