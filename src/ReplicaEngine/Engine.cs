@@ -724,7 +724,13 @@ internal sealed partial class Engine
             return;
         }
         connection.Closed = true;
-        _ = Task.Run(async () => await connection.Client.DisposeAsync());
+        // Started here (closing the socket is immediate), finished off the loop: its pending jobs
+        // are answered with failures as it goes, which only queues events.
+        ValueTask closing = connection.Client.DisposeAsync();
+        if (!closing.IsCompleted)
+        {
+            _ = closing.AsTask().ContinueWith(static t => _ = t.Exception, TaskContinuationOptions.OnlyOnFaulted);
+        }
     }
 
     public void RequestConnection(int replica)

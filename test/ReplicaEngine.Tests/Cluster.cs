@@ -105,7 +105,7 @@ internal sealed class Cluster : IAsyncDisposable
     }
 
     public Task WaitForStateAsync(int replica, ReplicaState state) =>
-        WaitUntilAsync(() => Status(replica).State == state, $"replica {replica} is {state} (now {Status(replica).State})");
+        WaitUntilAsync(() => Status(replica).State == state, $"replica {replica} is {state} (now {Status(replica).State}, last fault: {Status(replica).LastFault ?? "none"})");
 
     public Task WaitForIdleAsync() =>
         WaitUntilAsync(() => Volume.GetStatus().Replicas.All(r => r.OutstandingJobs == 0), "no replica has work outstanding");
