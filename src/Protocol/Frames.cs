@@ -56,11 +56,6 @@ public static class FrameReader
             throw new DownstairsProtocolException($"unknown message type 0x{(ushort)type:x4}");
         }
         var result = (ResultCode)BinaryPrimitives.ReadUInt16LittleEndian(raw[Wire.ResultOffset..]);
-        if (result == ResultCode.ConnectionLost)
-        {
-            // The client's own verdict for a dead link: a peer may not make a live link look dead.
-            throw new DownstairsProtocolException($"result code 0x{(ushort)result:x4} is reserved to the client");
-        }
         uint reserved = BinaryPrimitives.ReadUInt32LittleEndian(raw[Wire.ReservedOffset..]);
         if (reserved != 0)
         {

@@ -140,12 +140,6 @@ public enum ResultCode : ushort
     VersionMismatch = 9,
     /// <summary>The downstairs is shutting down.</summary>
     Unavailable = 10,
-
-    /// <summary>
-    /// Never on the wire: the client's own verdict for a job whose link ended before its reply.
-    /// A peer sending it is answering with a code it may not use.
-    /// </summary>
-    ConnectionLost = 0xFFFF,
 }
 
 public static class ResultCodes

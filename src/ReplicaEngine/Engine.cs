@@ -272,7 +272,7 @@ internal sealed partial class Engine
     {
         if (Stopped)
         {
-            Fail(job, new DownstairsResult(ResultCode.ConnectionLost, 0, "the volume is shutting down"));
+            Fail(job, Lost("the volume is shutting down"));
             return;
         }
         switch (job.Kind)
@@ -374,7 +374,7 @@ internal sealed partial class Engine
         ReplicaConnection? connection = job.TargetConnection ?? replica.Connection;
         if (connection is null || (job.TargetConnection is not null && job.TargetConnection.Closed))
         {
-            Fail(job, new DownstairsResult(ResultCode.ConnectionLost, 0, $"replica {replica.Index} is not connected"));
+            Fail(job, Lost($"replica {replica.Index} is not connected"));
             return;
         }
         job.Id = NextJobId();
@@ -404,6 +404,13 @@ internal sealed partial class Engine
             replica.Charge(job.Bytes);
         }
         IDownstairs client = connection.Client;
+        if (!connection.HasUnflushed)
+        {
+            // The first request for this connection in this turn: the rest join it, and Settle sends them together.
+            connection.HasUnflushed = true;
+            client.BeginBatch();
+            _touched.Add(connection);
+        }
         switch (job.Kind)
         {
             case JobKind.Write:
@@ -427,11 +434,6 @@ internal sealed partial class Engine
             case JobKind.MarkPending:
                 client.SubmitMarkRepairPending(job.Id, job.Extents!);
                 break;
-        }
-        if (!connection.HasUnflushed)
-        {
-            connection.HasUnflushed = true;
-            _touched.Add(connection);
         }
     }
 
@@ -536,7 +538,7 @@ internal sealed partial class Engine
                 if (current && !result.IsOk)
                 {
                     string what = job.Kind == JobKind.Flush ? "flush" : "write";
-                    Fault(replica, result.Code == ResultCode.ConnectionLost ? $"connection lost during {what}: {result.Message}" : $"{what} failed: {result}");
+                    Fault(replica, result.IsLinkFailure ? $"connection lost during {what}: {result.Message}" : $"{what} failed: {result}");
                 }
                 if (!job.Decided && !result.IsOk && job.Outcome.Result.IsOk)
                 {
@@ -560,7 +562,7 @@ internal sealed partial class Engine
                     job.Acks = result.IsOk ? 1 : 0;
                     job.Possible = job.Acks;
                 }
-                if (current && result.Code == ResultCode.ConnectionLost)
+                if (current && result.IsLinkFailure)
                 {
                     Fault(replica, $"connection lost during {job.Kind}: {result.Message}");
                 }
@@ -683,7 +685,7 @@ internal sealed partial class Engine
             else if (job.Quorum == 1 && job.Target == r)
             {
                 // A read or a worker's step on the faulted connection: decided now (the memory stays held until the reply).
-                job.Outcome = new JobOutcome(false, new DownstairsResult(ResultCode.ConnectionLost, 0, $"replica {r} faulted: {reason}"), default, r);
+                job.Outcome = new JobOutcome(false, Lost($"replica {r} faulted: {reason}"), default, r);
                 job.Possible = 0;
                 (decided ??= []).Add(job);
             }
@@ -747,6 +749,9 @@ internal sealed partial class Engine
         }
     }
 
+    /// <summary>A job ended without its replica's answer (the link or the volume is gone).</summary>
+    internal static DownstairsResult Lost(string why) => DownstairsResult.Lost(new DownstairsConnectionException(why));
+
     // ------------------------------------------------------------ tick
 
     private void Tick()
@@ -790,7 +795,7 @@ internal sealed partial class Engine
     {
         Stopped = true;
         _tick?.Dispose();
-        _admission.FailAll(new DownstairsResult(ResultCode.ConnectionLost, 0, "the volume is shutting down"));
+        _admission.FailAll(Lost("the volume is shutting down"));
         var connections = new List<ReplicaConnection>();
         foreach (Replica replica in _replicas)
         {

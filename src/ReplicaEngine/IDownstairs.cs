@@ -8,7 +8,8 @@ namespace NbdServer.ReplicaEngine;
 /// before returning and never waits (calls made in order are sent in order; the engine keeps its
 /// own outstanding work below the downstairs' job limit). Every submitted job gets exactly one
 /// <see cref="IDownstairsReplyHandler.OnReply"/>, from the downstairs or, when the link ends, a
-/// failure; after it the connection never touches that job's memory again.
+/// failure (<see cref="DownstairsResult.IsLinkFailure"/>); after it the connection never touches
+/// that job's memory again.
 /// </summary>
 internal interface IDownstairs : IAsyncDisposable
 {
@@ -28,7 +29,10 @@ internal interface IDownstairs : IAsyncDisposable
 
     void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents);
 
-    /// <summary>Everything submitted since the last call goes out now: the sender is woken once per batch, not per request.</summary>
+    /// <summary>Holds what is submitted from now on until <see cref="EndBatch"/>: the sender is woken once per batch, not per request.</summary>
+    void BeginBatch();
+
+    /// <summary>Everything submitted since <see cref="BeginBatch"/> goes out now, in submission order.</summary>
     void EndBatch();
 }
 

@@ -24,7 +24,7 @@ internal readonly record struct JobOutcome(bool Ok, DownstairsResult Result, Ext
 
     public byte[]? Hashes { get; init; }
 
-    public bool ConnectionLost => Result.Code == ResultCode.ConnectionLost;
+    public bool ConnectionLost => Result.IsLinkFailure;
 }
 
 /// <summary>

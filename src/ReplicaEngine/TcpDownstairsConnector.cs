@@ -49,45 +49,30 @@ internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints
         public HelloReply Region => client.Region;
 
         public void SubmitWrite(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes) =>
-            Forward(jobId, client.WriteAsync(jobId, firstBlock, data, hashes));
+            client.SubmitWrite(jobId, firstBlock, data, hashes, replies);
 
         public void SubmitRead(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes) =>
-            Forward(jobId, client.ReadAsync(jobId, firstBlock, data, hashes));
+            client.SubmitRead(jobId, firstBlock, data, hashes, replies);
 
         public void SubmitFlush(ulong jobId, ulong flushNumber, ulong generation) =>
-            Forward(jobId, client.FlushAsync(jobId, flushNumber, generation));
+            client.SubmitFlush(jobId, flushNumber, generation, replies);
 
         public void SubmitReadExtent(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data) =>
-            client.ReadExtentAsync(jobId, range, contexts, data).ContinueWith(
-                t => replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result.Result : Lost(t), t.IsCompletedSuccessfully ? t.Result.Meta : default),
-                CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            client.SubmitReadExtent(jobId, range, contexts, data, replies);
 
         public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data) =>
-            Forward(jobId, client.WriteExtentAsync(jobId, range, contexts, data));
+            client.SubmitWriteExtent(jobId, range, contexts, data, replies);
 
         public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta) =>
-            Forward(jobId, client.CommitExtentAsync(jobId, extent, meta));
+            client.SubmitCommitExtent(jobId, extent, meta, replies);
 
         public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) =>
-            Forward(jobId, client.MarkRepairPendingAsync(jobId, extents));
+            client.SubmitMarkRepairPending(jobId, extents, replies);
 
-        public void EndBatch()
-        {
-        }
+        public void BeginBatch() => client.BeginBatch();
+
+        public void EndBatch() => client.EndBatch();
 
         public ValueTask DisposeAsync() => client.DisposeAsync();
-
-        private void Forward(ulong jobId, Task<DownstairsResult> task) =>
-            task.ContinueWith(t => replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result : Lost(t), default),
-                CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
-
-        private static DownstairsResult Lost(Task t) =>
-            new(ResultCode.ConnectionLost, 0, t.Exception?.InnerException?.Message ?? "cancelled");
     }
-}
-
-/// <summary>Where one connection's replies go: called exactly once per submitted job, after the connection is done with its memory.</summary>
-internal interface IDownstairsReplyHandler
-{
-    void OnReply(ulong jobId, DownstairsResult result, ExtentMeta meta);
 }

@@ -81,6 +81,10 @@ public sealed class AllocationTests
 
             public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) => replies.OnReply(jobId, DownstairsResult.Ok, default);
 
+            public void BeginBatch()
+            {
+            }
+
             public void EndBatch()
             {
             }

@@ -482,6 +482,10 @@ internal sealed class FakeDownstairs : IDownstairs
     public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) =>
         Forward(jobId, MarkRepairPendingAsync(jobId, extents));
 
+    public void BeginBatch()
+    {
+    }
+
     public void EndBatch()
     {
     }
@@ -490,7 +494,7 @@ internal sealed class FakeDownstairs : IDownstairs
         task.ContinueWith(t => _replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result : Lost(t), default),
             CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
-    private static DownstairsResult Lost(Task t) => new(ResultCode.ConnectionLost, 0, t.Exception?.InnerException?.Message ?? "cancelled");
+    private static DownstairsResult Lost(Task t) => DownstairsResult.Lost(new DownstairsConnectionException(t.Exception?.InnerException?.Message ?? "cancelled"));
 
     public ValueTask DisposeAsync()
     {
