@@ -20,6 +20,12 @@ internal enum OpKind
 internal sealed record ReceivedOp(int Connection, OpKind Kind, ulong JobId, long FirstBlock, int BlockCount, ulong FlushNumber);
 
 /// <summary>
+/// The bytes of one write as they were when the fake applied it: the moment a real client would have
+/// copied them onto the wire (it sends straight from the caller's buffer, no copy at submission).
+/// </summary>
+internal sealed record WritePayload(ulong JobId, long FirstBlock, byte[] Data, bool HashesMatched);
+
+/// <summary>
 /// The storage and the script of one replica. It outlives connections (a reconnect finds the same
 /// blocks and metadata), keeps blocks, 16-byte contexts (hash, write id) and per-extent
 /// (generation, flush, dirty) like a real region, and can be told to hold, fail, drop or refuse.
@@ -32,6 +38,7 @@ internal sealed class FakeReplica
     private readonly (byte[] Data, byte[] Contexts)?[] _staging;
     private readonly bool[] _repairPending;
     private readonly List<ReceivedOp> _received = [];
+    private readonly List<WritePayload> _payloads = [];
     private readonly List<HelloRequest> _hellos = [];
     private HashSet<OpKind> _held = [];
     private TaskCompletionSource _released = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -87,6 +94,27 @@ internal sealed class FakeReplica
 
     /// <summary>Time each request takes once it may run (a slow disk).</summary>
     public TimeSpan OpDelay { get; set; }
+
+    /// <summary>
+    /// Like a real <c>DownstairsClient</c> once a request is queued for sending: the caller's token no
+    /// longer ends it (only its reply or the connection does). Off, the token ends a request still
+    /// waiting at the gate, as a real client's token ends a wait for a send slot.
+    /// </summary>
+    public bool IgnoreCancellation { get; set; }
+
+    /// <summary>Keep a copy of every write's bytes as applied (<see cref="WritePayloads"/>).</summary>
+    public bool RecordWritePayloads { get; set; }
+
+    public IReadOnlyList<WritePayload> WritePayloads
+    {
+        get
+        {
+            lock (Sync)
+            {
+                return [.. _payloads];
+            }
+        }
+    }
 
     /// <summary>The read-write connection most recently opened.</summary>
     public FakeDownstairs? Current { get; private set; }
@@ -274,16 +302,22 @@ internal sealed class FakeReplica
         {
             return new DownstairsResult(ResultCode.OutOfRange);
         }
+        bool matched = true;
+        for (int i = 0; i < count; i++)
+        {
+            matched &= BlockContext.Hash(data.Slice(i * BlockSize, BlockSize)) == BinaryPrimitives.ReadUInt64LittleEndian(hashes[(i * 8)..]);
+        }
+        if (RecordWritePayloads)
+        {
+            _payloads.Add(new WritePayload(jobId, firstBlock, data.ToArray(), matched));
+        }
         if (FailWritesWith is { } code)
         {
             return new DownstairsResult(code, code == ResultCode.NoSpace ? 28 : 5, "injected");
         }
-        for (int i = 0; i < count; i++)
+        if (!matched)
         {
-            if (BlockContext.Hash(data.Slice(i * BlockSize, BlockSize)) != BinaryPrimitives.ReadUInt64LittleEndian(hashes[(i * 8)..]))
-            {
-                return new DownstairsResult(ResultCode.HashMismatch);
-            }
+            return new DownstairsResult(ResultCode.HashMismatch);
         }
         for (int i = 0; i < count; i++)
         {
@@ -483,6 +517,10 @@ internal sealed class FakeDownstairs : IDownstairs
         Task[] earlier;
         lock (_replica.Sync)
         {
+            if (_replica.IgnoreCancellation)
+            {
+                cancellationToken = CancellationToken.None;
+            }
             _replica.Record(new ReceivedOp(Serial, kind, jobId, firstBlock, blockCount, flushNumber));
             if (_closeReason is { } reason)
             {
