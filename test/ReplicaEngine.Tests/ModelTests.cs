@@ -78,6 +78,13 @@ public sealed class ModelTests
             ReadAttemptTimeout = TimeSpan.FromMilliseconds(250),
             ScrubInterval = TimeSpan.Zero,
         });
+        // A real client's token only ends a wait for a send slot; once a request is queued it ends
+        // with its reply or the connection. Each replica here is one or the other, by the seed.
+        var config = new Random(seed ^ 0x5EED);
+        foreach (FakeReplica replica in cluster.Replicas)
+        {
+            replica.IgnoreCancellation = config.Next(2) == 0;
+        }
         var run = new ModelRun(cluster, seed, steps);
         var clock = Stopwatch.StartNew();
         await run.RunAsync();
@@ -98,6 +105,9 @@ public sealed class ModelTests
         private readonly int[] _writtenAt = new int[Cluster.ExtentBytes * Cluster.ExtentCount];
 
         private readonly Dictionary<string, int> _counts = [];
+
+        /// <summary>What each recent step did (guest ops and faults), for failure messages.</summary>
+        private readonly System.Collections.Concurrent.ConcurrentQueue<string> _history = new();
         private readonly TimeSpan _deadline = TimeSpan.FromSeconds(60 + (steps * 0.05));
         private readonly Stopwatch _clock = Stopwatch.StartNew();
         private Fault _fault;
@@ -129,6 +139,14 @@ public sealed class ModelTests
 
         private void Count(string what) => _counts[what] = _counts.GetValueOrDefault(what) + 1;
 
+        private void Note(string what)
+        {
+            _history.Enqueue($"step {_step}: {what}");
+            while (_history.Count > 60 && _history.TryDequeue(out _))
+            {
+            }
+        }
+
         // ------------------------------------------------------------ faults
 
         private async Task StepFaultsAsync()
@@ -157,6 +175,7 @@ public sealed class ModelTests
             _victim = victim;
             _faultStepsLeft = duration;
             Count($"fault {kind}");
+            Note($"fault {kind} on replica {victim} for {duration} steps");
             FakeReplica replica = cluster.Replicas[victim];
             switch (kind)
             {
@@ -192,6 +211,7 @@ public sealed class ModelTests
         {
             FakeReplica replica = cluster.Replicas[_victim];
             Fault healed = _fault;
+            Note($"heal {healed} on replica {_victim}");
             _fault = Fault.None;
             replica.Reachable = true;
             replica.FailWritesWith = null;
@@ -245,7 +265,8 @@ public sealed class ModelTests
             string name = which switch
             {
                 < 42 => "write",
-                < 80 => "read",
+                < 76 => "read",
+                < 80 => "cancelled read",
                 < 88 => "flush",
                 < 94 => "write-zeroes",
                 _ => "trim",
@@ -276,6 +297,7 @@ public sealed class ModelTests
         {
             int step = _step;
             Count(name);
+            Note(length == 0 ? name : $"{name} of bytes {offset}+{length} (blocks {offset / Cluster.BlockSize}..{(offset + length - 1) / Cluster.BlockSize})");
             using var cts = new CancellationTokenSource(Cluster.Patience);
             try
             {
@@ -305,6 +327,24 @@ public sealed class ModelTests
                     case "flush":
                         await cluster.Volume.FlushAsync(cts.Token);
                         break;
+                    case "cancelled read":
+                        {
+                            // The guest gives up on a read (its connection closed) at a random moment:
+                            // whatever the engine was doing for it (a retry, a read repair) must leave
+                            // nothing wrong behind. If the read still finishes, its data must be right.
+                            byte[] data = new byte[length];
+                            cts.CancelAfter(TimeSpan.FromMilliseconds(_rng.Next(0, 3)));
+                            try
+                            {
+                                await cluster.Volume.ReadAsync(offset, data, cts.Token);
+                            }
+                            catch (OperationCanceledException)
+                            {
+                                break;
+                            }
+                            CheckAgainstModel(data, offset, $"guest read of bytes {offset}+{length} (cancelled late)");
+                            break;
+                        }
                     case "read":
                         {
                             byte[] data = new byte[length];
@@ -334,6 +374,7 @@ public sealed class ModelTests
                 long at = offset + i;
                 if (!_loose[at] && data[i] != _model[at])
                 {
+                    DumpDiagnostics(at / Cluster.BlockSize);
                     Assert.Fail($"{Where()}: {what}: byte {at} (block {at / Cluster.BlockSize}) is {data[i]}, the model says {_model[at]} "
                         + $"(last set at step {_writtenAt[at]}); engine: {Describe()}");
                 }
@@ -369,7 +410,47 @@ public sealed class ModelTests
                     }
                 }
             }
-            cluster.AssertReplicasIdentical();
+            cluster.AssertReplicasIdentical(includeMeta: false);
+            // Same blocks must also carry the same (generation, flush number) once flushed: a replica
+            // recorded as older than the others is what reconciliation and live repair judge by.
+            var metas = cluster.Replicas.Select(r => r.Snapshot().Meta).ToArray();
+            var differing = Enumerable.Range(0, Cluster.ExtentCount)
+                .Where(e => !metas[1][e].Equals(metas[0][e]) || !metas[2][e].Equals(metas[0][e]))
+                .Select(e => $"extent {e}: {string.Join(" / ", metas.Select(m => $"gen {m[e].Generation} flush {m[e].FlushNumber}{(m[e].Dirty ? " dirty" : "")}"))}")
+                .ToList();
+            if (differing.Count > 0)
+            {
+                TestContext.Out.WriteLine("engine log, last 40 lines:");
+                foreach ((var level, string message) in cluster.Log.Lines.TakeLast(40))
+                {
+                    TestContext.Out.WriteLine($"  {level}: {message}");
+                }
+                Assert.Fail($"{Where()}: after settling, the replicas hold the same blocks but different extent metadata "
+                    + $"(replica 0 / 1 / 2): {string.Join("; ", differing)}");
+            }
+        }
+
+        /// <summary>Prints the recent steps, every replica's copy of the block and the engine's log tail.</summary>
+        private void DumpDiagnostics(long block)
+        {
+            TestContext.Out.WriteLine($"recent steps (seed {seed}):");
+            foreach (string line in _history)
+            {
+                TestContext.Out.WriteLine($"  {line}");
+            }
+            byte[] expected = _model.AsSpan((int)(block * Cluster.BlockSize), Cluster.BlockSize).ToArray();
+            for (int r = 0; r < 3; r++)
+            {
+                (byte[] data, ulong[] hashes, _) = cluster.Replicas[r].Snapshot();
+                ReadOnlySpan<byte> copy = data.AsSpan((int)(block * Cluster.BlockSize), Cluster.BlockSize);
+                TestContext.Out.WriteLine($"replica {r} block {block}: {(copy.SequenceEqual(expected) ? "equals the model" : "DIFFERS from the model")}, "
+                    + $"stored hash {(BlockContext.Verify(copy, hashes[block]) ? "matches" : "does not match")} its data");
+            }
+            TestContext.Out.WriteLine("engine log, last 40 lines:");
+            foreach ((var level, string message) in cluster.Log.Lines.TakeLast(40))
+            {
+                TestContext.Out.WriteLine($"  {level}: {message}");
+            }
         }
 
         private string Describe() =>
