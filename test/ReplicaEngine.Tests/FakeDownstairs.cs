@@ -41,6 +41,7 @@ internal sealed class FakeReplica
     private readonly List<WritePayload> _payloads = [];
     private readonly List<HelloRequest> _hellos = [];
     private HashSet<OpKind> _held = [];
+    private bool _repliesHeld;
     private TaskCompletionSource _released = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _connections;
 
@@ -166,10 +167,40 @@ internal sealed class FakeReplica
         lock (Sync)
         {
             _held = [];
+            _repliesHeld = false;
             released = _released;
             _released = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         }
         released.TrySetResult();
+    }
+
+    /// <summary>
+    /// Requests are still applied (in order) but their replies wait until <see cref="Release"/>: the
+    /// downstairs did the work and the answers are in flight, so the upstairs cannot yet react to them.
+    /// </summary>
+    public void HoldReplies()
+    {
+        lock (Sync)
+        {
+            _repliesHeld = true;
+        }
+    }
+
+    internal async Task WaitForReplyGateAsync(CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            Task released;
+            lock (Sync)
+            {
+                if (!_repliesHeld)
+                {
+                    return;
+                }
+                released = _released.Task;
+            }
+            await released.WaitAsync(cancellationToken);
+        }
     }
 
     /// <summary>Cuts the current connection: every request pending on it fails, later ones fail at once.</summary>
@@ -549,6 +580,13 @@ internal sealed class FakeDownstairs : IDownstairs
                     stop.Token.ThrowIfCancellationRequested();
                     value = apply();
                 }
+                // Applied: later requests may run now, while this reply may still be on its way.
+                lock (_replica.Sync)
+                {
+                    _inFlight.Remove(pending);
+                }
+                pending.Finished.TrySetResult();
+                await _replica.WaitForReplyGateAsync(_closed.Token);
                 result.TrySetResult(value);
             }
             catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested && !_closed.IsCancellationRequested)
