@@ -444,24 +444,33 @@ public sealed class ModelTests
                 .ToList();
             if (differing.Count > 0)
             {
-                TestContext.Out.WriteLine("engine log, last 40 lines:");
-                foreach ((var level, string message) in cluster.Log.Lines.TakeLast(40))
-                {
-                    TestContext.Out.WriteLine($"  {level}: {message}");
-                }
+                DumpDiagnostics(block: null);
                 Assert.Fail($"{Where()}: after settling, the replicas hold the same blocks but different extent metadata "
                     + $"(replica 0 / 1 / 2): {string.Join("; ", differing)}");
             }
         }
 
         /// <summary>Prints the recent steps, every replica's copy of the block and the engine's log tail.</summary>
-        private void DumpDiagnostics(long block)
+        private void DumpDiagnostics(long? block)
         {
             TestContext.Out.WriteLine($"recent steps (seed {seed}):");
             foreach (string line in _history)
             {
                 TestContext.Out.WriteLine($"  {line}");
             }
+            if (block is { } b)
+            {
+                DumpBlock(b);
+            }
+            TestContext.Out.WriteLine("engine log, last 40 lines:");
+            foreach ((var level, string message) in cluster.Log.Lines.TakeLast(40))
+            {
+                TestContext.Out.WriteLine($"  {level}: {message}");
+            }
+        }
+
+        private void DumpBlock(long block)
+        {
             byte[] expected = _model.AsSpan((int)(block * Cluster.BlockSize), Cluster.BlockSize).ToArray();
             for (int r = 0; r < 3; r++)
             {
@@ -469,11 +478,6 @@ public sealed class ModelTests
                 ReadOnlySpan<byte> copy = data.AsSpan((int)(block * Cluster.BlockSize), Cluster.BlockSize);
                 TestContext.Out.WriteLine($"replica {r} block {block}: {(copy.SequenceEqual(expected) ? "equals the model" : "DIFFERS from the model")}, "
                     + $"stored hash {(BlockContext.Verify(copy, hashes[block]) ? "matches" : "does not match")} its data");
-            }
-            TestContext.Out.WriteLine("engine log, last 40 lines:");
-            foreach ((var level, string message) in cluster.Log.Lines.TakeLast(40))
-            {
-                TestContext.Out.WriteLine($"  {level}: {message}");
             }
         }
 
