@@ -18,6 +18,12 @@ internal enum OpKind
 internal sealed record ReceivedOp(int Connection, OpKind Kind, ulong JobId, long FirstBlock, int BlockCount, ulong FlushNumber);
 
 /// <summary>
+/// The bytes of one write as they were when the fake applied it: the moment a real client would have
+/// copied them onto the wire (it sends straight from the caller's buffer, no copy at submission).
+/// </summary>
+internal sealed record WritePayload(ulong JobId, long FirstBlock, byte[] Data, bool HashesMatched);
+
+/// <summary>
 /// The storage and the script of one replica. It outlives connections (a reconnect finds the same
 /// blocks and metadata), keeps blocks, 16-byte contexts (hash, write id) and per-extent
 /// (generation, flush, dirty) like a real region, and can be told to hold, fail, drop or refuse.
@@ -30,8 +36,10 @@ internal sealed class FakeReplica
     private readonly (byte[] Data, byte[] Contexts)?[] _staging;
     private readonly bool[] _repairPending;
     private readonly List<ReceivedOp> _received = [];
+    private readonly List<WritePayload> _payloads = [];
     private readonly List<HelloRequest> _hellos = [];
     private HashSet<OpKind> _held = [];
+    private bool _repliesHeld;
     private TaskCompletionSource _released = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _connections;
 
@@ -86,6 +94,27 @@ internal sealed class FakeReplica
     /// <summary>Time each request takes once it may run (a slow disk).</summary>
     public TimeSpan OpDelay { get; set; }
 
+    /// <summary>
+    /// Like a real <c>DownstairsClient</c> once a request is queued for sending: the caller's token no
+    /// longer ends it (only its reply or the connection does). Off, the token ends a request still
+    /// waiting at the gate, as a real client's token ends a wait for a send slot.
+    /// </summary>
+    public bool IgnoreCancellation { get; set; }
+
+    /// <summary>Keep a copy of every write's bytes as applied (<see cref="WritePayloads"/>).</summary>
+    public bool RecordWritePayloads { get; set; }
+
+    public IReadOnlyList<WritePayload> WritePayloads
+    {
+        get
+        {
+            lock (Sync)
+            {
+                return [.. _payloads];
+            }
+        }
+    }
+
     /// <summary>The read-write connection most recently opened.</summary>
     public FakeDownstairs? Current { get; private set; }
 
@@ -136,10 +165,40 @@ internal sealed class FakeReplica
         lock (Sync)
         {
             _held = [];
+            _repliesHeld = false;
             released = _released;
             _released = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         }
         released.TrySetResult();
+    }
+
+    /// <summary>
+    /// Requests are still applied (in order) but their replies wait until <see cref="Release"/>: the
+    /// downstairs did the work and the answers are in flight, so the upstairs cannot yet react to them.
+    /// </summary>
+    public void HoldReplies()
+    {
+        lock (Sync)
+        {
+            _repliesHeld = true;
+        }
+    }
+
+    internal async Task WaitForReplyGateAsync(CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            Task released;
+            lock (Sync)
+            {
+                if (!_repliesHeld)
+                {
+                    return;
+                }
+                released = _released.Task;
+            }
+            await released.WaitAsync(cancellationToken);
+        }
     }
 
     /// <summary>Cuts the current connection: every request pending on it fails, later ones fail at once.</summary>
@@ -272,16 +331,22 @@ internal sealed class FakeReplica
         {
             return new DownstairsResult(ResultCode.OutOfRange);
         }
+        bool matched = true;
+        for (int i = 0; i < count; i++)
+        {
+            matched &= BlockContext.Hash(data.Slice(i * BlockSize, BlockSize)) == BinaryPrimitives.ReadUInt64LittleEndian(hashes[(i * 8)..]);
+        }
+        if (RecordWritePayloads)
+        {
+            _payloads.Add(new WritePayload(jobId, firstBlock, data.ToArray(), matched));
+        }
         if (FailWritesWith is { } code)
         {
             return new DownstairsResult(code, code == ResultCode.NoSpace ? 28 : 5, "injected");
         }
-        for (int i = 0; i < count; i++)
+        if (!matched)
         {
-            if (BlockContext.Hash(data.Slice(i * BlockSize, BlockSize)) != BinaryPrimitives.ReadUInt64LittleEndian(hashes[(i * 8)..]))
-            {
-                return new DownstairsResult(ResultCode.HashMismatch);
-            }
+            return new DownstairsResult(ResultCode.HashMismatch);
         }
         for (int i = 0; i < count; i++)
         {
@@ -524,6 +589,10 @@ internal sealed class FakeDownstairs : IDownstairs
         Task[] earlier;
         lock (_replica.Sync)
         {
+            if (_replica.IgnoreCancellation)
+            {
+                cancellationToken = CancellationToken.None;
+            }
             _replica.Record(new ReceivedOp(Serial, kind, jobId, firstBlock, blockCount, flushNumber));
             if (_closeReason is { } reason)
             {
@@ -552,6 +621,13 @@ internal sealed class FakeDownstairs : IDownstairs
                     stop.Token.ThrowIfCancellationRequested();
                     value = apply();
                 }
+                // Applied: later requests may run now, while this reply may still be on its way.
+                lock (_replica.Sync)
+                {
+                    _inFlight.Remove(pending);
+                }
+                pending.Finished.TrySetResult();
+                await _replica.WaitForReplyGateAsync(_closed.Token);
                 result.TrySetResult(value);
             }
             catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested && !_closed.IsCancellationRequested)
