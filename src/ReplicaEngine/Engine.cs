@@ -494,6 +494,14 @@ internal sealed partial class Engine
         }
     }
 
+    private void AddExtents(HashSet<int> extents, Job job)
+    {
+        for (long e = job.FirstBlock / ExtentBlocks; e <= (job.EndBlock - 1) / ExtentBlocks; e++)
+        {
+            extents.Add((int)e);
+        }
+    }
+
     private void BeginFlush(Job job)
     {
         job.FlushNumber = ++FlushNumber;
@@ -537,6 +545,10 @@ internal sealed partial class Engine
                 }
                 if (current && !result.IsOk)
                 {
+                    if (job.Kind == JobKind.Write)
+                    {
+                        AddExtents(replica.PendingRepair, job);
+                    }
                     string what = job.Kind == JobKind.Flush ? "flush" : "write";
                     Fault(replica, result.IsLinkFailure ? $"connection lost during {what}: {result.Message}" : $"{what} failed: {result}");
                 }
@@ -669,9 +681,21 @@ internal sealed partial class Engine
             return;
         }
         int r = replica.Index;
+        // What it may hold wrongly whatever its metadata will say: a write it failed or never
+        // answered can sit under a flush it applied meanwhile, which stamps the extent current
+        // with the same (generation, flush number) as the healthy replicas. Its repair copies
+        // these extents regardless (found by the model test).
+        foreach (List<int> flushing in _flushing.Values)
+        {
+            replica.PendingRepair.UnionWith(flushing);
+        }
         List<Job>? decided = null;
         foreach (Job job in _jobs.Values)
         {
+            if (job.Owed[r] is not null && job.Kind == JobKind.Write)
+            {
+                AddExtents(replica.PendingRepair, job);
+            }
             if (job.Owed[r] is null || job.Decided)
             {
                 continue;

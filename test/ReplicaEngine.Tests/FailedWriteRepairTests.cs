@@ -1,3 +1,5 @@
+using NbdServer.Protocol;
+
 namespace NbdServer.ReplicaEngine.Tests;
 
 /// <summary>
@@ -28,7 +30,7 @@ public sealed class FailedWriteRepairTests
         // both before the upstairs has seen the error: the replies are still on their way.
         int flushesBefore = cluster.Replicas[1].Received.Count(op => op.Kind == OpKind.Flush);
         cluster.Replicas[1].HoldReplies();
-        cluster.Replicas[1].FailWritesWith = Downstairs.Protocol.ResultCode.IoError;
+        cluster.Replicas[1].FailWritesWith = ResultCode.IoError;
         Task write = cluster.WriteAsync(Block, seed: 3);
         await Cluster.WaitUntilAsync(() => cluster.Replicas[1].Received.Count(op => op.Kind == OpKind.Write && op.FirstBlock == Block) == 3,
             "replica 1 received the third write");
@@ -41,7 +43,10 @@ public sealed class FailedWriteRepairTests
         await Task.WhenAll(write, flush).WaitAsync(Cluster.Patience);
 
         cluster.Replicas[1].FailWritesWith = null;
-        await cluster.WaitForAllActiveAsync(); // replica 1 was faulted by the error; it reconnects and is repaired
+        // The error reaches the upstairs after the other two acked: wait for the fault it causes,
+        // then for the reconnect and repair.
+        await Cluster.WaitUntilAsync(() => cluster.Status(1).Faults >= 1, "replica 1 is faulted by its failed write");
+        await cluster.WaitForAllActiveAsync();
         await cluster.FlushAsync();
         await cluster.WaitForIdleAsync();
 
