@@ -363,7 +363,6 @@ public sealed class DownstairsClient : IAsyncDisposable
     /// <summary>Ends a <see cref="BeginBatch"/>; the outermost one queues the held frames, in submission order.</summary>
     public void EndBatch()
     {
-        bool stopped = false;
         lock (_lock)
         {
             if (_batchDepth == 0)
@@ -382,16 +381,12 @@ public sealed class DownstairsClient : IAsyncDisposable
             {
                 if (!_sender.TryEnqueue(p.CurrentFrame!))
                 {
-                    // The sender has stopped: these frames will never be sent; their jobs fail with the link.
-                    stopped = true;
+                    // The sender has stopped (the link is failing, see Submit): these frames will never be
+                    // sent; their jobs are failed by the receive loop.
                     Dropped(p);
                 }
             }
             _staged.Clear();
-        }
-        if (stopped)
-        {
-            FailLink(new DownstairsConnectionException("downstairs link: the sender has stopped"));
         }
     }
 
@@ -464,13 +459,22 @@ public sealed class DownstairsClient : IAsyncDisposable
     }
 
     /// <summary>Live repair, source side: blocks [first, first+count) of one extent as stored, with their 16-byte contexts, and the extent's metadata.</summary>
-    public async Task<ExtentReadResult> ReadExtentAsync(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data, CancellationToken cancellationToken = default)
+    public Task<ExtentReadResult> ReadExtentAsync(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data, CancellationToken cancellationToken = default)
     {
-        cancellationToken.ThrowIfCancellationRequested();
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return Task.FromCanceled<ExtentReadResult>(cancellationToken);
+        }
         var handler = new TaskReplyHandler();
+        // Buffers that do not fit are refused here, synchronously, like every other call's arguments.
         SubmitReadExtent(jobId, range, contexts, data, handler);
-        DownstairsResult r = await handler.Result.ConfigureAwait(false);
-        return new ExtentReadResult(r, handler.Meta);
+        return WithMetaAsync(handler);
+
+        static async Task<ExtentReadResult> WithMetaAsync(TaskReplyHandler handler)
+        {
+            DownstairsResult r = await handler.Result.ConfigureAwait(false);
+            return new ExtentReadResult(r, handler.Meta);
+        }
     }
 
     /// <summary>Live repair, target side: stage part of a healthy copy (set <see cref="ExtentRange.BeginFlag"/> on the first chunk).</summary>
@@ -604,9 +608,10 @@ public sealed class DownstairsClient : IAsyncDisposable
         Volatile.Write(ref _lastSend, System.Diagnostics.Stopwatch.GetTimestamp());
         if (!_sender.TryEnqueue(frame))
         {
-            // The sender stopped between the check above and here; the receive loop fails the registered job.
+            // The sender stopped between the check above and here. Only a failing link stops it (its own
+            // error reaches SenderStopped), so the receive loop is already failing the registered job;
+            // failing the link from here could run its reports on this caller's thread.
             Dropped(p);
-            FailLink(new DownstairsConnectionException("downstairs link: the sender has stopped"));
         }
     }
 

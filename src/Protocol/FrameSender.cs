@@ -11,8 +11,9 @@ namespace NbdServer.Protocol;
 /// so at queue depth 32 a burst of replies costs one syscall, and no small write waits on Nagle.
 /// </summary>
 /// <remarks>
-/// The queue itself is unbounded on purpose: every frame in it already holds a slot of the
-/// connection's in-flight budget, which is what bounds it (and a reply can never be refused).
+/// The queue itself is unbounded on purpose: on the downstairs every frame in it already holds a slot
+/// of the connection's in-flight budget, which is what bounds it (and a reply can never be refused);
+/// on the client, the engine's admission (at most the Hello's MaxJobs per replica) bounds it.
 /// </remarks>
 public sealed class FrameSender
 {

@@ -360,7 +360,11 @@ public sealed class ClientLinkTests
         private readonly List<(int Count, TaskCompletionSource Done)> _waiters = [];
         private readonly TaskCompletionSource<(ulong, DownstairsResult)> _first = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-        public volatile bool InSubmit;
+        /// <summary>Per thread: a report made on another thread while the caller is inside Submit is fine.</summary>
+        [ThreadStatic]
+        private static bool t_inSubmit;
+
+        public bool InSubmit { set => t_inSubmit = value; }
 
         public bool CalledInsideSubmit { get; private set; }
 
@@ -396,7 +400,7 @@ public sealed class ClientLinkTests
 
         public void OnReply(ulong jobId, DownstairsResult result, ExtentMeta meta)
         {
-            CalledInsideSubmit |= InSubmit;
+            CalledInsideSubmit |= t_inSubmit;
             lock (_lock)
             {
                 _replies.Add((jobId, result));
