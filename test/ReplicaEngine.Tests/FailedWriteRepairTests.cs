@@ -37,10 +37,13 @@ public sealed class FailedWriteRepairTests
             "replica 1 received the flush behind the write");
         await Cluster.WaitUntilAsync(() => !cluster.Replicas[1].Meta((int)(Block / Cluster.ExtentBlocks)).Dirty,
             "replica 1 applied the flush");
+        // It comes back only after the guest's write and flush finished (a restart takes a moment).
+        cluster.Replicas[1].Reachable = false;
         cluster.Replicas[1].Release();
         await Task.WhenAll(write, flush).WaitAsync(Cluster.Patience);
 
         cluster.Replicas[1].FailWritesWith = null;
+        cluster.Replicas[1].Reachable = true;
         await cluster.WaitForAllActiveAsync(); // replica 1 was faulted by the error; it reconnects and is repaired
         await cluster.FlushAsync();
         await cluster.WaitForIdleAsync();
