@@ -39,13 +39,16 @@ public sealed class FailedWriteRepairTests
             "replica 1 received the flush behind the write");
         await Cluster.WaitUntilAsync(() => !cluster.Replicas[1].Meta((int)(Block / Cluster.ExtentBlocks)).Dirty,
             "replica 1 applied the flush");
+        // It comes back only after the guest's write and flush finished (a restart takes a moment).
+        cluster.Replicas[1].Reachable = false;
         cluster.Replicas[1].Release();
         await Task.WhenAll(write, flush).WaitAsync(Cluster.Patience);
 
         cluster.Replicas[1].FailWritesWith = null;
         // The error reaches the upstairs after the other two acked: wait for the fault it causes,
-        // then for the reconnect and repair.
+        // then let the replica back for its reconnect and repair.
         await Cluster.WaitUntilAsync(() => cluster.Status(1).Faults >= 1, "replica 1 is faulted by its failed write");
+        cluster.Replicas[1].Reachable = true;
         await cluster.WaitForAllActiveAsync();
         await cluster.FlushAsync();
         await cluster.WaitForIdleAsync();

@@ -24,7 +24,7 @@ public sealed class ModelTests
     /// <summary>Comma-separated fault kinds to inject (default all), e.g. to look past a known bug.</summary>
     public const string FaultsVariable = "NBD_MODEL_FAULTS";
 
-    /// <summary>Steps in a CI run: about 10 s on a 2-CPU machine with other builds running.</summary>
+    /// <summary>Steps in a CI run: 3.5 to 6.5 s on a 2-CPU machine with other builds running.</summary>
     private const int CiSteps = 3000;
 
     /// <summary>Upper bound on steps whatever the variable says (model.sh refuses more).</summary>
@@ -116,7 +116,8 @@ public sealed class ModelTests
 
         /// <summary>What each recent step did (guest ops and faults), for failure messages.</summary>
         private readonly System.Collections.Concurrent.ConcurrentQueue<string> _history = new();
-        private readonly TimeSpan _deadline = TimeSpan.FromSeconds(60 + (steps * 0.05));
+        /// <summary>A minute plus 50 ms a step (a step takes about 1.5 ms), within the [CancelAfter] bound.</summary>
+        private readonly TimeSpan _deadline = TimeSpan.FromSeconds(Math.Min(60 + (steps * 0.05), (MaxMinutes - 1) * 60));
         private readonly Stopwatch _clock = Stopwatch.StartNew();
         private Fault _fault;
         private int _victim;

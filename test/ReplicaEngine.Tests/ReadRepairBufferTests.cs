@@ -25,6 +25,7 @@ public sealed class ReadRepairBufferTests
         await cluster.WriteAsync(RepairedBlock, 3);
         await cluster.WriteAsync(OtherBlock, 9);
         await cluster.FlushAsync();
+        await cluster.WaitForIdleAsync(); // an idle volume reads from replica 0 first (least work, lowest index)
         Assert.That(other, Is.Not.EqualTo(good), "the two blocks must be told apart");
 
         // Replica 0 returns the block rotted: the read goes on to replica 1 and repairs from it.
@@ -88,6 +89,43 @@ public sealed class ReadRepairBufferTests
             Assert.That(cluster.Replicas[1].ReadBlock(RepairedBlock), Is.EqualTo(good), $"replica 1's block {RepairedBlock} (it was the good copy)");
             Assert.That(cluster.Replicas[2].ReadBlock(RepairedBlock), Is.EqualTo(good), $"replica 2's block {RepairedBlock} (it was a good copy)");
         });
+    }
+
+    /// <summary>
+    /// Same cause, other symptom (found by the model test, seed 801554475 with
+    /// NBD_MODEL_FAULTS=Disconnect,Down,FlushErrors,Rot,Slow,Stuck): the cancelled repair leaves its
+    /// writes charged to every replica, so a healthy replica is faulted for "no progress" later.
+    /// </summary>
+    [Test]
+    [Category("Fault2")]
+    public async Task A_cancelled_read_repair_leaves_no_work_charged_to_any_replica()
+    {
+        await using var cluster = new Cluster();
+        await cluster.StartAsync(Cluster.Options() with { NoProgressTimeout = TimeSpan.FromMinutes(1) });
+        await cluster.WriteAsync(RepairedBlock, 3);
+        await cluster.FlushAsync();
+        await cluster.WaitForIdleAsync(); // an idle volume reads from replica 0 first (least work, lowest index)
+        cluster.Replicas[0].CorruptBlock(RepairedBlock);
+        foreach (FakeReplica replica in cluster.Replicas)
+        {
+            replica.ClearReceived();
+            replica.Hold(OpKind.Write);
+        }
+
+        using var guest = new CancellationTokenSource(Cluster.Patience);
+        byte[] destination = new byte[Cluster.BlockSize];
+        Task guestRead = cluster.Volume.ReadAsync(RepairedBlock * Cluster.BlockSize, destination, guest.Token).AsTask();
+        await Cluster.WaitUntilAsync(() => cluster.Replicas.Any(r => RepairWrites(r).Count > 0), "the read repair sent its writes");
+        await guest.CancelAsync();
+        await Cluster.CompletesWithinAsync(guestRead, TimeSpan.FromSeconds(1));
+        foreach (FakeReplica replica in cluster.Replicas)
+        {
+            replica.Release();
+        }
+
+        await Cluster.WaitUntilAsync(() => cluster.Volume.GetStatus().Replicas.All(r => r.OutstandingJobs == 0),
+            $"no replica has work outstanding (now {string.Join(", ", cluster.Volume.GetStatus().Replicas.Select(r => r.OutstandingJobs))})", TimeSpan.FromSeconds(3));
+        Assert.That(cluster.Volume.GetStatus().Replicas.Select(r => r.State), Is.All.EqualTo(ReplicaState.Active));
     }
 
     /// <summary>Writes of the one repaired block received since the test cleared the record.</summary>
