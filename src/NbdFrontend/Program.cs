@@ -9,9 +9,11 @@ using NbdServer.Frontend.Volumes;
 using NbdServer.ReplicaEngine;
 using Serilog;
 
-if (args is ["verify", .. var verifyArgs])
+if (args is ["verify", ..])
 {
-    return await NbdServer.Frontend.Verify.VerifyCommand.RunAsync(verifyArgs);
+    // The torture verifier is its own executable now; a server holds no tools.
+    Console.Error.WriteLine("nbd-server: the verifier is a separate tool now: nbd-verify --uri nbd://HOST:PORT[/EXPORT] ...");
+    return 2;
 }
 
 if (args is ["scrub", .. var scrubArgs])

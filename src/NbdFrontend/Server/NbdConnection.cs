@@ -1,13 +1,11 @@
 using System.Buffers;
-using System.Buffers.Binary;
 using System.Diagnostics;
-using System.Text;
 using System.Threading.Channels;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
 using NbdServer.Common.Tls;
 using NbdServer.Common.Volumes;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 
 namespace NbdServer.Frontend.Server;
 
@@ -22,11 +20,8 @@ internal sealed class NbdConnection : IAsyncDisposable
     private const int MaxRepliesPerBatch = 128;
     private const int HeaderBufferSize = 64;
 
-    /// <summary>Longest message text in a structured error chunk (the spec asks for at most 256 bytes).</summary>
-    private const int MaxErrorMessageBytes = 256;
-
     /// <summary>What an error reply is charged: the largest one (structured header, errno, length, message).</summary>
-    private const int ErrorReplyCharge = NbdReplyHeader.StructuredSize + 6 + MaxErrorMessageBytes;
+    private const int ErrorReplyCharge = NbdReplyWriter.MaxErrorChunkSize;
 
     /// <summary>
     /// What a WRITE_ZEROES is charged: volumes zero a long range in pieces of at most this size (the
@@ -230,7 +225,7 @@ internal sealed class NbdConnection : IAsyncDisposable
                 NbdCommand.Read or NbdCommand.Write => _connectionBudget.Clamp(request.Length),
                 NbdCommand.WriteZeroes => _connectionBudget.Clamp(Math.Min(request.Length, WriteZeroesCharge)),
                 // Its reply is built in memory: charged for the most descriptors it may carry.
-                NbdCommand.BlockStatus => _connectionBudget.Clamp(NbdReplyHeader.StructuredSize + 4L + (8L * _options.MaxBlockStatusExtents)),
+                NbdCommand.BlockStatus => _connectionBudget.Clamp(NbdReplyWriter.BlockStatusChunkSize(_options.MaxBlockStatusExtents)),
                 _ => 0,
             };
             await AdmitAsync(charge, cancellationToken);
@@ -273,8 +268,6 @@ internal sealed class NbdConnection : IAsyncDisposable
         await _connectionBudget.AcquireAsync(charge, cancellationToken);
         await _serverBudget.AcquireAsync(_serverBudget.Clamp(charge), cancellationToken);
     }
-
-    private static int BlockStatusPayloadBytes(int extents) => 4 + (8 * extents);
 
     /// <summary>
     /// A client closed for not keeping up (payload or send deadline): one throttled line for all
@@ -535,93 +528,74 @@ internal sealed class NbdConnection : IAsyncDisposable
 
     private PendingReply SuccessReply(in NbdRequest request, long charge)
     {
-        byte[] header = RentHeader(NbdReplyHeader.SimpleSize);
-        NbdReplyHeader.WriteSimple(header, NbdError.None, request.Cookie);
-        return new PendingReply(header, NbdReplyHeader.SimpleSize, null, 0, charge, HoldsSlot: true);
+        byte[] header = RentHeader(NbdReplyWriter.SimpleReplySize);
+        int length = NbdReplyWriter.WriteSimple(header, request.Cookie, NbdError.None);
+        return new PendingReply(header, length, null, 0, charge, HoldsSlot: true);
     }
 
     private PendingReply ReadReply(in NbdRequest request, byte[] data, long charge, bool structured)
     {
-        byte[] header = RentHeader(NbdReplyHeader.StructuredSize + 8);
+        byte[] header = RentHeader(NbdReplyWriter.OffsetDataHeaderSize);
         if (!structured)
         {
-            NbdReplyHeader.WriteSimple(header, NbdError.None, request.Cookie);
-            return new PendingReply(header, NbdReplyHeader.SimpleSize, data, (int)request.Length, charge, true);
+            int simple = NbdReplyWriter.WriteSimple(header, request.Cookie, NbdError.None);
+            return new PendingReply(header, simple, data, (int)request.Length, charge, true);
         }
         if (request.Length == 0)
         {
             // An OFFSET_DATA chunk must carry at least one byte; an empty read is just "done".
             ArrayPool<byte>.Shared.Return(data);
-            NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.None, request.Cookie, 0);
-            return new PendingReply(header, NbdReplyHeader.StructuredSize, null, 0, charge, true);
+            int done = NbdReplyWriter.WriteDone(header, request.Cookie);
+            return new PendingReply(header, done, null, 0, charge, true);
         }
         // One OFFSET_DATA chunk for the whole read, so DF is always honoured.
-        NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.OffsetData, request.Cookie, request.Length + 8);
-        BinaryPrimitives.WriteUInt64BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize), request.Offset);
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + 8, data, (int)request.Length, charge, true);
+        int length = NbdReplyWriter.WriteOffsetDataHeader(header, ReplyFlags.Done, request.Cookie, request.Offset, request.Length);
+        return new PendingReply(header, length, data, (int)request.Length, charge, true);
     }
 
     private static PendingReply BlockStatusReply(in NbdRequest request, IReadOnlyList<AllocationExtent> extents, int max, long charge)
     {
         int count = Math.Min(Math.Max(extents.Count, 1), max);
-        int payloadLength = BlockStatusPayloadBytes(count);
-        byte[] header = RentHeader(NbdReplyHeader.StructuredSize + payloadLength);
-        NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.BlockStatus, request.Cookie, (uint)payloadLength);
-        Span<byte> payload = header.AsSpan(NbdReplyHeader.StructuredSize, payloadLength);
-        BinaryPrimitives.WriteUInt32BigEndian(payload, MetaContexts.BaseAllocationId);
-        long remaining = request.Length;
-        int written = 0;
-        for (int i = 0; i < count && remaining > 0; i++)
+        BlockStatusDescriptor[] descriptors = ArrayPool<BlockStatusDescriptor>.Shared.Rent(count);
+        try
         {
-            AllocationExtent extent = extents.Count > 0 ? extents[i] : new AllocationExtent(remaining, AllocationState.Data);
-            uint length = (uint)Math.Min(Math.Min(extent.Length, remaining), uint.MaxValue);
-            if (length == 0)
+            long remaining = request.Length;
+            int written = 0;
+            for (int i = 0; i < count && remaining > 0; i++)
             {
-                break;
+                AllocationExtent extent = extents.Count > 0 ? extents[i] : new AllocationExtent(remaining, AllocationState.Data);
+                uint length = (uint)Math.Min(Math.Min(extent.Length, remaining), uint.MaxValue);
+                if (length == 0)
+                {
+                    break;
+                }
+                uint state = ((extent.State & AllocationState.Hole) != 0 ? MetaContexts.StateHole : 0)
+                    | ((extent.State & AllocationState.Zero) != 0 ? MetaContexts.StateZero : 0);
+                descriptors[written++] = new BlockStatusDescriptor(length, state);
+                remaining -= length;
             }
-            uint state = ((extent.State & AllocationState.Hole) != 0 ? MetaContexts.StateHole : 0)
-                | ((extent.State & AllocationState.Zero) != 0 ? MetaContexts.StateZero : 0);
-            BinaryPrimitives.WriteUInt32BigEndian(payload[(4 + (8 * written))..], length);
-            BinaryPrimitives.WriteUInt32BigEndian(payload[(8 + (8 * written))..], state);
-            remaining -= length;
-            written++;
+            if (written == 0)
+            {
+                // The spec requires at least one descriptor; "data" is always a safe answer.
+                descriptors[written++] = new BlockStatusDescriptor(request.Length, 0);
+            }
+            byte[] header = RentHeader(NbdReplyWriter.BlockStatusChunkSize(written));
+            int size = NbdReplyWriter.WriteBlockStatus(header, request.Cookie, MetaContexts.BaseAllocationId, descriptors.AsSpan(0, written));
+            return new PendingReply(header, size, null, 0, charge, true);
         }
-        if (written == 0)
+        finally
         {
-            // The spec requires at least one descriptor; "data" is always a safe answer.
-            BinaryPrimitives.WriteUInt32BigEndian(payload[4..], request.Length);
-            BinaryPrimitives.WriteUInt32BigEndian(payload[8..], 0);
-            written = 1;
+            ArrayPool<BlockStatusDescriptor>.Shared.Return(descriptors);
         }
-        if (written != count)
-        {
-            payloadLength = 4 + (8 * written);
-            NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.BlockStatus, request.Cookie, (uint)payloadLength);
-        }
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, charge, true);
     }
 
     private PendingReply ErrorReply(in NbdRequest request, NbdError error, string message, long charge)
     {
-        if (_session is not { StructuredReplies: true })
-        {
-            byte[] simple = RentHeader(NbdReplyHeader.SimpleSize);
-            NbdReplyHeader.WriteSimple(simple, error, request.Cookie);
-            return new PendingReply(simple, NbdReplyHeader.SimpleSize, null, 0, charge, HoldsSlot: true);
-        }
-        // Structured error chunk: error (32), message length (16), message.
-        byte[] text = Encoding.UTF8.GetBytes(message);
-        if (text.Length > MaxErrorMessageBytes)
-        {
-            text = Encoding.UTF8.GetBytes(message[..(MaxErrorMessageBytes / 4)]);
-        }
-        int payloadLength = 6 + text.Length;
-        byte[] header = RentHeader(NbdReplyHeader.StructuredSize + payloadLength);
-        NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.Error, request.Cookie, (uint)payloadLength);
-        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize), (uint)error);
-        BinaryPrimitives.WriteUInt16BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize + 4), (ushort)text.Length);
-        text.CopyTo(header, NbdReplyHeader.StructuredSize + 6);
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, charge, HoldsSlot: true);
+        byte[] header = RentHeader(NbdReplyWriter.MaxErrorChunkSize);
+        int length = _session is { StructuredReplies: true }
+            ? NbdReplyWriter.WriteError(header, request.Cookie, error, message)
+            : NbdReplyWriter.WriteSimple(header, request.Cookie, error);
+        return new PendingReply(header, length, null, 0, charge, HoldsSlot: true);
     }
 
     private static byte[] RentHeader(int size) => ArrayPool<byte>.Shared.Rent(Math.Max(size, HeaderBufferSize));
