@@ -9,6 +9,16 @@ using NbdServer.Frontend.Volumes;
 using NbdServer.ReplicaEngine;
 using Serilog;
 
+// Inline socket completions (see NbdFrontend.csproj for the measurement): the runtime takes them only
+// from the environment, read once at the first socket operation, so the runtimeconfig switch is
+// turned into the variable here, before any socket exists. An operator's own setting wins.
+const string InlineCompletionsVariable = "DOTNET_SYSTEM_NET_SOCKETS_INLINE_COMPLETIONS";
+if (AppContext.TryGetSwitch("NbdServer.Sockets.InlineCompletions", out bool inlineCompletions)
+    && inlineCompletions && Environment.GetEnvironmentVariable(InlineCompletionsVariable) is null)
+{
+    Environment.SetEnvironmentVariable(InlineCompletionsVariable, "1");
+}
+
 if (args is ["verify", ..])
 {
     // The torture verifier is its own executable now; a server holds no tools.
