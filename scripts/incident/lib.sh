@@ -13,12 +13,14 @@ INC_DIR="$INC_ROOT/scripts/incident"
 INC_BIN_DS="$INC_ROOT/src/Downstairs/bin/Release/net10.0/nbd-downstairs.dll"
 INC_BIN_UP="$INC_ROOT/src/NbdFrontend/bin/Release/net10.0/nbd-server.dll"
 INC_BIN_CERTS="$INC_ROOT/src/Tools/Certs/bin/Release/net10.0/nbd-certs.dll"
-# INCIDENT_BIN_DIR: a directory holding nbd-server.dll, nbd-downstairs.dll and nbd-certs.dll (the
-# test suite's output directory); then nothing is built.
+INC_BIN_VERIFY="$INC_ROOT/src/Tools/Verify/bin/Release/net10.0/nbd-verify.dll"
+# INCIDENT_BIN_DIR: a directory holding nbd-server.dll, nbd-downstairs.dll, nbd-certs.dll and
+# nbd-verify.dll (the test suite's output directory); then nothing is built.
 if [ -n "${INCIDENT_BIN_DIR:-}" ]; then
   INC_BIN_DS="$INCIDENT_BIN_DIR/nbd-downstairs.dll"
   INC_BIN_UP="$INCIDENT_BIN_DIR/nbd-server.dll"
   INC_BIN_CERTS="$INCIDENT_BIN_DIR/nbd-certs.dll"
+  INC_BIN_VERIFY="$INCIDENT_BIN_DIR/nbd-verify.dll"
 fi
 INC_TLS=${INCIDENT_TLS:-0}
 INC_SHORT=${INCIDENT_SHORT:-0}
@@ -40,7 +42,7 @@ event() { echo "$1$INC_SUFFIX $(now)" >>"$W/events"; }
 inc_build() {
   [ "${INCIDENT_NO_BUILD:-0}" = 1 ] || [ -n "${INCIDENT_BIN_DIR:-}" ] && return 0
   local p tries
-  for p in src/Downstairs/Downstairs.csproj src/NbdFrontend/NbdFrontend.csproj src/Tools/Certs/Certs.csproj; do
+  for p in src/Downstairs/Downstairs.csproj src/NbdFrontend/NbdFrontend.csproj src/Tools/Certs/Certs.csproj src/Tools/Verify/Verify.csproj; do
     for tries in 1 2 3; do
       if dotnet build "$INC_ROOT/$p" -c Release -v quiet -nologo >"/tmp/incident-build.$$.log" 2>&1; then break; fi
       [ "$tries" = 3 ] && { cat "/tmp/incident-build.$$.log" >&2; exit 1; }
@@ -204,7 +206,7 @@ inc_log_marks() { # inc_log_marks TAG: line counts of every process log
 # inc_start_load SECONDS [extra verifier options]: the steady load, in the background.
 inc_start_load() {
   local secs=$1; shift
-  dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --duration "$secs" --qd "$INC_QD" --log "$W/verify.log" --seed 42 "$@" \
+  dotnet "$INC_BIN_VERIFY" --uri "nbd://$UP_NBD" --duration "$secs" --qd "$INC_QD" --log "$W/verify.log" --seed 42 "$@" \
     >>"$W/verify.out" 2>>"$W/verify.err" &
   LOAD_PID=$!
   local n

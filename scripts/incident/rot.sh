@@ -36,7 +36,7 @@ while flipped < n and tries < 100000:
 print(f'flipped_blocks={flipped}')
 PY
 # Read everything back (the verifier's check-only pass: every block, against the write log).
-dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --check-only --log "$W/verify.log" >>"$W/verify.out" 2>>"$W/verify.err" || true
+dotnet "$INC_BIN_VERIFY" --uri "nbd://$UP_NBD" --check-only --log "$W/verify.log" >>"$W/verify.out" 2>>"$W/verify.err" || true
 # A read checks only the copy it happens to read; rot in copies no read touched is found by the scrub
 # (every block of every replica against its own hash), which rewrites them from a good copy.
 dotnet "$INC_BIN_UP" scrub --control "$UP_CONTROL" --wait --timeout 120 >>"$W/scrub.out" 2>&1 || true

@@ -15,7 +15,7 @@ inc_start_all
 # EIO leave no room for reads in the same verifier).
 HALF="$(( ${INC_SIZE%MiB} / 2 ))MiB"   # INCIDENT_SIZE in MiB
 inc_start_load 600 --range "$HALF"
-dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --duration 600 --qd 4 --offset "$HALF" --read-percent 100 --seed 7 \
+dotnet "$INC_BIN_VERIFY" --uri "nbd://$UP_NBD" --duration 600 --qd 4 --offset "$HALF" --read-percent 100 --seed 7 \
   >"$W/reads.out" 2>"$W/reads.err" &
 READS_PID=$!
 INC_HELPERS+=("$READS_PID")

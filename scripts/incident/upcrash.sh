@@ -19,7 +19,7 @@ inc_start_up
 fact restart_to_serving_s "$(python3 -c "print(f'{$(now)-$t0:.2f}')")"
 inc_fault_end
 fact reconcile_line "\"$(grep -o 'reconciled [0-9]* replicas, [0-9]* extents repaired' "$W/up.log" | tail -1)\""
-dotnet "$INC_BIN_UP" verify --uri "nbd://$UP_NBD" --check-only --log "$W/verify.log" >>"$W/verify.out" 2>>"$W/verify.err" || true
+dotnet "$INC_BIN_VERIFY" --uri "nbd://$UP_NBD" --check-only --log "$W/verify.log" >>"$W/verify.out" 2>>"$W/verify.err" || true
 inc_start_load "$AFTER"
 inc_wait_load
 inc_wait_active 60

@@ -9,9 +9,21 @@ using NbdServer.Frontend.Volumes;
 using NbdServer.ReplicaEngine;
 using Serilog;
 
-if (args is ["verify", .. var verifyArgs])
+// Inline socket completions (see NbdFrontend.csproj for the measurement): the runtime takes them only
+// from the environment, read once at the first socket operation, so the runtimeconfig switch is
+// turned into the variable here, before any socket exists. An operator's own setting wins.
+const string InlineCompletionsVariable = "DOTNET_SYSTEM_NET_SOCKETS_INLINE_COMPLETIONS";
+if (AppContext.TryGetSwitch("NbdServer.Sockets.InlineCompletions", out bool inlineCompletions)
+    && inlineCompletions && Environment.GetEnvironmentVariable(InlineCompletionsVariable) is null)
 {
-    return await NbdServer.Frontend.Verify.VerifyCommand.RunAsync(verifyArgs);
+    Environment.SetEnvironmentVariable(InlineCompletionsVariable, "1");
+}
+
+if (args is ["verify", ..])
+{
+    // The torture verifier is its own executable now; a server holds no tools.
+    Console.Error.WriteLine("nbd-server: the verifier is a separate tool now: nbd-verify --uri nbd://HOST:PORT[/EXPORT] ...");
+    return 2;
 }
 
 if (args is ["scrub", .. var scrubArgs])

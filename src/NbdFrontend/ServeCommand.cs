@@ -28,7 +28,6 @@ internal sealed record ServeCommand
             nbd-server --downstairs A:P,B:P,C:P [OPTIONS]
             nbd-server status [--control PATH] [--watch] [--json]
             nbd-server scrub [--control PATH] [--wait]
-            nbd-server verify --help
 
         DESCRIPTION
             Serves one export over NBD. Clients: nbd-client (Linux kernel), nbdinfo, nbdsh,

@@ -1,4 +1,4 @@
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 

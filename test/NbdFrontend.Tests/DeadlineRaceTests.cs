@@ -1,5 +1,5 @@
 using Microsoft.Extensions.Time.Testing;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 
 namespace NbdServer.Frontend.Tests;

@@ -1,7 +1,7 @@
 using System.Net;
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 

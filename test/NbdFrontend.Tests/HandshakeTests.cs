@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 using System.Text;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 using static NbdServer.Frontend.Tests.NbdTestClient;

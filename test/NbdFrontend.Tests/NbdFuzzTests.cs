@@ -3,7 +3,7 @@ using System.Diagnostics;
 using System.IO.Pipelines;
 using System.Text;
 using Nerdbank.Streams;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 using NbdServer.Testing;

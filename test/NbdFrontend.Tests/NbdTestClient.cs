@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 using System.Text;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 
 namespace NbdServer.Frontend.Tests;
 

@@ -4,7 +4,7 @@ using System.Security.Authentication;
 using System.Security.Cryptography.X509Certificates;
 using System.Text;
 using NbdServer.Common.Tls;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 using static NbdServer.Frontend.Tests.NbdTestClient;
 

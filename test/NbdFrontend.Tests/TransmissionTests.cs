@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.Text;
 using NbdServer.Common.Volumes;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 

@@ -1,6 +1,6 @@
 using System.Net.Sockets;
 using NbdServer.Common.Volumes;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 

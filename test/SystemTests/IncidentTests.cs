@@ -7,7 +7,7 @@ namespace NbdServer.SystemTests;
 /// <summary>
 /// Issue 5 / DESIGN §6: the incident scenarios (scripts/incident/*.sh) in their short mode
 /// (INCIDENT_SHORT=1, 16 MiB regions), each against real processes: three nbd-downstairs, nbd-server
-/// and the `nbd-server verify` load. Each script prints one "INCIDENT key=value ..." line; the bars of
+/// and the `nbd-verify` load. Each script prints one "INCIDENT key=value ..." line; the bars of
 /// issue 5 are asserted here, one by one, so a failure names the figure that missed.
 /// Needs root (tmpfs mount for the disk-full case), bash, python3 and curl.
 /// </summary>

@@ -50,6 +50,24 @@ internal sealed class ByteBudget(long capacity)
     /// Gives back <paramref name="bytes"/> and grants waiters in order. Also called with 0 when a
     /// waiter is cancelled: the ones queued behind it may fit now and must not wait for a release.
     /// </summary>
+    /// <summary>Takes <paramref name="bytes"/> now if they are free and nobody waits ahead; never waits.</summary>
+    public bool TryAcquire(long bytes)
+    {
+        if (bytes == 0)
+        {
+            return true;
+        }
+        lock (_lock)
+        {
+            if (_waiters.Count == 0 && _available >= bytes)
+            {
+                _available -= bytes;
+                return true;
+            }
+            return false;
+        }
+    }
+
     public void Release(long bytes)
     {
         lock (_lock)

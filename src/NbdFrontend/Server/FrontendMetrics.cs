@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 
 namespace NbdServer.Frontend.Server;
 

@@ -1,32 +1,27 @@
 using System.Buffers;
-using System.Buffers.Binary;
 using System.Diagnostics;
-using System.Text;
-using System.Threading.Channels;
+using System.IO.Pipelines;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
 using NbdServer.Common.Tls;
 using NbdServer.Common.Volumes;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 
 namespace NbdServer.Frontend.Server;
 
 /// <summary>
 /// One client connection: handshake, then the transmission phase. Requests are read in order by one
-/// loop and run concurrently; replies go out as they complete, batched by one writer (one gather send
-/// per batch). Memory is bounded: a request is admitted only when its payload fits the connection's
-/// and the server's byte budgets, so at the cap we simply stop reading the socket.
+/// loop and run concurrently; replies go out as they complete, batched by one writer at a time (one
+/// gather send per batch; see NbdConnection.Replies.cs). Memory is bounded: a request is admitted
+/// only when its payload fits the connection's and the server's byte budgets, so at the cap we
+/// simply stop reading the socket.
 /// </summary>
-internal sealed class NbdConnection : IAsyncDisposable
+internal sealed partial class NbdConnection : IAsyncDisposable
 {
     private const int MaxRepliesPerBatch = 128;
-    private const int HeaderBufferSize = 64;
-
-    /// <summary>Longest message text in a structured error chunk (the spec asks for at most 256 bytes).</summary>
-    private const int MaxErrorMessageBytes = 256;
 
     /// <summary>What an error reply is charged: the largest one (structured header, errno, length, message).</summary>
-    private const int ErrorReplyCharge = NbdReplyHeader.StructuredSize + 6 + MaxErrorMessageBytes;
+    private const int ErrorReplyCharge = NbdReplyWriter.MaxErrorChunkSize;
 
     /// <summary>
     /// What a WRITE_ZEROES is charged: volumes zero a long range in pieces of at most this size (the
@@ -43,7 +38,6 @@ internal sealed class NbdConnection : IAsyncDisposable
     private readonly ILogger _logger;
     private readonly LogThrottle? _throttle;
     private readonly TlsServerPolicy? _tls;
-    private readonly Channel<PendingReply> _replies;
     private readonly CancellationTokenSource _aborted = new();
 
     // Re-armed per payload / per send, so the deadlines cost no allocation per request.
@@ -66,9 +60,6 @@ internal sealed class NbdConnection : IAsyncDisposable
         _serverBudget = serverBudget;
         _connectionBudget = new ByteBudget(options.MaxInFlightBytesPerConnection);
         _requestSlots = new SemaphoreSlim(options.MaxInFlightRequestsPerConnection);
-        // Every reply holds a request slot until it is sent, so the queue never holds more than there
-        // are slots: a client that pipelines requests and never reads stops being read instead.
-        _replies = Channel.CreateBounded<PendingReply>(new BoundedChannelOptions(options.MaxInFlightRequestsPerConnection) { SingleReader = true, FullMode = BoundedChannelFullMode.Wait });
         _payloadDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
         _sendDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
         _logger = logger;
@@ -84,7 +75,6 @@ internal sealed class NbdConnection : IAsyncDisposable
     public async Task RunAsync(CancellationToken serverStopping)
     {
         string reason = "client disconnected";
-        Task? writer = null;
         try
         {
             using (var handshakeTimeout = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token, serverStopping))
@@ -112,7 +102,6 @@ internal sealed class NbdConnection : IAsyncDisposable
             }
             FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation, _transport.Tls is not null);
             FrontendMetrics.ConnectionAttached();
-            writer = Task.Run(WriteRepliesAsync);
             try
             {
                 reason = await ReadRequestsAsync();
@@ -137,11 +126,6 @@ internal sealed class NbdConnection : IAsyncDisposable
         {
             // Answer what was admitted before closing (DISC and shutdown both require the drain).
             await WhenIdleAsync().WaitAsync(_options.ShutdownTimeout).ContinueWith(static _ => { }, TaskScheduler.Default);
-            _replies.Writer.TryComplete();
-            if (writer is not null)
-            {
-                await writer;
-            }
             _transport.Abort();
             if (_session is not null)
             {
@@ -184,86 +168,224 @@ internal sealed class NbdConnection : IAsyncDisposable
         _requestSlots.Dispose();
     }
 
+    /// <summary>
+    /// The request loop. Every request that is whole in what one receive brought, and whose budget is
+    /// free, is taken straight from the pipe's buffer: all of them are started before any reply is
+    /// sent, and whatever completed inline goes out in one send at the end of the batch. A request
+    /// that must wait (for its budget or the rest of its payload) takes the one-at-a-time path.
+    /// </summary>
     private async Task<string> ReadRequestsAsync()
     {
         CancellationToken cancellationToken = _aborted.Token;
         NegotiatedSession session = _session!;
+        PipeReader input = _transport.Input;
         while (true)
         {
-            if (!await _transport.Input.ReadExactlyAsync(_requestHeader, cancellationToken))
+            ReadResult result = await input.ReadAsync(cancellationToken);
+            ReadOnlySequence<byte> buffer = result.Buffer;
+            string? stop = null;
+            _batchThread = Environment.CurrentManagedThreadId;
+            try
             {
-                return "client closed the connection";
+                while (stop is null && TryTakeBuffered(ref buffer, session, ref stop))
+                {
+                }
             }
-            NbdRequest request = NbdRequest.Parse(_requestHeader);
-            if (request.Magic != NbdMagic.Request)
+            finally
             {
-                // Without a valid magic we cannot find the next request boundary: hard disconnect.
-                ReportDropped("bad request magic", $"magic 0x{request.Magic:x8}");
-                return "protocol violation";
+                _batchThread = 0;
             }
-            if (request.Command == NbdCommand.Disconnect)
+            ScheduleFlush();
+            if (stop is not null)
             {
-                return "client sent NBD_CMD_DISC";
+                input.AdvanceTo(buffer.Start);
+                return stop;
             }
-
-            uint payloadLength = request.Command == NbdCommand.Write ? request.Length : 0;
-            (NbdError error, string message) = _shuttingDown ? (NbdError.ESHUTDOWN, "server is shutting down") : Validate(request, session);
-            if (error != NbdError.None)
+            if (buffer.Length >= NbdRequest.Size)
             {
-                // The payload is still on the wire: drop it so the next header lines up. It is not
-                // buffered, so it holds no budget, but it gets the same deadline as any payload.
-                await _transport.Input.SkipAsync(payloadLength, _payloadDeadline.Arm(_options.PayloadTimeout));
-                _payloadDeadline.Disarm();
-                ReportFailure(request, error, message);
-                FrontendMetrics.Record(request.Command, request.Length, ok: false, Stopwatch.GetTimestamp());
-                // An error reply is a reply like any other: it waits for a slot and its bytes, so a
-                // client that sends bad requests and never reads is throttled like one sending good ones.
-                long errorCharge = _connectionBudget.Clamp(ErrorReplyCharge);
-                await AdmitAsync(errorCharge, cancellationToken);
-                BeginRequest();
-                Enqueue(ErrorReply(request, error, message, errorCharge));
+                input.AdvanceTo(buffer.Start);
+                stop = await ReadOneRequestAsync(session, cancellationToken);
+                if (stop is not null)
+                {
+                    return stop;
+                }
                 continue;
             }
-
-            long charge = request.Command switch
+            if (result.IsCompleted || result.IsCanceled)
             {
-                NbdCommand.Read or NbdCommand.Write => _connectionBudget.Clamp(request.Length),
-                NbdCommand.WriteZeroes => _connectionBudget.Clamp(Math.Min(request.Length, WriteZeroesCharge)),
-                // Its reply is built in memory: charged for the most descriptors it may carry.
-                NbdCommand.BlockStatus => _connectionBudget.Clamp(NbdReplyHeader.StructuredSize + 4L + (8L * _options.MaxBlockStatusExtents)),
-                _ => 0,
-            };
-            await AdmitAsync(charge, cancellationToken);
+                input.AdvanceTo(buffer.Start, buffer.End);
+                return buffer.IsEmpty ? "client closed the connection" : throw new EndOfStreamException("connection closed in the middle of a message");
+            }
+            input.AdvanceTo(buffer.Start, buffer.End);
+        }
+    }
+
+    /// <summary>
+    /// Takes the request at the front of <paramref name="buffer"/> if it is whole there and admitted
+    /// without waiting; false leaves it in place (or sets <paramref name="stop"/> to end the connection).
+    /// </summary>
+    private bool TryTakeBuffered(ref ReadOnlySequence<byte> buffer, NegotiatedSession session, ref string? stop)
+    {
+        if (buffer.Length < NbdRequest.Size)
+        {
+            return false;
+        }
+        NbdRequest request;
+        if (buffer.FirstSpan.Length >= NbdRequest.Size)
+        {
+            request = NbdRequest.Parse(buffer.FirstSpan);
+        }
+        else
+        {
+            Span<byte> header = stackalloc byte[NbdRequest.Size];
+            buffer.Slice(0, NbdRequest.Size).CopyTo(header);
+            request = NbdRequest.Parse(header);
+        }
+        if (request.Magic != NbdMagic.Request)
+        {
+            // Without a valid magic we cannot find the next request boundary: hard disconnect.
+            ReportDropped("bad request magic", $"magic 0x{request.Magic:x8}");
+            stop = "protocol violation";
+            return false;
+        }
+        if (request.Command == NbdCommand.Disconnect)
+        {
+            buffer = buffer.Slice(NbdRequest.Size);
+            stop = "client sent NBD_CMD_DISC";
+            return false;
+        }
+        uint payloadLength = request.Command == NbdCommand.Write ? request.Length : 0;
+        if (buffer.Length - NbdRequest.Size < payloadLength)
+        {
+            return false;
+        }
+        (NbdError error, string message) = _shuttingDown ? (NbdError.ESHUTDOWN, "server is shutting down") : Validate(request, session);
+        long charge = error != NbdError.None ? _connectionBudget.Clamp(ErrorReplyCharge) : Charge(request);
+        if (!TryAdmit(charge))
+        {
+            return false;
+        }
+        buffer = buffer.Slice(NbdRequest.Size);
+        BeginRequest();
+        Job job = RentJob(request, charge);
+        if (error != NbdError.None)
+        {
+            buffer = buffer.Slice(payloadLength);
+            ReportFailure(request, error, message);
+            FrontendMetrics.Record(request.Command, request.Length, ok: false, Stopwatch.GetTimestamp());
+            SetErrorReply(job, error, message);
+            Enqueue(job);
+            return true;
+        }
+        if (payloadLength > 0)
+        {
+            job.Buffer = ArrayPool<byte>.Shared.Rent((int)payloadLength);
+            buffer.Slice(0, payloadLength).CopyTo(job.Buffer);
+            buffer = buffer.Slice(payloadLength);
+        }
+        Dispatch(job, session);
+        return true;
+    }
+
+    /// <summary>One request read piece by piece, waiting for its budget and payload; null to go on.</summary>
+    private async Task<string?> ReadOneRequestAsync(NegotiatedSession session, CancellationToken cancellationToken)
+    {
+        if (!await _transport.Input.ReadExactlyAsync(_requestHeader, cancellationToken))
+        {
+            return "client closed the connection";
+        }
+        NbdRequest request = NbdRequest.Parse(_requestHeader);
+        if (request.Magic != NbdMagic.Request)
+        {
+            ReportDropped("bad request magic", $"magic 0x{request.Magic:x8}");
+            return "protocol violation";
+        }
+        if (request.Command == NbdCommand.Disconnect)
+        {
+            return "client sent NBD_CMD_DISC";
+        }
+
+        uint payloadLength = request.Command == NbdCommand.Write ? request.Length : 0;
+        (NbdError error, string message) = _shuttingDown ? (NbdError.ESHUTDOWN, "server is shutting down") : Validate(request, session);
+        if (error != NbdError.None)
+        {
+            // The payload is still on the wire: drop it so the next header lines up. It is not
+            // buffered, so it holds no budget, but it gets the same deadline as any payload.
+            await _transport.Input.SkipAsync(payloadLength, _payloadDeadline.Arm(_options.PayloadTimeout));
+            _payloadDeadline.Disarm();
+            ReportFailure(request, error, message);
+            FrontendMetrics.Record(request.Command, request.Length, ok: false, Stopwatch.GetTimestamp());
+            // An error reply is a reply like any other: it waits for a slot and its bytes, so a
+            // client that sends bad requests and never reads is throttled like one sending good ones.
+            long errorCharge = _connectionBudget.Clamp(ErrorReplyCharge);
+            await AdmitAsync(errorCharge, cancellationToken);
             BeginRequest();
+            Job failed = RentJob(request, errorCharge);
+            SetErrorReply(failed, error, message);
+            Enqueue(failed);
+            return null;
+        }
 
-            byte[]? payload = null;
-            if (payloadLength > 0)
+        long charge = Charge(request);
+        await AdmitAsync(charge, cancellationToken);
+        BeginRequest();
+        Job job = RentJob(request, charge);
+        if (payloadLength > 0)
+        {
+            job.Buffer = ArrayPool<byte>.Shared.Rent((int)payloadLength);
+            bool complete = false;
+            try
             {
-                payload = ArrayPool<byte>.Shared.Rent((int)payloadLength);
-                bool complete = false;
-                try
-                {
-                    // The write holds its budget while its payload arrives: a deadline, so a client
-                    // that stops half-way cannot keep it (and starve the other connections) forever.
-                    complete = await _transport.Input.ReadExactlyAsync(payload.AsMemory(0, (int)payloadLength), _payloadDeadline.Arm(_options.PayloadTimeout));
-                    _payloadDeadline.Disarm();
-                }
-                finally
-                {
-                    if (!complete)
-                    {
-                        // A torn write is never applied; give back what it was admitted with.
-                        ArrayPool<byte>.Shared.Return(payload);
-                        Settle(new PendingReply(RentHeader(0), 0, null, 0, charge, HoldsSlot: true));
-                    }
-                }
+                // The write holds its budget while its payload arrives: a deadline, so a client
+                // that stops half-way cannot keep it (and starve the other connections) forever.
+                complete = await _transport.Input.ReadExactlyAsync(job.Buffer.AsMemory(0, (int)payloadLength), _payloadDeadline.Arm(_options.PayloadTimeout));
+                _payloadDeadline.Disarm();
+            }
+            finally
+            {
                 if (!complete)
                 {
-                    return "client closed the connection in the middle of a write";
+                    // A torn write is never applied; give back what it was admitted with.
+                    Settle(job);
                 }
             }
-            _ = ExecuteAsync(request, payload, charge, session);
+            if (!complete)
+            {
+                return "client closed the connection in the middle of a write";
+            }
         }
+        Dispatch(job, session);
+        return null;
+    }
+
+    private long Charge(in NbdRequest request) => request.Command switch
+    {
+        NbdCommand.Read or NbdCommand.Write => _connectionBudget.Clamp(request.Length),
+        NbdCommand.WriteZeroes => _connectionBudget.Clamp(Math.Min(request.Length, WriteZeroesCharge)),
+        // Its reply is built in memory: charged for the most descriptors it may carry.
+        NbdCommand.BlockStatus => _connectionBudget.Clamp(NbdReplyWriter.BlockStatusChunkSize(_options.MaxBlockStatusExtents)),
+        _ => 0,
+    };
+
+    /// <summary>Takes a slot and the budgets only if all are free now (the batch path never waits).</summary>
+    private bool TryAdmit(long charge)
+    {
+        if (!_requestSlots.Wait(0))
+        {
+            return false;
+        }
+        if (!_connectionBudget.TryAcquire(charge))
+        {
+            _requestSlots.Release();
+            return false;
+        }
+        if (!_serverBudget.TryAcquire(_serverBudget.Clamp(charge)))
+        {
+            _connectionBudget.Release(charge);
+            _requestSlots.Release();
+            return false;
+        }
+        return true;
     }
 
     /// <summary>Takes a request slot and <paramref name="charge"/> bytes of the connection's and the server's budgets.</summary>
@@ -273,8 +395,6 @@ internal sealed class NbdConnection : IAsyncDisposable
         await _connectionBudget.AcquireAsync(charge, cancellationToken);
         await _serverBudget.AcquireAsync(_serverBudget.Clamp(charge), cancellationToken);
     }
-
-    private static int BlockStatusPayloadBytes(int extents) => 4 + (8 * extents);
 
     /// <summary>
     /// A client closed for not keeping up (payload or send deadline): one throttled line for all
@@ -408,111 +528,6 @@ internal sealed class NbdConnection : IAsyncDisposable
         }
     }
 
-    private async Task ExecuteAsync(NbdRequest request, byte[]? payload, long charge, NegotiatedSession session)
-    {
-        IBlockVolume volume = session.Export.Volume;
-        CancellationToken cancellationToken = _aborted.Token;
-        var writeOptions = (request.Flags & CommandFlags.Fua) != 0 ? WriteOptions.ForceUnitAccess : WriteOptions.None;
-        long offset = (long)request.Offset;
-        long started = Stopwatch.GetTimestamp();
-        bool ok = false;
-        try
-        {
-            switch (request.Command)
-            {
-                case NbdCommand.Read:
-                    {
-                        byte[] data = ArrayPool<byte>.Shared.Rent(Math.Max(1, (int)request.Length));
-                        try
-                        {
-                            await volume.ReadAsync(offset, data.AsMemory(0, (int)request.Length), cancellationToken);
-                        }
-                        catch
-                        {
-                            ArrayPool<byte>.Shared.Return(data);
-                            throw;
-                        }
-                        ok = true;
-                        Enqueue(ReadReply(request, data, charge, session.StructuredReplies));
-                        return;
-                    }
-                case NbdCommand.Write:
-                    try
-                    {
-                        await volume.WriteAsync(offset, payload.AsMemory(0, (int)request.Length), writeOptions, cancellationToken);
-                    }
-                    finally
-                    {
-                        if (payload is not null)
-                        {
-                            ArrayPool<byte>.Shared.Return(payload);
-                        }
-                    }
-                    break;
-                case NbdCommand.Flush:
-                    await volume.FlushAsync(cancellationToken);
-                    break;
-                case NbdCommand.Trim:
-                    await volume.TrimAsync(offset, request.Length, writeOptions, cancellationToken);
-                    break;
-                case NbdCommand.WriteZeroes:
-                    if ((request.Flags & CommandFlags.NoHole) != 0)
-                    {
-                        writeOptions |= WriteOptions.NoHole;
-                    }
-                    if ((request.Flags & CommandFlags.FastZero) != 0)
-                    {
-                        writeOptions |= WriteOptions.FastZero;
-                    }
-                    await volume.WriteZeroesAsync(offset, request.Length, writeOptions, cancellationToken);
-                    break;
-                case NbdCommand.Cache:
-                    // Prefetch is only a hint: our volumes have no cache to warm, so success is honest.
-                    break;
-                case NbdCommand.BlockStatus:
-                    {
-                        int max = (request.Flags & CommandFlags.RequestOne) != 0 ? 1 : _options.MaxBlockStatusExtents;
-                        IReadOnlyList<AllocationExtent> extents = await volume.GetAllocationAsync(offset, request.Length, max, cancellationToken);
-                        ok = true;
-                        Enqueue(BlockStatusReply(request, extents, max, charge));
-                        return;
-                    }
-            }
-            ok = true;
-            Enqueue(SuccessReply(request, charge));
-        }
-        catch (VolumeException e)
-        {
-            NbdError error = e.Error switch
-            {
-                VolumeError.NoSpace => NbdError.ENOSPC,
-                VolumeError.NotSupported => NbdError.ENOTSUP,
-                VolumeError.ReadOnly => NbdError.EPERM,
-                VolumeError.InvalidArgument => NbdError.EINVAL,
-                VolumeError.Shutdown => NbdError.ESHUTDOWN,
-                _ => NbdError.EIO,
-            };
-            if (e.Error != VolumeError.NotSupported)
-            {
-                ReportFailure(request, error, e.Message);
-            }
-            Enqueue(ErrorReply(request, error, e.Message, charge));
-        }
-        catch (OperationCanceledException)
-        {
-            Enqueue(ErrorReply(request, NbdError.ESHUTDOWN, "connection is closing", charge));
-        }
-        catch (Exception e)
-        {
-            FrontendLog.Unexpected(_logger, Id, e);
-            Enqueue(ErrorReply(request, NbdError.EIO, "internal error", charge));
-        }
-        finally
-        {
-            FrontendMetrics.Record(request.Command, request.Length, ok, started);
-        }
-    }
-
     /// <summary>
     /// A failed request, logged through the throttle: a client that sends garbage in a loop, or a
     /// volume that fails every write, is a first line with details and then one count per interval
@@ -531,175 +546,6 @@ internal sealed class NbdConnection : IAsyncDisposable
         }
         (ulong offset, uint length, ushort code) = (request.Offset, request.Length, (ushort)request.Command);
         _throttle.Report(LogLevel.Warning, $"NBD request failed: {command} with {error}", () => $"first: connection {Id}, command {code} at offset {offset} length {length}: {message}");
-    }
-
-    private PendingReply SuccessReply(in NbdRequest request, long charge)
-    {
-        byte[] header = RentHeader(NbdReplyHeader.SimpleSize);
-        NbdReplyHeader.WriteSimple(header, NbdError.None, request.Cookie);
-        return new PendingReply(header, NbdReplyHeader.SimpleSize, null, 0, charge, HoldsSlot: true);
-    }
-
-    private PendingReply ReadReply(in NbdRequest request, byte[] data, long charge, bool structured)
-    {
-        byte[] header = RentHeader(NbdReplyHeader.StructuredSize + 8);
-        if (!structured)
-        {
-            NbdReplyHeader.WriteSimple(header, NbdError.None, request.Cookie);
-            return new PendingReply(header, NbdReplyHeader.SimpleSize, data, (int)request.Length, charge, true);
-        }
-        if (request.Length == 0)
-        {
-            // An OFFSET_DATA chunk must carry at least one byte; an empty read is just "done".
-            ArrayPool<byte>.Shared.Return(data);
-            NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.None, request.Cookie, 0);
-            return new PendingReply(header, NbdReplyHeader.StructuredSize, null, 0, charge, true);
-        }
-        // One OFFSET_DATA chunk for the whole read, so DF is always honoured.
-        NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.OffsetData, request.Cookie, request.Length + 8);
-        BinaryPrimitives.WriteUInt64BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize), request.Offset);
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + 8, data, (int)request.Length, charge, true);
-    }
-
-    private static PendingReply BlockStatusReply(in NbdRequest request, IReadOnlyList<AllocationExtent> extents, int max, long charge)
-    {
-        int count = Math.Min(Math.Max(extents.Count, 1), max);
-        int payloadLength = BlockStatusPayloadBytes(count);
-        byte[] header = RentHeader(NbdReplyHeader.StructuredSize + payloadLength);
-        NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.BlockStatus, request.Cookie, (uint)payloadLength);
-        Span<byte> payload = header.AsSpan(NbdReplyHeader.StructuredSize, payloadLength);
-        BinaryPrimitives.WriteUInt32BigEndian(payload, MetaContexts.BaseAllocationId);
-        long remaining = request.Length;
-        int written = 0;
-        for (int i = 0; i < count && remaining > 0; i++)
-        {
-            AllocationExtent extent = extents.Count > 0 ? extents[i] : new AllocationExtent(remaining, AllocationState.Data);
-            uint length = (uint)Math.Min(Math.Min(extent.Length, remaining), uint.MaxValue);
-            if (length == 0)
-            {
-                break;
-            }
-            uint state = ((extent.State & AllocationState.Hole) != 0 ? MetaContexts.StateHole : 0)
-                | ((extent.State & AllocationState.Zero) != 0 ? MetaContexts.StateZero : 0);
-            BinaryPrimitives.WriteUInt32BigEndian(payload[(4 + (8 * written))..], length);
-            BinaryPrimitives.WriteUInt32BigEndian(payload[(8 + (8 * written))..], state);
-            remaining -= length;
-            written++;
-        }
-        if (written == 0)
-        {
-            // The spec requires at least one descriptor; "data" is always a safe answer.
-            BinaryPrimitives.WriteUInt32BigEndian(payload[4..], request.Length);
-            BinaryPrimitives.WriteUInt32BigEndian(payload[8..], 0);
-            written = 1;
-        }
-        if (written != count)
-        {
-            payloadLength = 4 + (8 * written);
-            NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.BlockStatus, request.Cookie, (uint)payloadLength);
-        }
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, charge, true);
-    }
-
-    private PendingReply ErrorReply(in NbdRequest request, NbdError error, string message, long charge)
-    {
-        if (_session is not { StructuredReplies: true })
-        {
-            byte[] simple = RentHeader(NbdReplyHeader.SimpleSize);
-            NbdReplyHeader.WriteSimple(simple, error, request.Cookie);
-            return new PendingReply(simple, NbdReplyHeader.SimpleSize, null, 0, charge, HoldsSlot: true);
-        }
-        // Structured error chunk: error (32), message length (16), message.
-        byte[] text = Encoding.UTF8.GetBytes(message);
-        if (text.Length > MaxErrorMessageBytes)
-        {
-            text = Encoding.UTF8.GetBytes(message[..(MaxErrorMessageBytes / 4)]);
-        }
-        int payloadLength = 6 + text.Length;
-        byte[] header = RentHeader(NbdReplyHeader.StructuredSize + payloadLength);
-        NbdReplyHeader.WriteStructured(header, ReplyFlags.Done, StructuredReplyType.Error, request.Cookie, (uint)payloadLength);
-        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize), (uint)error);
-        BinaryPrimitives.WriteUInt16BigEndian(header.AsSpan(NbdReplyHeader.StructuredSize + 4), (ushort)text.Length);
-        text.CopyTo(header, NbdReplyHeader.StructuredSize + 6);
-        return new PendingReply(header, NbdReplyHeader.StructuredSize + payloadLength, null, 0, charge, HoldsSlot: true);
-    }
-
-    private static byte[] RentHeader(int size) => ArrayPool<byte>.Shared.Rent(Math.Max(size, HeaderBufferSize));
-
-    private void Enqueue(PendingReply reply)
-    {
-        // Never full: every queued reply holds one of the request slots the queue is sized for.
-        if (!_replies.Writer.TryWrite(reply))
-        {
-            // The writer is gone (connection closed): nothing will send it, so settle it here.
-            Settle(reply);
-        }
-    }
-
-    /// <summary>The single writer: drains whatever replies are ready and sends them in one gather write.</summary>
-    private async Task WriteRepliesAsync()
-    {
-        var batch = new List<PendingReply>(MaxRepliesPerBatch);
-        var segments = new List<ArraySegment<byte>>(MaxRepliesPerBatch * 2);
-        bool broken = false;
-        ChannelReader<PendingReply> reader = _replies.Reader;
-        while (await reader.WaitToReadAsync())
-        {
-            while (batch.Count < MaxRepliesPerBatch && reader.TryRead(out PendingReply reply))
-            {
-                batch.Add(reply);
-                segments.Add(new ArraySegment<byte>(reply.Header, 0, reply.HeaderLength));
-                if (reply.Payload is not null)
-                {
-                    segments.Add(new ArraySegment<byte>(reply.Payload, 0, reply.PayloadLength));
-                }
-            }
-            try
-            {
-                if (!broken)
-                {
-                    // Unsent replies hold their budget: a client that stops reading gets SendTimeout.
-                    await _transport.SendAsync(segments, _sendDeadline.Arm(_options.SendTimeout));
-                    _sendDeadline.Disarm();
-                }
-            }
-            catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or OperationCanceledException)
-            {
-                if (_sendDeadline.Expired)
-                {
-                    ReportTooSlow("replies were not read within the send timeout", $"replies not read within {_options.SendTimeout.TotalSeconds:0.#} s");
-                }
-                // The client is gone; keep draining so every admitted request releases its budget.
-                broken = true;
-                _aborted.Cancel();
-                _transport.Abort();
-            }
-            foreach (PendingReply sent in batch)
-            {
-                Settle(sent);
-            }
-            batch.Clear();
-            segments.Clear();
-        }
-    }
-
-    private void Settle(PendingReply reply)
-    {
-        ArrayPool<byte>.Shared.Return(reply.Header);
-        if (reply.Payload is not null)
-        {
-            ArrayPool<byte>.Shared.Return(reply.Payload);
-        }
-        if (reply.Charge > 0)
-        {
-            _connectionBudget.Release(reply.Charge);
-            _serverBudget.Release(_serverBudget.Clamp(reply.Charge));
-        }
-        if (reply.HoldsSlot)
-        {
-            _requestSlots.Release();
-        }
-        EndRequest();
     }
 
     private void BeginRequest()
@@ -736,7 +582,4 @@ internal sealed class NbdConnection : IAsyncDisposable
             return _idle.Task;
         }
     }
-
-    /// <summary>A reply ready to send, and what to release once it is sent.</summary>
-    private readonly record struct PendingReply(byte[] Header, int HeaderLength, byte[]? Payload, int PayloadLength, long Charge, bool HoldsSlot);
 }

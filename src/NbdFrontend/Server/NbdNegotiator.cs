@@ -4,7 +4,7 @@ using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
 using NbdServer.Common.Tls;
 using NbdServer.Common.Volumes;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 
 namespace NbdServer.Frontend.Server;
 

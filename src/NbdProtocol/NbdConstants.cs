@@ -1,8 +1,8 @@
-namespace NbdServer.Frontend.Protocol;
+namespace NbdServer.Nbd;
 
 // Values from the NBD protocol specification (NetworkBlockDevice/nbd, doc/proto.md).
 
-internal static class NbdMagic
+public static class NbdMagic
 {
     /// <summary>"NBDMAGIC", the first 8 bytes a server sends.</summary>
     public const ulong InitPassword = 0x4e42444d41474943;
@@ -17,20 +17,20 @@ internal static class NbdMagic
 }
 
 [Flags]
-internal enum HandshakeFlags : ushort
+public enum HandshakeFlags : ushort
 {
     FixedNewstyle = 1 << 0,
     NoZeroes = 1 << 1,
 }
 
 [Flags]
-internal enum ClientFlags : uint
+public enum ClientFlags : uint
 {
     FixedNewstyle = 1 << 0,
     NoZeroes = 1 << 1,
 }
 
-internal enum NbdOption : uint
+public enum NbdOption : uint
 {
     ExportName = 1,
     Abort = 2,
@@ -45,7 +45,7 @@ internal enum NbdOption : uint
     ExtendedHeaders = 11,
 }
 
-internal enum OptionReplyType : uint
+public enum OptionReplyType : uint
 {
     Ack = 1,
     Server = 2,
@@ -62,7 +62,7 @@ internal enum OptionReplyType : uint
     ErrTooBig = (1u << 31) + 9,
 }
 
-internal enum InfoType : ushort
+public enum InfoType : ushort
 {
     Export = 0,
     Name = 1,
@@ -71,7 +71,7 @@ internal enum InfoType : ushort
 }
 
 [Flags]
-internal enum TransmissionFlags : ushort
+public enum TransmissionFlags : ushort
 {
     HasFlags = 1 << 0,
     ReadOnly = 1 << 1,
@@ -87,7 +87,7 @@ internal enum TransmissionFlags : ushort
     SendFastZero = 1 << 11,
 }
 
-internal enum NbdCommand : ushort
+public enum NbdCommand : ushort
 {
     Read = 0,
     Write = 1,
@@ -101,7 +101,7 @@ internal enum NbdCommand : ushort
 }
 
 [Flags]
-internal enum CommandFlags : ushort
+public enum CommandFlags : ushort
 {
     None = 0,
     Fua = 1 << 0,
@@ -112,13 +112,13 @@ internal enum CommandFlags : ushort
 }
 
 [Flags]
-internal enum ReplyFlags : ushort
+public enum ReplyFlags : ushort
 {
     None = 0,
     Done = 1 << 0,
 }
 
-internal enum StructuredReplyType : ushort
+public enum StructuredReplyType : ushort
 {
     None = 0,
     OffsetData = 1,
@@ -129,7 +129,7 @@ internal enum StructuredReplyType : ushort
 }
 
 /// <summary>The error values NBD allows on the wire (a fixed subset of Linux errno).</summary>
-internal enum NbdError : uint
+public enum NbdError : uint
 {
     None = 0,
     EPERM = 1,
@@ -143,7 +143,7 @@ internal enum NbdError : uint
 }
 
 /// <summary>Metadata contexts this server offers.</summary>
-internal static class MetaContexts
+public static class MetaContexts
 {
     public const string BaseAllocation = "base:allocation";
     public const uint BaseAllocationId = 1;

@@ -1,7 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 
-namespace NbdServer.Frontend.Protocol;
+namespace NbdServer.Nbd;
 
 /// <summary>
 /// One transmission-phase request header.
@@ -22,7 +22,7 @@ namespace NbdServer.Frontend.Protocol;
 /// (length bytes of payload follow for WRITE)
 /// </code>
 /// </summary>
-internal readonly record struct NbdRequest(uint Magic, CommandFlags Flags, NbdCommand Command, ulong Cookie, ulong Offset, uint Length)
+public readonly record struct NbdRequest(uint Magic, CommandFlags Flags, NbdCommand Command, ulong Cookie, ulong Offset, uint Length)
 {
     public const int Size = 28;
 
@@ -63,32 +63,5 @@ internal readonly record struct NbdRequest(uint Magic, CommandFlags Flags, NbdCo
         BinaryPrimitives.WriteUInt64BigEndian(destination[CookieOffset..], Cookie);
         BinaryPrimitives.WriteUInt64BigEndian(destination[OffsetOffset..], Offset);
         BinaryPrimitives.WriteUInt32BigEndian(destination[LengthOffset..], Length);
-    }
-}
-
-/// <summary>
-/// Reply headers. A simple reply is 16 bytes: magic (0x67446698), error (32), cookie (64).
-/// A structured reply chunk is 20 bytes: magic (0x668e33ef), flags (16), type (16), cookie (64),
-/// payload length (32).
-/// </summary>
-internal static class NbdReplyHeader
-{
-    public const int SimpleSize = 16;
-    public const int StructuredSize = 20;
-
-    public static void WriteSimple(Span<byte> destination, NbdError error, ulong cookie)
-    {
-        BinaryPrimitives.WriteUInt32BigEndian(destination, NbdMagic.SimpleReply);
-        BinaryPrimitives.WriteUInt32BigEndian(destination[4..], (uint)error);
-        BinaryPrimitives.WriteUInt64BigEndian(destination[8..], cookie);
-    }
-
-    public static void WriteStructured(Span<byte> destination, ReplyFlags flags, StructuredReplyType type, ulong cookie, uint payloadLength)
-    {
-        BinaryPrimitives.WriteUInt32BigEndian(destination, NbdMagic.StructuredReply);
-        BinaryPrimitives.WriteUInt16BigEndian(destination[4..], (ushort)flags);
-        BinaryPrimitives.WriteUInt16BigEndian(destination[6..], (ushort)type);
-        BinaryPrimitives.WriteUInt64BigEndian(destination[8..], cookie);
-        BinaryPrimitives.WriteUInt32BigEndian(destination[16..], payloadLength);
     }
 }

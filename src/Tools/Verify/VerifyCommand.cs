@@ -1,11 +1,11 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Net.Sockets;
-using NbdServer.Frontend.Protocol;
+using NbdServer.Nbd;
 
-namespace NbdServer.Frontend.Verify;
+namespace NbdServer.Tools.Verify;
 
-/// <summary><c>nbd-server verify</c>: see <see cref="VerifyOptions.Usage"/>.</summary>
+/// <summary><c>nbd-verify</c>: see <see cref="VerifyOptions.Usage"/>.</summary>
 internal static class VerifyCommand
 {
     private const int ExitOk = 0;
@@ -24,7 +24,7 @@ internal static class VerifyCommand
         }
         catch (Exception e) when (e is ArgumentException or FormatException or OverflowException or UriFormatException)
         {
-            Console.Error.WriteLine($"nbd-server verify: {e.Message}");
+            Console.Error.WriteLine($"nbd-verify: {e.Message}");
             return ExitUsage;
         }
         if (o.Help)
@@ -45,7 +45,7 @@ internal static class VerifyCommand
         }
         catch (Exception e) when (e is IOException or SocketException or ArgumentException or OperationCanceledException)
         {
-            Console.Error.WriteLine($"nbd-server verify: cannot connect to {o.Uri}: {e.Message}");
+            Console.Error.WriteLine($"nbd-verify: cannot connect to {o.Uri}: {e.Message}");
             return ExitLost;
         }
         await using (client)
@@ -57,7 +57,7 @@ internal static class VerifyCommand
             }
             catch (Exception e) when (e is ArgumentException or InvalidDataException or IOException)
             {
-                Console.Error.WriteLine($"nbd-server verify: {e.Message}");
+                Console.Error.WriteLine($"nbd-verify: {e.Message}");
                 return ExitUsage;
             }
             var run = new Run(o, client, log);

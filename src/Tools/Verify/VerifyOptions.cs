@@ -1,16 +1,16 @@
 using System.Globalization;
 using NbdServer.Common.Text;
 
-namespace NbdServer.Frontend.Verify;
+namespace NbdServer.Tools.Verify;
 
 internal sealed record VerifyOptions
 {
     public const string Usage = """
-        nbd-server verify - drive an NBD export with a write log and check it
+        nbd-verify - drive an NBD export with a write log and check it
 
         SYNOPSIS
-            nbd-server verify --uri nbd://HOST:PORT[/EXPORT] [OPTIONS]
-            nbd-server verify --uri nbd://HOST:PORT[/EXPORT] --check-only --log FILE
+            nbd-verify --uri nbd://HOST:PORT[/EXPORT] [OPTIONS]
+            nbd-verify --uri nbd://HOST:PORT[/EXPORT] --check-only --log FILE
 
         DESCRIPTION
             A block-device torture tester. Every block it writes carries its index, a per-block write

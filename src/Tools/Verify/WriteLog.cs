@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 
-namespace NbdServer.Frontend.Verify;
+namespace NbdServer.Tools.Verify;
 
 /// <summary>
 /// What the verifier knows about every block of its range. Per block, three write counters:

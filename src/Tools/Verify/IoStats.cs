@@ -2,7 +2,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text;
 
-namespace NbdServer.Frontend.Verify;
+namespace NbdServer.Tools.Verify;
 
 /// <summary>
 /// Per-second figures: IOs completed, errors, and the longest single-IO latency of the IOs that

@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.IO.Hashing;
 
-namespace NbdServer.Frontend.Verify;
+namespace NbdServer.Tools.Verify;
 
 /// <summary>What a block read back turned out to hold.</summary>
 internal enum BlockKind

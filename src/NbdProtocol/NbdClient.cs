@@ -2,20 +2,19 @@ using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using System.Net.Sockets;
 using System.Text;
-using NbdServer.Frontend.Protocol;
 
-namespace NbdServer.Frontend.Verify;
+namespace NbdServer.Nbd;
 
 /// <summary>The transport or the server broke the connection; every outstanding request fails with this.</summary>
-internal sealed class NbdConnectionLostException(string message, Exception? inner = null) : Exception(message, inner);
+public sealed class NbdConnectionLostException(string message, Exception? inner = null) : Exception(message, inner);
 
 /// <summary>
-/// A small NBD client for the verifier: fixed newstyle handshake, NBD_OPT_GO (falling back to
+/// A small NBD client for tools (nbd-verify): fixed newstyle handshake, NBD_OPT_GO (falling back to
 /// NBD_OPT_EXPORT_NAME), simple replies only, any number of requests pipelined on one socket.
 /// Requests are sent whole (header and payload in one send, TCP_NODELAY); one reader task
 /// matches replies to requests by cookie.
 /// </summary>
-internal sealed class NbdClient : IAsyncDisposable
+public sealed class NbdClient : IAsyncDisposable
 {
     private sealed class Pending(Memory<byte> readInto)
     {
@@ -195,19 +194,17 @@ internal sealed class NbdClient : IAsyncDisposable
 
     private async Task ReadRepliesAsync()
     {
-        byte[] header = new byte[NbdReplyHeader.SimpleSize];
+        byte[] header = new byte[NbdSimpleReply.Size];
         try
         {
             while (true)
             {
                 await _stream.ReadExactlyAsync(header, _closing.Token);
-                uint magic = BinaryPrimitives.ReadUInt32BigEndian(header);
+                (uint magic, NbdError error, ulong cookie) = NbdSimpleReply.Parse(header);
                 if (magic != NbdMagic.SimpleReply)
                 {
                     throw new IOException($"unexpected reply magic 0x{magic:x8}");
                 }
-                var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(4));
-                ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(8));
                 if (!_pending.TryRemove(cookie, out Pending? pending))
                 {
                     throw new IOException($"reply for unknown cookie {cookie}");

@@ -1,0 +1,3 @@
+using NbdServer.Tools.Verify;
+
+return await VerifyCommand.RunAsync(args);
