@@ -38,6 +38,12 @@ internal sealed partial class DownstairsConnection
 
         public long BudgetBytes { get; init; }
 
+        /// <summary>Block reads and writes; not flushes or repair steps, which can block for a long time.</summary>
+        public override bool MayRunInline => header.Type is MessageType.Read or MessageType.Write;
+
+        /// <summary>Run by the connection's receive loop: its reply joins the loop's batch.</summary>
+        public bool Inline { get; set; }
+
         public override void Execute()
         {
             try
@@ -228,7 +234,7 @@ internal sealed partial class DownstairsConnection
         private void Reply(OutgoingFrame frame, byte[]? pooled)
         {
             _replied = true;
-            connection.Send(frame, BudgetBytes, pooled);
+            connection.Send(frame, BudgetBytes, pooled, Inline);
         }
     }
 }
