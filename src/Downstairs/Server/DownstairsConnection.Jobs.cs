@@ -12,8 +12,10 @@ internal sealed partial class DownstairsConnection
 {
     /// <summary>
     /// Largest block read or write run on the receive path (<see cref="RequestJob.MayRunInline"/>).
-    /// With every write inline, a sequential fill with 256 KiB writes (nbdcopy) left one replica
-    /// 64 MiB behind the others until the engine faulted it; 4k jobs gain from running inline.
+    /// 4k jobs gain from running inline (docs/benchmarks.md); large ones hold up the receive path
+    /// while two IO threads could run them side by side: with every write inline, a 256 KiB
+    /// sequential fill (nbdcopy, replicated volume) left one replica 64 MiB behind, faulted by the
+    /// engine, in the fill measured that way (the old build: 1 fault in 3 fills on the same load).
     /// </summary>
     internal const int InlineMaxBytes = 64 << 10;
 
