@@ -2,7 +2,7 @@
 # Chaos: random faults, one at a time, under a steady verifier load, for DURATION seconds (default 600).
 # Faults: stuck (SIGSTOP 5-10 s), dead (SIGKILL, restart after 5-10 s), slow (+50..200 ms link for
 # 10-20 s, through a delaying proxy), ioerr (writes and flushes fail with ENOSPC for 5 s: the
-# downstairs' test-only switch), each on a random replica. After each fault it waits for all replicas to
+# test-only fault injector test/Shared/faultio.c, preloaded), each on a random replica. After each fault it waits for all replicas to
 # be back in service and prints that fault's INCIDENT line; at the end it verifies the whole device
 # against the write log and compares the three regions (last INCIDENT line).
 # Usage: scripts/chaos.sh [DURATION]
@@ -11,7 +11,7 @@ DURATION=${1:-600}
 inc_init chaos
 inc_create_regions
 for i in 0 1 2; do
-  DS_EXTRA[$i]="--fail-writes-when $W/fail$i --fail-flushes-when $W/fail$i"
+  DS_ENV[$i]="LD_PRELOAD=$(inc_faultio) FAULTIO_WRITES_WHEN=$W/fail$i FAULTIO_FLUSHES_WHEN=$W/fail$i"
   inc_start_ds "$i"
   python3 -u "$INC_DIR/proxy.py" "${DS_PORT[$i]}" "$W/slow$i" 50 200 >"$W/proxy$i.out" 2>&1 &
   INC_HELPERS+=($!)

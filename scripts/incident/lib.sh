@@ -28,7 +28,7 @@ INC_SIZE=${INCIDENT_SIZE:-64MiB}
 INC_EXTENT_BLOCKS=${INCIDENT_EXTENT_BLOCKS:-256}   # 1 MiB extents: the unit of live repair
 INC_QD=${INCIDENT_QD:-16}
 
-declare -a DS_PID=("" "" "") DS_PORT=(0 0 0) DS_DIR=("" "" "") DS_EXTRA=("" "" "") DS_CONNECT=("" "" "")
+declare -a DS_PID=("" "" "") DS_PORT=(0 0 0) DS_DIR=("" "" "") DS_EXTRA=("" "" "") DS_ENV=("" "" "") DS_CONNECT=("" "" "")
 UP_PID="" UP_NBD="" UP_CONTROL="" LOAD_PID="" SAMPLER_PID="" INC_MOUNTS=() INC_HELPERS=()
 UP_EXTRA=()
 UP_TLS=()
@@ -123,11 +123,20 @@ inc_ds_tls_args() { # inc_ds_tls_args I: the TLS options of downstairs I (none w
   return 0
 }
 
+# inc_faultio: builds test/Shared/faultio.c (LD_PRELOAD: writes/flushes fail while a trigger file
+# exists; the downstairs itself has no such switch) and prints the path of the .so. Needs gcc.
+inc_faultio() {
+  command -v gcc >/dev/null || { echo "incident: gcc is needed to build the fault injector (test/Shared/faultio.c)" >&2; exit 2; }
+  [ -f "$W/faultio.so" ] || gcc -shared -fPIC -O2 -o "$W/faultio.so" "$INC_ROOT/test/Shared/faultio.c" -ldl
+  echo "$W/faultio.so"
+}
+
 # inc_start_ds I: starts (or restarts, on the same port) downstairs I; its log appends to $W/dsI.log.
+# DS_ENV[I]: extra environment (VAR=VALUE ...) for that downstairs, e.g. the fault injector.
 inc_start_ds() {
   local i=$1 port=${DS_PORT[$1]} n
   # shellcheck disable=SC2086
-  setsid dotnet "$INC_BIN_DS" run --data "${DS_DIR[$i]}" --listen "127.0.0.1:$port" $(inc_ds_tls_args "$i") ${DS_EXTRA[$i]} >>"$W/ds$i.log" 2>&1 &
+  env ${DS_ENV[$i]} setsid dotnet "$INC_BIN_DS" run --data "${DS_DIR[$i]}" --listen "127.0.0.1:$port" $(inc_ds_tls_args "$i") ${DS_EXTRA[$i]} >>"$W/ds$i.log" 2>&1 &
   DS_PID[$i]=$!
   echo "ds$i ${DS_PID[$i]}" >>"$W/pids"
   if [ "$port" = 0 ]; then

@@ -244,6 +244,21 @@ public sealed class HostileInProcessTests
     private static HelloRequest HelloFor(ulong generation, bool readOnly = false) => Hello(generation, readOnly);
 
     [Test]
+    public async Task Clients_that_reset_right_after_connecting_do_not_stop_the_listener()
+    {
+        IPEndPoint endpoint = await ListenAsync(_host.Options);
+        for (int i = 0; i < 20; i++)
+        {
+            using var s = new System.Net.Sockets.Socket(System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp);
+            await s.ConnectAsync(endpoint);
+            s.LingerState = new System.Net.Sockets.LingerOption(true, 0); // close sends RST
+        }
+        await using DownstairsClient writer = await DownstairsClient.ConnectAsync(endpoint, HelloFor(1));
+        byte[] block = TestData.Block(4096, 3, 1);
+        Assert.That((await writer.WriteAsync(1, 3, block)).IsOk, Is.True);
+    }
+
+    [Test]
     public async Task Idle_connections_at_the_limit_do_not_lock_out_the_writer()
     {
         IPEndPoint endpoint = await ListenAsync(_host.Options with { MaxConnections = 4 });

@@ -124,6 +124,54 @@ public sealed class InProcessServerTests
         Assert.That(back, Is.EqualTo(TestData.Block(4096, 7, 196)));
     }
 
+    private static byte[] WriteBody(long block, byte[] data)
+    {
+        byte[] body = RawPeer.RangeBody((ulong)block, 1, Wire.HashSize + data.Length);
+        BinaryPrimitives.WriteUInt64LittleEndian(body.AsSpan(BlockRange.FixedSize), BlockContext.Hash(data));
+        data.CopyTo(body.AsSpan(BlockRange.FixedSize + Wire.HashSize));
+        return body;
+    }
+
+    [Test]
+    public async Task Every_reply_of_a_batch_sent_in_one_packet_arrives_and_overlapping_jobs_keep_their_order()
+    {
+        (Stream s, _) = Pair();
+        var peer = new RawPeer(s);
+        Assert.That(await peer.HelloAsync(1, readOnly: false), Is.EqualTo(ResultCode.Ok));
+        byte[] first = TestData.Block(4096, 5, 1);
+        byte[] second = TestData.Block(4096, 5, 2);
+        byte[] flush = new byte[FlushRequest.BodySize];
+        BinaryPrimitives.WriteUInt64LittleEndian(flush, 1);
+        BinaryPrimitives.WriteUInt64LittleEndian(flush.AsSpan(8), 1);
+        // Jobs 1-3 and 5 touch block 5: 2 waits for 1, 3 for 2 (they leave the receive path for the IO
+        // threads); 4 is a flush (a barrier, always on an IO thread); 6-25 are independent writes (extent 1).
+        var batch = new List<byte[]>
+        {
+            RawPeer.Frame(MessageType.Write, 1, WriteBody(5, first)),
+            RawPeer.Frame(MessageType.Write, 2, WriteBody(5, second)),
+            RawPeer.Frame(MessageType.Read, 3, RawPeer.RangeBody(5, 1)),
+            RawPeer.Frame(MessageType.Flush, 4, flush),
+            RawPeer.Frame(MessageType.Read, 5, RawPeer.RangeBody(5, 1)),
+        };
+        for (int i = 0; i < 20; i++)
+        {
+            batch.Add(RawPeer.Frame(MessageType.Write, (ulong)(6 + i), WriteBody(600 + i, TestData.Block(4096, 600 + i, 1))));
+        }
+        await peer.SendAsync([.. batch.SelectMany(f => f)]);
+
+        var replies = new Dictionary<ulong, (FrameHeader Header, byte[] Body)>();
+        while (replies.Count < batch.Count)
+        {
+            (FrameHeader header, byte[] body) = await peer.ReceiveAsync() ?? throw new IOException("closed before every reply arrived");
+            replies.Add(header.JobId, (header, body));
+        }
+        Assert.That(replies.Keys.Order(), Is.EqualTo(Enumerable.Range(1, batch.Count).Select(i => (ulong)i)));
+        Assert.That(replies.Values.Select(r => r.Header.Result), Is.All.EqualTo(ResultCode.Ok));
+        Assert.That(replies[3].Body.AsSpan(8 + Wire.HashSize).ToArray(), Is.EqualTo(second), "the read waited for both writes before it");
+        Assert.That(replies[5].Body.AsSpan(8 + Wire.HashSize).ToArray(), Is.EqualTo(second));
+        Assert.That(_host.Region.GetExtentMeta(0), Is.EqualTo(new ExtentMeta(1, 1, false)), "the flush ran after the writes before it");
+    }
+
     [Test]
     public async Task Read_only_connection_cannot_write()
     {

@@ -85,13 +85,26 @@ public sealed class IncidentTests
         Assert.That((await c.FlushAsync(10, 4, 1)).IsOk, Is.True);
     }
 
+    /// <summary>Builds test/Shared/faultio.c (the LD_PRELOAD write/flush fault injector) into the test's directory.</summary>
+    private async Task<string> BuildFaultIoAsync()
+    {
+        string so = _dir.Sub("faultio.so");
+        using (Process gcc = Process.Start("gcc", ["-shared", "-fPIC", "-O2", "-o", so, Path.Combine(AppContext.BaseDirectory, "faultio.c"), "-ldl"]))
+        {
+            await gcc.WaitForExitAsync();
+            Assert.That(gcc.ExitCode, Is.EqualTo(0), "gcc builds the interposer");
+        }
+        return so;
+    }
+
     [Test]
     [CancelAfter(60_000)]
     public async Task Injected_write_errors_come_back_at_once_and_the_log_stays_short()
     {
         string d = await CreateAsync(_dir.Sub("r"));
         string trigger = _dir.Sub("fail-writes");
-        await using DownstairsProcess ds = await DownstairsProcess.StartAsync(d, ["--fail-writes-when", trigger, "--log-interval", "1"]);
+        string so = await BuildFaultIoAsync();
+        await using DownstairsProcess ds = await DownstairsProcess.StartAsync(d, ["--log-interval", "1"], new Dictionary<string, string> { ["LD_PRELOAD"] = so, ["FAULTIO_WRITES_WHEN"] = trigger });
         await using DownstairsClient c = await ds.ConnectAsync();
         File.WriteAllText(trigger, "ENOSPC");
         int linesBefore = ds.Lines.Count;

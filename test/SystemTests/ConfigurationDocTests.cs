@@ -55,12 +55,10 @@ public sealed partial class ConfigurationDocTests
         ["MaxGenerationStep"] = "--max-generation-step",
         ["MaxFlushStep"] = "--max-flush-step",
         ["ReceiveBufferBytes"] = "--receive-buffer",
-        ["FailWritesWhen"] = "--fail-writes-when",
         ["TlsDir"] = "--tls-dir",
         ["TlsAllowClients"] = "--tls-allow-client",
         ["TlsHandshakeTimeout"] = "--tls-handshake-timeout",
         ["Insecure"] = "--insecure",
-        ["FailFlushesWhen"] = "--fail-flushes-when",
     };
 
     [Test]

@@ -91,8 +91,6 @@ internal static class Commands
                 : d.TlsAllowClients,
             TlsHandshakeTimeout = a.Seconds("--tls-handshake-timeout", d.TlsHandshakeTimeout),
             Insecure = a.Flag("--insecure"),
-            FailWritesWhen = a.String("--fail-writes-when"),
-            FailFlushesWhen = a.String("--fail-flushes-when"),
         };
         options.Validate();
         return options;

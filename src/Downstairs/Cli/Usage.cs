@@ -126,11 +126,6 @@ SYSTEMD
     journal. SIGTERM stops accepting, lets the IO threads finish the jobs already queued, and
     closes the region; writes not yet covered by a flush were never acknowledged as durable,
     and the upstairs repairs those extents when the replica returns.
-
-TEST OPTIONS
-    --fail-writes-when FILE    While FILE exists, writes fail with the errno named in it
-                               (ENOSPC, EDQUOT, else EIO).
-    --fail-flushes-when FILE   Same for flushes (fdatasync).
 """;
 
     public const string Info = """

@@ -29,6 +29,13 @@ internal sealed partial class DownstairsConnection
     private ulong _highestFlushSent;
 
     private readonly Func<bool> _isWriter;
+
+    /// <summary>Jobs parsed from the current receive, not yet submitted (receive loop only).</summary>
+    private readonly List<IoJob> _pending = [];
+
+    /// <summary>Jobs of the current batch this loop runs itself, and their replies (receive loop only).</summary>
+    private readonly List<IoJob> _inline = [];
+    private readonly List<OutgoingFrame> _replies = [];
     private volatile bool _negotiated;
     private bool _writerHello;
     private volatile string? _closeReason;
@@ -266,6 +273,19 @@ internal sealed partial class DownstairsConnection
 
     private async Task ReceiveLoopAsync(PipeReader reader, CancellationToken cancellationToken)
     {
+        try
+        {
+            await ReceiveFramesAsync(reader, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            // Jobs admitted before the link broke still run and release what they hold.
+            SubmitPending();
+        }
+    }
+
+    private async Task ReceiveFramesAsync(PipeReader reader, CancellationToken cancellationToken)
+    {
         byte[] raw = new byte[Wire.HeaderSize];
         while (true)
         {
@@ -279,6 +299,7 @@ internal sealed partial class DownstairsConnection
                 await HandleAsync(header, body, cancellationToken).ConfigureAwait(false);
                 handled = true;
             }
+            SubmitPending();
             // An incomplete frame left over: its body is about to be buffered. A large one is charged to
             // the process-wide budget first (waiting here, socket unread, if it is exhausted).
             long pendingBody = 0;
@@ -302,7 +323,7 @@ internal sealed partial class DownstairsConnection
             else if (pendingBody > _options.ReceiveBufferBytes && _frameCharge == 0)
             {
                 Volatile.Write(ref _partialSince, 0); // our wait, not the peer's slowness
-                await _host.Memory.TakeAsync(pendingBody, _isWriter, cancellationToken).ConfigureAwait(false);
+                await Gate(_host.Memory.TakeAsync(pendingBody, _isWriter, cancellationToken)).ConfigureAwait(false);
                 _frameCharge = pendingBody;
                 Volatile.Write(ref _partialSince, Stopwatch.GetTimestamp());
             }
@@ -337,7 +358,7 @@ internal sealed partial class DownstairsConnection
             {
                 Messages.ExpectLength(body, 8, "Ping");
                 ulong nonce = new BodyReader(body).ReadUInt64();
-                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
+                await Gate(_budget.TakeAsync(0, cancellationToken)).ConfigureAwait(false);
                 Send(OutgoingFrame.Create(MessageType.PingReply, ResultCode.Ok, header.JobId, 8, nonce, static (d, n) => BinaryPrimitives.WriteUInt64LittleEndian(d, n)), 0, null);
                 return;
             }
@@ -355,7 +376,7 @@ internal sealed partial class DownstairsConnection
                 await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
                 byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
                 data.CopyTo(buffer);
-                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, range.FirstBlock, range.EndBlock) { Range = range, Buffer = buffer, BudgetBytes = payload });
+                _pending.Add(new RequestJob(this, header, JobAccess.Write, range.FirstBlock, range.EndBlock) { Range = range, Buffer = buffer, BudgetBytes = payload });
                 return;
             }
 
@@ -370,7 +391,7 @@ internal sealed partial class DownstairsConnection
                     return;
                 }
                 await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
-                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Read, range.FirstBlock, range.EndBlock) { Range = range, BudgetBytes = payload });
+                _pending.Add(new RequestJob(this, header, JobAccess.Read, range.FirstBlock, range.EndBlock) { Range = range, BudgetBytes = payload });
                 return;
             }
 
@@ -397,8 +418,8 @@ internal sealed partial class DownstairsConnection
                     return;
                 }
                 _highestFlushSent = Math.Max(_highestFlushSent, flush.FlushNumber);
-                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
-                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { Flush = flush });
+                await Gate(_budget.TakeAsync(0, cancellationToken)).ConfigureAwait(false);
+                _pending.Add(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { Flush = flush });
                 return;
             }
 
@@ -414,7 +435,7 @@ internal sealed partial class DownstairsConnection
                 }
                 await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
                 (long first, long end) = ExtentBlocks(range.Extent);
-                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Read, first, end) { Extent = range, BudgetBytes = payload });
+                _pending.Add(new RequestJob(this, header, JobAccess.Read, first, end) { Extent = range, BudgetBytes = payload });
                 return;
             }
 
@@ -432,7 +453,7 @@ internal sealed partial class DownstairsConnection
                 byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
                 data.CopyTo(buffer);
                 (long first, long end) = ExtentBlocks(range.Extent);
-                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, first, end) { Extent = range, Buffer = buffer, BudgetBytes = payload });
+                _pending.Add(new RequestJob(this, header, JobAccess.Write, first, end) { Extent = range, Buffer = buffer, BudgetBytes = payload });
                 return;
             }
 
@@ -452,9 +473,9 @@ internal sealed partial class DownstairsConnection
                     await RefuseAsync(header, ResultCode.Invalid, why, cancellationToken).ConfigureAwait(false);
                     return;
                 }
-                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
+                await Gate(_budget.TakeAsync(0, cancellationToken)).ConfigureAwait(false);
                 (long first, long end) = ExtentBlocks(extent);
-                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Write, first, end) { Commit = commit });
+                _pending.Add(new RequestJob(this, header, JobAccess.Write, first, end) { Commit = commit });
                 return;
             }
 
@@ -462,9 +483,9 @@ internal sealed partial class DownstairsConnection
             {
                 var r = new BodyReader(body);
                 int[] extents = ExtentsPendingRequest.Read(ref r, body.Length, Region.Geometry.ExtentCount);
-                await _budget.TakeAsync(0, cancellationToken).ConfigureAwait(false);
+                await Gate(_budget.TakeAsync(0, cancellationToken)).ConfigureAwait(false);
                 // A barrier: every flush sent after it must see the marks.
-                _host.Scheduler.Submit(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { PendingExtents = extents });
+                _pending.Add(new RequestJob(this, header, JobAccess.Barrier, 0, long.MaxValue) { PendingExtents = extents });
                 return;
             }
 
@@ -554,18 +575,18 @@ internal sealed partial class DownstairsConnection
     /// </summary>
     private async ValueTask TakeAsync(long bytes, CancellationToken cancellationToken)
     {
-        await _budget.TakeAsync(bytes, cancellationToken).ConfigureAwait(false);
+        await Gate(_budget.TakeAsync(bytes, cancellationToken)).ConfigureAwait(false);
         long fromFrame = Math.Min(_frameCharge, bytes);
         _frameCharge -= fromFrame;
         if (bytes > fromFrame)
         {
-            await _host.Memory.TakeAsync(bytes - fromFrame, _isWriter, cancellationToken).ConfigureAwait(false);
+            await Gate(_host.Memory.TakeAsync(bytes - fromFrame, _isWriter, cancellationToken)).ConfigureAwait(false);
         }
     }
 
     private async ValueTask<bool> RefuseAsync(FrameHeader header, ResultCode code, string message, CancellationToken ct)
     {
-        await _budget.TakeAsync(0, ct).ConfigureAwait(false);
+        await Gate(_budget.TakeAsync(0, ct)).ConfigureAwait(false);
         SendError(header, code, 0, message);
         return true;
     }
@@ -573,8 +594,59 @@ internal sealed partial class DownstairsConnection
     private void SendError(FrameHeader header, ResultCode code, int errno, string message) =>
         Send(ErrorBody.Encode(Messages.ReplyTo(header.Type), header.JobId, code, errno, message), 0, null);
 
+    /// <summary>
+    /// Hands the jobs parsed from one receive to the scheduler together, then runs the block reads and
+    /// writes that can start now right here and queues their replies together, so the sender is woken
+    /// once for the batch rather than once per job. Jobs that must wait for an earlier one, flushes and
+    /// repair steps go to the IO threads.
+    /// </summary>
+    /// <remarks>
+    /// Measured (docs/benchmarks.md, downstairs): 4k random reads at depth 32 took 27 replies per
+    /// sendmsg instead of 2.4, 0.2 futex calls per op instead of 0.3, and ~15 % less CPU per op than
+    /// handing every job to an IO thread; a page-cache pread or pwrite costs less than the wake-up.
+    /// </remarks>
+    private void SubmitPending()
+    {
+        if (_pending.Count == 0)
+        {
+            return;
+        }
+        JobScheduler scheduler = _host.Scheduler;
+        scheduler.Submit(_pending, _inline);
+        _pending.Clear();
+        if (_inline.Count == 0)
+        {
+            return;
+        }
+        foreach (IoJob job in _inline)
+        {
+            ((RequestJob)job).Inline = true;
+            scheduler.Execute(job);
+            scheduler.Finish(job);
+        }
+        _inline.Clear();
+        foreach (OutgoingFrame reply in _replies)
+        {
+            _sender.Enqueue(reply);
+        }
+        _replies.Clear();
+    }
+
+    /// <summary>
+    /// Before the receive loop may wait (budget, memory), the jobs it has parsed go to the scheduler:
+    /// the budget it waits for is released by their replies.
+    /// </summary>
+    private ValueTask Gate(ValueTask take)
+    {
+        if (!take.IsCompleted)
+        {
+            SubmitPending();
+        }
+        return take;
+    }
+
     /// <summary>Queues a reply; its budget (and pooled buffer) is released once it is sent or dropped.</summary>
-    private void Send(OutgoingFrame frame, long budgetBytes, byte[]? buffer)
+    private void Send(OutgoingFrame frame, long budgetBytes, byte[]? buffer, bool inline = false)
     {
         frame.State = (budgetBytes, buffer);
         frame.Completed = (f, _) =>
@@ -587,6 +659,11 @@ internal sealed partial class DownstairsConnection
             _budget.Release(bytes);
             _host.Memory.Release(bytes);
         };
+        if (inline)
+        {
+            _replies.Add(frame); // receive loop only: queued with the rest of its batch
+            return;
+        }
         _sender.Enqueue(frame);
     }
 }

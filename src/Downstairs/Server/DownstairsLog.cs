@@ -31,8 +31,7 @@ internal static partial class DownstairsLog
     [LoggerMessage(EventId = 2009, Level = LogLevel.Information, Message = "Stopped")]
     public static partial void Stopped(ILogger logger);
 
-    [LoggerMessage(EventId = 2010, Level = LogLevel.Warning, Message = "Fault injection enabled: writes fail while {Writes} exists, flushes fail while {Flushes} exists")]
-    public static partial void FaultInjection(ILogger logger, string writes, string flushes);
+    // Event id 2010 (fault injection enabled) is retired: the test-only switch left the product (test/Shared/faultio.c).
 
     [LoggerMessage(EventId = 2011, Level = LogLevel.Information, Message = "TLS required: client certificates from {Directory}/ca-cert.pem; allowed: {Allowed}")]
     public static partial void TlsRequired(ILogger logger, string directory, string allowed);

@@ -134,12 +134,6 @@ internal sealed record DownstairsOptions
     /// </summary>
     public bool StickyDirty { get; init; }
 
-    /// <summary>Test only: while this file exists, writes fail with the errno named in it.</summary>
-    public string? FailWritesWhen { get; init; }
-
-    /// <summary>Test only: while this file exists, flushes fail with the errno named in it.</summary>
-    public string? FailFlushesWhen { get; init; }
-
     public void Validate()
     {
         Check(IoThreads is >= 1 and <= 256, "--io-threads must be 1 to 256");

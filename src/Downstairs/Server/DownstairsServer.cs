@@ -4,6 +4,7 @@ using System.Net.Security;
 using System.Net.Sockets;
 using System.Security.Cryptography.X509Certificates;
 using Microsoft.Extensions.Logging;
+using NbdServer.Common.Net;
 using NbdServer.Common.Tls;
 
 namespace NbdServer.Downstairs.Server;
@@ -65,7 +66,7 @@ internal sealed partial class DownstairsServer : IAsyncDisposable
         {
             DownstairsLog.TlsRequired(host.Logger, tls.Credentials.Directory, tls.AllowedClients.Count == 0 ? "any client certificate issued by the CA" : string.Join(", ", tls.AllowedClients));
         }
-        _acceptLoop = AcceptLoopAsync(listener);
+        _acceptLoop = AcceptLoop.RunAsync(listener, Accepted, _stop.Token, e => host.Throttle.Report(LogLevel.Warning, "accept failed", () => e.Message));
         return bound;
     }
 
@@ -77,37 +78,21 @@ internal sealed partial class DownstairsServer : IAsyncDisposable
         return task;
     }
 
-    private async Task AcceptLoopAsync(Socket listener)
+    /// <summary>One accepted socket (on the common accept loop): make room if the pre-Hello slots are full, then serve it.</summary>
+    private void Accepted(Socket socket)
     {
-        while (!_stop.IsCancellationRequested)
+        EvictOldestSilentIfFull(socket.RemoteEndPoint);
+        socket.NoDelay = true;
+        if (tls is null)
         {
-            Socket socket;
-            try
-            {
-                socket = await listener.AcceptAsync(_stop.Token).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                if (_stop.IsCancellationRequested)
-                {
-                    return;
-                }
-                host.Throttle.Report(LogLevel.Warning, "accept failed", () => e.Message);
-                await Task.Delay(100).ConfigureAwait(false);
-                continue;
-            }
-            EvictOldestSilentIfFull(socket.RemoteEndPoint);
-            socket.NoDelay = true;
-            if (tls is null)
-            {
-                _ = RunAsync(new DownstairsConnection(host, new NetworkStream(socket, ownsSocket: true), socket.RemoteEndPoint));
-                continue;
-            }
-            EvictOldestHandshakeIfFull(socket.RemoteEndPoint);
-            _handshakes[socket] = (System.Diagnostics.Stopwatch.GetTimestamp(), (socket.RemoteEndPoint as IPEndPoint)?.Address);
-            _ = HandshakeThenRunAsync(tls, socket);
+            _ = RunAsync(new DownstairsConnection(host, new NetworkStream(socket, ownsSocket: true), socket.RemoteEndPoint));
+            return;
         }
+        EvictOldestHandshakeIfFull(socket.RemoteEndPoint);
+        _handshakes[socket] = (System.Diagnostics.Stopwatch.GetTimestamp(), (socket.RemoteEndPoint as IPEndPoint)?.Address);
+        _ = HandshakeThenRunAsync(tls, socket);
     }
+
     /// <summary>
     /// Connections that have not said Hello yet are capped at --max-connections. A new one does not
     /// wait for a slot: it takes the slot of the oldest silent one, so a flood of silent sockets

@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
 
@@ -27,8 +26,11 @@ internal abstract class IoJob
 
     public abstract JobAccess Access { get; }
 
-    /// <summary>The disk work, on an IO thread. Must catch its own errors.</summary>
+    /// <summary>The disk work, on an IO thread (or its submitter's, see <see cref="MayRunInline"/>). Must catch its own errors.</summary>
     public abstract void Execute();
+
+    /// <summary>Short enough to run on the submitting connection's receive path when nothing blocks it (not a flush).</summary>
+    public virtual bool MayRunInline => false;
 
     internal bool ConflictsWith(IoJob later) =>
         Access == JobAccess.Barrier || later.Access == JobAccess.Barrier
@@ -79,16 +81,26 @@ internal abstract class IoJob
 /// threads rather than the thread pool, where a slow disk would starve socket work.
 /// </summary>
 /// <remarks>
-/// The active list is scanned on every submit: O(jobs in flight), bounded by the per-connection
-/// job limit; at 1,024 jobs that is ~1 µs, far below one IO.
+/// <para>The active list is scanned on every submit: O(jobs in flight), bounded by the per-connection
+/// job limit; at 1,024 jobs that is ~1 µs, far below one IO.</para>
+/// <para>Idle IO threads sleep in <see cref="Monitor.Wait(object)"/> and are woken one per ready job.
+/// The earlier BlockingCollection (a SemaphoreSlim underneath) spun and then called sched_yield
+/// before every sleep: with a job every few microseconds, idle IO threads burnt the CPU the
+/// socket threads needed (docs/benchmarks.md, downstairs).</para>
+/// <para>A connection hands over all jobs parsed from one receive at once (one lock, one wake per
+/// job that can start), and may run the ones that are ready on its own thread instead of waking an IO
+/// thread: see <see cref="Submit(List{IoJob}, List{IoJob}?)"/>.</para>
 /// </remarks>
 internal sealed class JobScheduler : IDisposable
 {
-    private readonly Lock _lock = new();
-    private readonly BlockingCollection<IoJob> _ready = [];
+    private readonly object _gate = new(); // Monitor: guards the job state and the ready queue; idle IO threads wait on it
+    private readonly Queue<IoJob> _ready = new();
+    private readonly List<IoJob> _released = [];
     private readonly Thread[] _threads;
     private readonly IoJob.State _state;
     private readonly LogThrottle? _throttle;
+    private int _idle;
+    private bool _stopping;
 
     /// <param name="throttle">Where a job that throws despite its own error handling is reported.</param>
     public JobScheduler(int ioThreads, LogThrottle? throttle = null)
@@ -105,60 +117,123 @@ internal sealed class JobScheduler : IDisposable
 
     internal LinkedList<IoJob> Active { get; } = new();
 
-    public void Submit(IoJob job)
+    public void Submit(IoJob job) => Submit([job], null);
+
+    /// <summary>
+    /// Submits <paramref name="jobs"/> in order. With <paramref name="runHere"/>, the ones that can
+    /// start now and <see cref="IoJob.MayRunInline"/> are added to it instead of being queued: the
+    /// caller runs each and then calls <see cref="Finish"/>. The rest go to the IO threads.
+    /// </summary>
+    public void Submit(List<IoJob> jobs, List<IoJob>? runHere)
     {
-        var ready = new List<IoJob>(1);
-        lock (_lock)
+        lock (_gate)
         {
-            _state.Submit(job, ready);
+            foreach (IoJob job in jobs)
+            {
+                _state.Submit(job, _released);
+            }
+            foreach (IoJob r in _released)
+            {
+                if (runHere is not null && r.MayRunInline)
+                {
+                    runHere.Add(r);
+                }
+                else
+                {
+                    _ready.Enqueue(r);
+                }
+            }
+            _released.Clear();
+            WakeLocked();
         }
-        foreach (IoJob r in ready)
+    }
+
+    /// <summary>Retires a job its submitter ran itself; the jobs waiting on it go to the IO threads.</summary>
+    public void Finish(IoJob job)
+    {
+        lock (_gate)
         {
-            _ready.Add(r);
+            FinishLocked(job);
+            WakeLocked();
+        }
+    }
+
+    /// <summary>Runs a job, logging what escapes its own error handling (which would end the thread).</summary>
+    public void Execute(IoJob job)
+    {
+        try
+        {
+            job.Execute();
+        }
+        catch (Exception e)
+        {
+            // Jobs catch their own errors; this is the last line: an exception escaping an IO
+            // thread would end the process (every connection, every region) for one bad job.
+            _throttle?.Report(LogLevel.Error, "IO job failed", () => e.ToString());
+        }
+    }
+
+    private void FinishLocked(IoJob job)
+    {
+        _state.Finish(job, _released);
+        foreach (IoJob r in _released)
+        {
+            _ready.Enqueue(r);
+        }
+        _released.Clear();
+    }
+
+    /// <summary>One waiting thread per queued job (no more: a woken thread with nothing to do is wasted).</summary>
+    private void WakeLocked()
+    {
+        for (int n = Math.Min(_idle, _ready.Count); n > 0; n--)
+        {
+            Monitor.Pulse(_gate);
         }
     }
 
     private void Run()
     {
-        var ready = new List<IoJob>();
-        try
+        IoJob? done = null;
+        while (true)
         {
-            foreach (IoJob job in _ready.GetConsumingEnumerable())
+            IoJob job;
+            lock (_gate)
             {
-                try
+                if (done is not null)
                 {
-                    job.Execute();
+                    FinishLocked(done);
+                    done = null;
+                    // This thread takes one of the released jobs; wake others for the rest.
+                    for (int n = Math.Min(_idle, _ready.Count - 1); n > 0; n--)
+                    {
+                        Monitor.Pulse(_gate);
+                    }
                 }
-                catch (Exception e)
+                while (_ready.Count == 0)
                 {
-                    // Jobs catch their own errors; this is the last line: an exception escaping an IO
-                    // thread would end the process (every connection, every region) for one bad job.
-                    _throttle?.Report(LogLevel.Error, "IO job failed", () => e.ToString());
+                    if (_stopping)
+                    {
+                        return;
+                    }
+                    _idle++;
+                    Monitor.Wait(_gate);
+                    _idle--;
                 }
-                lock (_lock)
-                {
-                    _state.Finish(job, ready);
-                }
-                foreach (IoJob r in ready)
-                {
-                    _ready.Add(r);
-                }
-                ready.Clear();
+                job = _ready.Dequeue();
             }
-        }
-        catch (ObjectDisposedException)
-        {
-            // Shutting down.
-        }
-        catch (InvalidOperationException)
-        {
-            // CompleteAdding raced with a hand-off: shutting down.
+            Execute(job);
+            done = job;
         }
     }
 
     public void Dispose()
     {
-        _ready.CompleteAdding();
+        lock (_gate)
+        {
+            _stopping = true;
+            Monitor.PulseAll(_gate);
+        }
         foreach (Thread t in _threads)
         {
             t.Join(TimeSpan.FromSeconds(5));

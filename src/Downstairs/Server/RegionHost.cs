@@ -26,11 +26,6 @@ internal sealed class RegionHost : IDisposable
         Memory = new MemoryBudget(options.MaxMemoryBytes, options.WriterMemoryReserve);
         Scheduler = new JobScheduler(options.IoThreads, Throttle);
         region.StickyDirty = options.StickyDirty;
-        if (options.FailWritesWhen is not null || options.FailFlushesWhen is not null)
-        {
-            region.Faults = new FaultInjection(options.FailWritesWhen, options.FailFlushesWhen);
-            DownstairsLog.FaultInjection(logger, options.FailWritesWhen ?? "(never)", options.FailFlushesWhen ?? "(never)");
-        }
     }
 
     public Region Region { get; }

@@ -72,8 +72,6 @@ internal sealed class Region : IDisposable
     /// <summary>The highest upstairs generation ever accepted (durable: the fence survives restarts).</summary>
     public ulong HighestGeneration { get; private set; }
 
-    public FaultInjection? Faults { get; set; }
-
     /// <summary>Keep extents written since the last flush marked dirty across a flush (see <see cref="Flush"/>).</summary>
     public bool StickyDirty { get; set; }
 
@@ -399,7 +397,6 @@ internal sealed class Region : IDisposable
             }
             ForEachPiece(range, (extent, inExtent, index, count) =>
             {
-                Faults?.BeforeWrite(extent.Path);
                 RandomAccess.Write(extent.Handle!, data.Slice(index * bs, count * bs).Span, (long)inExtent * bs);
                 RandomAccess.Write(extent.Handle!, contexts.AsSpan(index * BlockContext.Size, count * BlockContext.Size), Geometry.ContextOffset(inExtent));
             });
@@ -473,7 +470,6 @@ internal sealed class Region : IDisposable
                 {
                     try
                     {
-                        Faults?.BeforeFlush(e.Path);
                         PosixFile.FlushToDisk(e.Handle!, dataOnly: true, e.Path);
                     }
                     catch (Exception ex) when (IoErrors.IsIoFailure(ex))
@@ -528,7 +524,6 @@ internal sealed class Region : IDisposable
             e.Staging = null;
             e.Staging = CreateStaging(staging);
         }
-        Faults?.BeforeWrite(staging);
         RandomAccess.Write(e.Staging, data[..(r.BlockCount * Geometry.BlockSize)], (long)r.FirstBlock * Geometry.BlockSize);
         RandomAccess.Write(e.Staging, contexts[..(r.BlockCount * BlockContext.Size)], Geometry.ContextOffset(r.FirstBlock));
     }
@@ -548,7 +543,6 @@ internal sealed class Region : IDisposable
         Extent e = _extents[extent];
         string staging = e.Path + RegionLayout.StagingSuffix;
         e.Staging ??= CreateStaging(staging);
-        Faults?.BeforeFlush(staging);
         PosixFile.FlushToDisk(e.Staging, dataOnly: false, staging);
         e.Staging.Dispose();
         e.Staging = null;
