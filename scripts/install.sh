@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-for b in nbd-server nbd-downstairs nbd-certs; do
+for b in nbd-server nbd-downstairs nbd-certs nbd-verify; do
   [ -x "$from/$b" ] || { echo "install.sh: $from/$b missing: run scripts/publish.sh first" >&2; exit 1; }
 done
 bindir="$prefix/bin"
@@ -54,7 +54,7 @@ install_config() { # FILE NAME: never clobber an operator's edits
 install -d -m 0755 "$destdir$bindir" "$destdir$unitdir" "$destdir$unitdir/nbd@nbd0.service.d" "$destdir$confdir" "$destdir$docdir"
 # TLS directory (README "Install as a service"): root only; the units pass the files on as credentials.
 install -d -m 0700 "$destdir$confdir/tls"
-install -m 0755 "$from/nbd-server" "$from/nbd-downstairs" "$from/nbd-certs" "$destdir$bindir/"
+install -m 0755 "$from/nbd-server" "$from/nbd-downstairs" "$from/nbd-certs" "$from/nbd-verify" "$destdir$bindir/"
 for unit in nbd-server.service nbd-downstairs@.service; do
   rewrite "$src/$unit" >"$destdir$unitdir/$unit"; chmod 0644 "$destdir$unitdir/$unit"
 done
@@ -73,4 +73,4 @@ if [ -z "$destdir" ] && [ "$(id -u)" -eq 0 ]; then
   install -d -m 0755 -o nbd -g nbd "$statedir/nbd-server"
   if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 fi
-echo "install.sh: installed into ${destdir:-/}: $bindir/{nbd-server,nbd-downstairs,nbd-certs}, $unitdir/{nbd-server.service,nbd-downstairs@.service}, $confdir/"
+echo "install.sh: installed into ${destdir:-/}: $bindir/{nbd-server,nbd-downstairs,nbd-certs,nbd-verify}, $unitdir/{nbd-server.service,nbd-downstairs@.service}, $confdir/"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds nbd-server, nbd-downstairs and nbd-certs as self-contained single-file ReadyToRun executables for
+# Builds nbd-server, nbd-downstairs, nbd-certs and nbd-verify as self-contained single-file ReadyToRun executables for
 # linux-x64 (no .NET needed on the target host) into artifacts/publish/linux-x64.
 # Usage: scripts/publish.sh [--output DIR] [--no-r2r] [--rid RID]
 #   --no-r2r   skip ReadyToRun (precompiled code: faster start, ~2x size; its compile takes
@@ -23,7 +23,7 @@ mkdir -p "$out"
 # Intermediate files under artifacts/ (not src/*/obj): a RID-specific restore there would disturb
 # concurrent `dotnet build`s of the same projects.
 build="$root/artifacts/publish-build/$rid-$([ "$r2r" = true ] && echo r2r || echo jit)"
-for project in src/NbdFrontend/NbdFrontend.csproj src/Downstairs/Downstairs.csproj src/Tools/Certs/Certs.csproj; do
+for project in src/NbdFrontend/NbdFrontend.csproj src/Downstairs/Downstairs.csproj src/Tools/Certs/Certs.csproj src/Tools/Verify/Verify.csproj; do
   echo "publish.sh: $project ($rid, self-contained, single file, ReadyToRun=$r2r)"
   dotnet publish "$root/$project" -c Release -r "$rid" --self-contained true -nologo -v quiet \
     -p:PublishSingleFile=true -p:PublishReadyToRun=$r2r -p:DebugType=embedded \
@@ -31,4 +31,4 @@ for project in src/NbdFrontend/NbdFrontend.csproj src/Downstairs/Downstairs.cspr
     --artifacts-path "$build" -o "$out"
 done
 rm -f "$out"/*.pdb
-ls -l "$out"/nbd-server "$out"/nbd-downstairs "$out"/nbd-certs
+ls -l "$out"/nbd-server "$out"/nbd-downstairs "$out"/nbd-certs "$out"/nbd-verify

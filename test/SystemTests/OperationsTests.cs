@@ -174,7 +174,7 @@ public sealed class OperationsTests
     private static async Task<string> PublishAsync()
     {
         string output = Path.Combine(Repository.Root, "artifacts/publish-test/linux-x64");
-        string[] binaries = [Path.Combine(output, "nbd-server"), Path.Combine(output, "nbd-downstairs"), Path.Combine(output, "nbd-certs")];
+        string[] binaries = [Path.Combine(output, "nbd-server"), Path.Combine(output, "nbd-downstairs"), Path.Combine(output, "nbd-certs"), Path.Combine(output, "nbd-verify")];
         DateTime newestSource = Directory.EnumerateFiles(Path.Combine(Repository.Root, "src"), "*", SearchOption.AllDirectories)
             .Where(f => !f.Contains("/bin/", StringComparison.Ordinal) && !f.Contains("/obj/", StringComparison.Ordinal))
             .Append(Path.Combine(Repository.Root, "Directory.Packages.props"))
