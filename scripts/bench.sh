@@ -16,6 +16,8 @@
 # (VmHWM) of every process, and the CPU seconds each process used.
 #
 # Usage: scripts/bench.sh            (RUNTIME=3 RUNS=1 for a quick check; SIZE=1G; IODEPTH=32; TLS=0)
+#        AB_ENV="VAR=value ..." adds a volume "ab" whose nbd-server runs with those environment
+#        variables (e.g. AB_ENV=DOTNET_GCConserveMemory=7): an interleaved A/B of a runtime setting.
 # Needs: dotnet, fio (>= 3.x with the nbd engine), qemu-nbd (qemu-utils), nbdcopy, nbdinfo, jq.
 # This prints figures; it is not a test and asserts nothing.
 set -euo pipefail
@@ -51,7 +53,8 @@ sync
 # start_volume NAME [tls]: regions under $work/NAME-dsI; sets uri[NAME], control[NAME] and the pids.
 declare -A control up_pid_of ds_pids_of
 start_volume() {
-  local name=$1 tls=${2:-} i ep port ctl pids=() eps=() ds_tls=() up_tls=()
+  local name=$1 tls=${2:-} i ep port ctl pids=() eps=() ds_tls=() up_tls=() up_env=()
+  [ "$name" = ab ] && read -r -a up_env <<<"$AB_ENV"
   if [ -n "$tls" ]; then
     "$bin_certs" ca --dir "$work/tls/ca" >/dev/null
     "$bin_certs" client --ca "$work/tls/ca" --name upstairs --out "$work/tls/upstairs" >/dev/null
@@ -80,7 +83,7 @@ start_volume() {
   done
   port=$(free_port)
   ctl="$work/$name-control.sock"
-  "$bin_up" --downstairs "$(IFS=,; echo "${eps[*]}")" --listen "127.0.0.1:$port" --control "$ctl" --export vol0 "${up_tls[@]}" > "$work/$name.log" 2>&1 &
+  env "${up_env[@]}" "$bin_up" --downstairs "$(IFS=,; echo "${eps[*]}")" --listen "127.0.0.1:$port" --control "$ctl" --export vol0 "${up_tls[@]}" > "$work/$name.log" 2>&1 &
   up_pid_of[$name]=$!
   bench_track "$!"
   ds_pids_of[$name]="${pids[*]}"
@@ -93,6 +96,10 @@ start_volume ours
 if [ "$TLS" = 1 ]; then
   volumes+=(tls)
   start_volume tls with-tls
+fi
+if [ -n "${AB_ENV:-}" ]; then
+  volumes+=(ab)
+  start_volume ab
 fi
 
 # ---- qemu-nbd on one file
@@ -162,6 +169,17 @@ if [ "$TLS" = 1 ]; then
     target=$([[ $w == *1M ]] && echo 0.85 || echo 0.90)
     verdict=$(awk -v r="$r" -v t="$target" 'BEGIN {print (r >= t ? "ok" : "MISS")}')
     printf '%-13s | %10.1f %9.0f | %10.1f %9.0f | %8.2fx %4s %s\n' "$w" "$ours_bw" "$ours_iops" "$tls_bw" "$tls_iops" "$r" "${target}x" "$verdict"
+  done
+fi
+if [ -n "${AB_ENV:-}" ]; then
+  echo
+  echo "A/B: the same replicated volume, nbd-server with $AB_ENV (ab) vs without (ours)"
+  printf '%-13s | %10s %9s | %10s %9s | %9s\n' workload "ours MiB/s" IOPS "ab MiB/s" IOPS "ab/ours"
+  printf '%s\n' "--------------+----------------------+----------------------+----------"
+  for w in "${bench_workloads[@]}"; do
+    read -r ours_bw ours_iops < <(bench_median_of ours "$w")
+    read -r ab_bw ab_iops < <(bench_median_of ab "$w")
+    printf '%-13s | %10.1f %9.0f | %10.1f %9.0f | %8.2fx\n' "$w" "$ours_bw" "$ours_iops" "$ab_bw" "$ab_iops" "$(ratio "$ab_bw" "$ours_bw")"
   done
 fi
 echo
