@@ -84,6 +84,12 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
             {
                 return;
             }
+            catch (ReplicaFaultedException)
+            {
+                // Faulted again while repairing: the fault closed this connection and woke the
+                // maintainer, which reconnects after the replica's backoff.
+                return;
+            }
             catch (Exception e)
             {
                 if (attached)
@@ -212,7 +218,7 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         }
         else
         {
-            throw new OperationCanceledException("faulted during repair");
+            throw new ReplicaFaultedException();
         }
     }
 
@@ -235,7 +241,7 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
             });
             if (gone)
             {
-                throw new OperationCanceledException("faulted during repair");
+                throw new ReplicaFaultedException();
             }
             if (source is null)
             {
@@ -291,3 +297,6 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
     private Task PaceAsync(long stepStarted, double busyDutyCycle, CancellationToken cancellationToken) =>
         PaceAsync(engine, stepStarted, busyDutyCycle, cancellationToken);
 }
+
+/// <summary>The replica was faulted (its connection replaced or closed) while its repair ran.</summary>
+internal sealed class ReplicaFaultedException() : Exception("faulted during repair");
