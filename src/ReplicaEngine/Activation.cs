@@ -17,8 +17,9 @@ internal sealed class Activation(Engine engine, IDownstairsConnector connector, 
 
     public async Task RunAsync(CancellationToken stopping, CancellationToken cancellationToken)
     {
-        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, stopping);
-        timeout.CancelAfter(_options.StartupTimeout);
+        // On the engine's clock like every other deadline (a linked source cannot take a TimeProvider).
+        using var deadline = new CancellationTokenSource(_options.StartupTimeout, engine.Time);
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, stopping, deadline.Token);
 
         // 1. Probe for each region's geometry and highest generation.
         HelloReply?[] probes;

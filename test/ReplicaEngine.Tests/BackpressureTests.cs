@@ -1,4 +1,4 @@
-using System.Diagnostics;
+using Microsoft.Extensions.Time.Testing;
 
 namespace NbdServer.ReplicaEngine.Tests;
 
@@ -8,17 +8,30 @@ public sealed class BackpressureTests
     [Test]
     public async Task One_held_replica_does_not_slow_admission()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         // A long admission delay would be obvious: eight writes near the budget would take seconds.
-        await cluster.StartAsync(Cluster.Options() with { MaxOutstandingJobs = 10, MaxAdmissionDelay = TimeSpan.FromSeconds(2) });
+        await cluster.StartAsync(Cluster.Options() with { MaxOutstandingJobs = 10, MaxAdmissionDelay = TimeSpan.FromSeconds(2) }, clock);
         cluster.Replicas[2].Hold();
 
-        var clock = Stopwatch.StartNew();
+        // The clock moves only while a write waits for admission, so what it moved by is the delay the guest paid.
+        TimeSpan step = TimeSpan.FromMilliseconds(5);
+        TimeSpan delayed = TimeSpan.Zero;
         for (int i = 0; i < 8; i++)
         {
-            await cluster.WriteAsync(i, i);
+            long block = i;
+            bool Sent() => cluster.Replicas[0].Received.Any(op => op.Kind == OpKind.Write && op.FirstBlock == block);
+            Task write = cluster.WriteAsync(block, i);
+            await cluster.RepliesAppliedAsync();
+            while (!Sent() && delayed < Cluster.Patience)
+            {
+                clock.Advance(step);
+                delayed += step;
+                await cluster.RepliesAppliedAsync();
+            }
+            await write;
         }
-        Assert.That(clock.Elapsed, Is.LessThan(TimeSpan.FromSeconds(1)));
+        Assert.That(delayed, Is.LessThan(TimeSpan.FromSeconds(1)), "admission delay over eight writes on the engine's clock");
         Assert.That(cluster.Status(2).OutstandingJobs, Is.EqualTo(8));
         Assert.That(cluster.Status(2).State, Is.EqualTo(ReplicaState.Active));
     }
@@ -26,14 +39,28 @@ public sealed class BackpressureTests
     [Test]
     public async Task Two_lagging_replicas_delay_admission_but_writes_never_stop()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        await cluster.StartAsync(Cluster.Options() with { MaxOutstandingJobs = 10, MaxAdmissionDelay = TimeSpan.FromMilliseconds(50) });
+        EngineOptions options = Cluster.Options() with { MaxOutstandingJobs = 10, MaxAdmissionDelay = TimeSpan.FromMilliseconds(50) };
+        await cluster.StartAsync(options, clock);
         cluster.Replicas[1].Hold();
         cluster.Replicas[2].Hold();
+        FakeReplica free = cluster.Replicas[0];
+        int WritesAnswered() => free.Replied.Count(r => r.Kind == OpKind.Write);
 
         // With two replicas held no write can be acked; admission slows as they fill, but nothing is dropped.
         Task[] writes = [.. Enumerable.Range(0, 9).Select(i => cluster.WriteAsync(i * 3, 70 + i))];
-        await Task.Delay(300);
+        await cluster.RepliesAppliedAsync();
+        Assert.That(free.Received.Count(r => r.Kind == OpKind.Write), Is.LessThan(9), "admission holds writes back while the clock stands still");
+        // A delay never exceeds MaxAdmissionDelay, so each step admits at least the next parked write.
+        for (int step = 0; step < 9 && free.Received.Count(r => r.Kind == OpKind.Write) < 9; step++)
+        {
+            clock.Advance(options.MaxAdmissionDelay);
+            await cluster.RepliesAppliedAsync();
+        }
+        Assert.That(free.Received.Count(r => r.Kind == OpKind.Write), Is.EqualTo(9), "every write was admitted, none dropped");
+        await Cluster.WaitUntilAsync(() => WritesAnswered() == 9, "replica 0 answered every write");
+        await cluster.RepliesAppliedAsync();
         Assert.That(writes.Count(w => w.IsCompleted), Is.Zero, "no write acked by one replica");
         Assert.That(cluster.Volume.GetStatus().Replicas.Select(r => r.State), Is.All.EqualTo(ReplicaState.Active));
 

@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Net;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Time.Testing;
 using NbdServer.Common.Volumes;
 
 namespace NbdServer.ReplicaEngine.Tests;
@@ -50,6 +51,34 @@ internal sealed class Cluster : IAsyncDisposable
     {
         using var cts = new CancellationTokenSource(Patience);
         _volume = await ReplicatedVolume.StartAsync(options ?? Options(), Log, Connector, cts.Token, time: time);
+        return _volume;
+    }
+
+    /// <summary>
+    /// Starts the engine on a fake clock that moves only once every reachable replica has answered its
+    /// startup probe: then time passes just for what waits on it (<see cref="EngineOptions.StartupWaitForAll"/>
+    /// for a replica that never answers sensibly, probe retries), never for a probe merely slow in real time.
+    /// </summary>
+    public async Task<ReplicatedVolume> StartAdvancingAsync(FakeTimeProvider clock, EngineOptions? options = null, TimeSpan? step = null)
+    {
+        using var cts = new CancellationTokenSource(Patience);
+        ReplicatedVolume? early = null;
+        Task<ReplicatedVolume> starting = ReplicatedVolume.StartAsync(options ?? Options(), Log, Connector, cts.Token, created: v => early = v, time: clock);
+        var real = Stopwatch.StartNew();
+        while (!starting.IsCompleted)
+        {
+            bool probed = Replicas.All(r => !r.Reachable || r.Hellos.Any(h => h.ReadOnly));
+            if (probed && early?.GetStatus().Startup is { Phase: "probing" })
+            {
+                clock.Advance(step ?? Engine.TickInterval);
+            }
+            if (real.Elapsed > Patience)
+            {
+                Assert.Fail($"the volume did not start within {Patience.TotalSeconds:0} s");
+            }
+            await Task.WhenAny(starting, Task.Delay(5));
+        }
+        _volume = await starting;
         return _volume;
     }
 
@@ -102,6 +131,50 @@ internal sealed class Cluster : IAsyncDisposable
             }
             await Task.Delay(10);
         }
+    }
+
+    /// <summary>
+    /// Moves a fake clock <paramref name="step"/> at a time until the condition holds, and only while no
+    /// replica has work outstanding: time passes for what waits on it (reconnect backoff, repair pacing,
+    /// scrub intervals) but never past a deadline for a reply that is merely slow in real time.
+    /// </summary>
+    public async Task AdvanceUntilAsync(FakeTimeProvider clock, Func<bool> condition, string what, TimeSpan? step = null)
+    {
+        var real = Stopwatch.StartNew();
+        while (!condition())
+        {
+            if (real.Elapsed > Patience)
+            {
+                Assert.Fail($"timed out after {Patience.TotalSeconds:0.#} s (fake clock at {clock.GetUtcNow():HH:mm:ss.fff}) waiting until {what}");
+            }
+            if (Volume.GetStatus().Replicas.All(r => r.OutstandingJobs == 0))
+            {
+                clock.Advance(step ?? Engine.TickInterval);
+            }
+            await Task.Delay(2);
+        }
+    }
+
+    /// <summary>Moves a fake clock by <paramref name="span"/> one tick at a time, so the engine sees every tick on the way.</summary>
+    public static void Advance(FakeTimeProvider clock, TimeSpan span)
+    {
+        for (TimeSpan moved = TimeSpan.Zero; moved < span; moved += Engine.TickInterval)
+        {
+            clock.Advance(span - moved < Engine.TickInterval ? span - moved : Engine.TickInterval);
+        }
+    }
+
+    /// <summary>
+    /// Returns once the engine has applied every reply the fakes handed it so far and delivered whatever
+    /// those replies decided. A guest read posted now is applied after those replies (the loop takes
+    /// events in order), and its completion is delivered after theirs (in order, at the end of a turn),
+    /// inline — so when it returns, a guest task still running was not decided by them: "not yet" is a
+    /// fact, not a timing. The read goes to the least-loaded replica: the test must leave one free.
+    /// </summary>
+    public async Task RepliesAppliedAsync()
+    {
+        long lastBlock = ((long)ExtentCount * ExtentBlocks) - 1; // no test writes it: nothing orders the read behind a held write
+        await ReadAsync(lastBlock);
     }
 
     public Task WaitForStateAsync(int replica, ReplicaState state) =>

@@ -36,6 +36,7 @@ internal sealed class FakeReplica
     private readonly (byte[] Data, byte[] Contexts)?[] _staging;
     private readonly bool[] _repairPending;
     private readonly List<ReceivedOp> _received = [];
+    private readonly List<(OpKind Kind, ulong JobId)> _replied = [];
     private readonly List<WritePayload> _payloads = [];
     private readonly List<HelloRequest> _hellos = [];
     private HashSet<OpKind> _held = [];
@@ -129,6 +130,18 @@ internal sealed class FakeReplica
         }
     }
 
+    /// <summary>Replies handed to the engine (posted to its loop), in the order they were handed over.</summary>
+    public IReadOnlyList<(OpKind Kind, ulong JobId)> Replied
+    {
+        get
+        {
+            lock (Sync)
+            {
+                return [.. _replied];
+            }
+        }
+    }
+
     public IReadOnlyList<HelloRequest> Hellos
     {
         get
@@ -145,6 +158,7 @@ internal sealed class FakeReplica
         lock (Sync)
         {
             _received.Clear();
+            _replied.Clear();
         }
     }
 
@@ -304,6 +318,14 @@ internal sealed class FakeReplica
     }
 
     internal void Record(ReceivedOp op) => _received.Add(op);
+
+    internal void RecordReply(OpKind kind, ulong jobId)
+    {
+        lock (Sync)
+        {
+            _replied.Add((kind, jobId));
+        }
+    }
 
     internal async Task WaitAtGateAsync(OpKind kind, CancellationToken cancellationToken)
     {
@@ -525,27 +547,31 @@ internal sealed class FakeDownstairs : IDownstairs
     // to the connection's sink once it ran or the connection ended.
 
     public void SubmitWrite(ulong jobId, long firstBlock, ReadOnlyMemory<byte> data, ReadOnlyMemory<byte> hashes) =>
-        Forward(jobId, WriteAsync(jobId, firstBlock, data, hashes));
+        Forward(OpKind.Write, jobId, WriteAsync(jobId, firstBlock, data, hashes));
 
     public void SubmitRead(ulong jobId, long firstBlock, Memory<byte> data, Memory<byte> hashes) =>
-        Forward(jobId, ReadAsync(jobId, firstBlock, data, hashes));
+        Forward(OpKind.Read, jobId, ReadAsync(jobId, firstBlock, data, hashes));
 
     public void SubmitFlush(ulong jobId, ulong flushNumber, ulong generation) =>
-        Forward(jobId, FlushAsync(jobId, flushNumber, generation));
+        Forward(OpKind.Flush, jobId, FlushAsync(jobId, flushNumber, generation));
 
     public void SubmitReadExtent(ulong jobId, ExtentRange range, Memory<byte> contexts, Memory<byte> data) =>
         ReadExtentAsync(jobId, range, contexts, data).ContinueWith(
-            t => _replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result.Result : Lost(t), t.IsCompletedSuccessfully ? t.Result.Meta : default),
+            t =>
+            {
+                _replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result.Result : Lost(t), t.IsCompletedSuccessfully ? t.Result.Meta : default);
+                _replica.RecordReply(OpKind.ExtentRead, jobId);
+            },
             CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
     public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data) =>
-        Forward(jobId, WriteExtentAsync(jobId, range, contexts, data));
+        Forward(OpKind.ExtentWrite, jobId, WriteExtentAsync(jobId, range, contexts, data));
 
     public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta) =>
-        Forward(jobId, CommitExtentAsync(jobId, extent, meta));
+        Forward(OpKind.ExtentCommit, jobId, CommitExtentAsync(jobId, extent, meta));
 
     public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) =>
-        Forward(jobId, MarkRepairPendingAsync(jobId, extents));
+        Forward(OpKind.MarkPending, jobId, MarkRepairPendingAsync(jobId, extents));
 
     public void BeginBatch()
     {
@@ -555,8 +581,12 @@ internal sealed class FakeDownstairs : IDownstairs
     {
     }
 
-    private void Forward(ulong jobId, Task<DownstairsResult> task) =>
-        task.ContinueWith(t => _replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result : Lost(t), default),
+    private void Forward(OpKind kind, ulong jobId, Task<DownstairsResult> task) =>
+        task.ContinueWith(t =>
+            {
+                _replies.OnReply(jobId, t.IsCompletedSuccessfully ? t.Result : Lost(t), default);
+                _replica.RecordReply(kind, jobId); // after the post: the reply is in the engine's queue
+            },
             CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
     private static DownstairsResult Lost(Task t) => DownstairsResult.Lost(new DownstairsConnectionException(t.Exception?.InnerException?.Message ?? "cancelled"));

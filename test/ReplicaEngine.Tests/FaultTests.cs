@@ -1,4 +1,4 @@
-using System.Diagnostics;
+using Microsoft.Extensions.Time.Testing;
 using NbdServer.Common.Volumes;
 using NbdServer.Protocol;
 
@@ -7,6 +7,8 @@ namespace NbdServer.ReplicaEngine.Tests;
 [CancelAfter(30_000)]
 public sealed class FaultTests
 {
+    private static readonly TimeSpan Tick = Engine.TickInterval;
+
     /// <summary>The guest goes on with two: writes are acked, reads return what was written.</summary>
     private static async Task AssertGuestContinuesOnTwoAsync(Cluster cluster, int seed)
     {
@@ -87,15 +89,18 @@ public sealed class FaultTests
     [Test]
     public async Task A_replica_that_makes_no_progress_for_the_timeout_is_faulted()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        await cluster.StartAsync(Cluster.Options() with { NoProgressTimeout = TimeSpan.FromMilliseconds(300) });
+        EngineOptions options = Cluster.Options() with { NoProgressTimeout = TimeSpan.FromMilliseconds(300) };
+        await cluster.StartAsync(options, clock);
         cluster.Replicas[1].Reachable = false;
         cluster.Replicas[1].Hold();
 
-        var clock = Stopwatch.StartNew();
         await cluster.WriteAsync(2, 2);
-        await cluster.WaitForStateAsync(1, ReplicaState.Faulted);
-        Assert.That(clock.Elapsed, Is.GreaterThanOrEqualTo(TimeSpan.FromMilliseconds(250)), "not before the timeout");
+        Cluster.Advance(clock, options.NoProgressTimeout - Tick);
+        Assert.That(cluster.Status(1).State, Is.EqualTo(ReplicaState.Active), "not before the timeout");
+        Cluster.Advance(clock, Tick * 2);
+        Assert.That(cluster.Status(1).State, Is.EqualTo(ReplicaState.Faulted));
         Assert.That(cluster.Status(1).LastFault, Does.Contain("no progress"));
         Assert.That(cluster.Status(1).OutstandingJobs, Is.Zero);
         await AssertGuestContinuesOnTwoAsync(cluster, 40);
@@ -104,10 +109,13 @@ public sealed class FaultTests
     [Test]
     public async Task An_idle_replica_is_never_faulted_for_lack_of_progress()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        await cluster.StartAsync(Cluster.Options() with { NoProgressTimeout = TimeSpan.FromMilliseconds(200) });
+        EngineOptions options = Cluster.Options() with { NoProgressTimeout = TimeSpan.FromMilliseconds(200) };
+        await cluster.StartAsync(options, clock);
         await cluster.WriteAsync(2, 2);
-        await Task.Delay(700);
+        await cluster.WaitForIdleAsync();
+        Cluster.Advance(clock, options.NoProgressTimeout * 10);
         Assert.That(cluster.Volume.GetStatus().Replicas.Select(r => r.Faults), Is.All.Zero);
         await cluster.WriteAsync(3, 3);
         Assert.That(cluster.Volume.GetStatus().Replicas.Select(r => r.State), Is.All.EqualTo(ReplicaState.Active));
@@ -155,9 +163,10 @@ public sealed class FaultTests
     [Test]
     public async Task With_one_replica_in_service_writes_fail_with_EIO_within_the_bounded_wait_and_reads_go_on()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         TimeSpan bound = TimeSpan.FromMilliseconds(500);
-        await cluster.StartAsync(Cluster.Options() with { DegradedWriteTimeout = bound });
+        await cluster.StartAsync(Cluster.Options() with { DegradedWriteTimeout = bound }, clock);
         await cluster.WriteAsync(6, 6);
         foreach (int r in new[] { 1, 2 })
         {
@@ -169,16 +178,21 @@ public sealed class FaultTests
         Assert.That(async () => await cluster.WriteAsync(7, 7), Throws.TypeOf<VolumeException>().With.Property(nameof(VolumeException.Error)).EqualTo(VolumeError.IoError));
         await Cluster.WaitUntilAsync(() => cluster.Volume.GetStatus().InService == 1, "one replica in service");
 
-        var clock = Stopwatch.StartNew();
-        Assert.That(async () => await cluster.WriteAsync(8, 8), Throws.TypeOf<VolumeException>().With.Property(nameof(VolumeException.Error)).EqualTo(VolumeError.IoError));
-        Assert.That(clock.Elapsed, Is.GreaterThanOrEqualTo(bound - TimeSpan.FromMilliseconds(50)).And.LessThan(bound + TimeSpan.FromSeconds(2)));
-        Assert.That(async () => await cluster.FlushAsync(), Throws.TypeOf<VolumeException>());
+        Task write = cluster.WriteAsync(8, 8);
+        Cluster.Advance(clock, bound - Tick);
+        await cluster.RepliesAppliedAsync();
+        Assert.That(write.IsCompleted, Is.False, "before the bound the write waits for a second replica");
+        Cluster.Advance(clock, Tick * 2);
+        Assert.That(async () => await write.WaitAsync(Cluster.Patience), Throws.TypeOf<VolumeException>().With.Property(nameof(VolumeException.Error)).EqualTo(VolumeError.IoError));
+        Task flush = cluster.FlushAsync();
+        Cluster.Advance(clock, bound + Tick);
+        Assert.That(async () => await flush.WaitAsync(Cluster.Patience), Throws.TypeOf<VolumeException>());
 
         Assert.That(await cluster.ReadAsync(6), Is.EqualTo(Cluster.Pattern(6, 6)), "reads go on from the one left");
 
         // A second replica returns (live repair from the one left): writes work again.
         cluster.Replicas[1].Reachable = true;
-        await cluster.WaitForStateAsync(1, ReplicaState.Active);
+        await cluster.AdvanceUntilAsync(clock, () => cluster.Status(1).State == ReplicaState.Active, "replica 1 is back in service");
         await cluster.WriteAsync(9, 9);
         Assert.That(await cluster.ReadAsync(9), Is.EqualTo(Cluster.Pattern(9, 9)));
     }
@@ -186,8 +200,10 @@ public sealed class FaultTests
     [Test]
     public async Task A_write_waiting_in_degraded_mode_succeeds_if_a_second_replica_returns_in_time()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        await cluster.StartAsync(Cluster.Options() with { DegradedWriteTimeout = TimeSpan.FromSeconds(5) });
+        TimeSpan bound = TimeSpan.FromSeconds(5);
+        await cluster.StartAsync(Cluster.Options() with { DegradedWriteTimeout = bound }, clock);
         foreach (int r in new[] { 1, 2 })
         {
             cluster.Replicas[r].Reachable = false;
@@ -197,10 +213,14 @@ public sealed class FaultTests
         await Cluster.WaitUntilAsync(() => cluster.Volume.GetStatus().InService == 1, "one replica in service");
 
         Task waiting = cluster.WriteAsync(8, 8);
-        await Task.Delay(200);
+        DateTimeOffset deadline = clock.GetUtcNow() + bound;
+        Cluster.Advance(clock, bound - TimeSpan.FromSeconds(1));
+        await cluster.RepliesAppliedAsync();
         Assert.That(waiting.IsCompleted, Is.False, "waits for a second replica");
         cluster.Replicas[2].Reachable = true;
-        await waiting.WaitAsync(Cluster.Patience);
+        await cluster.AdvanceUntilAsync(clock, () => waiting.IsCompleted, "the waiting write completed", TimeSpan.FromMilliseconds(10));
+        Assert.That(clock.GetUtcNow(), Is.LessThan(deadline), "the second replica returned within the bound");
+        await waiting;
         Assert.That(await cluster.ReadAsync(8), Is.EqualTo(Cluster.Pattern(8, 8)));
     }
 }

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.Time.Testing;
 using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine.Tests;
@@ -9,12 +10,13 @@ public sealed class HostileReplicaTests
     [Test]
     public async Task A_replica_reporting_highest_generation_2_pow_64_minus_1_is_left_out_and_the_generation_never_wraps_to_0()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         cluster.Replicas[0].HighestGeneration = ulong.MaxValue;
         cluster.Replicas[1].HighestGeneration = 4;
         cluster.Replicas[2].HighestGeneration = 3;
 
-        ReplicatedVolume volume = await cluster.StartAsync(Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
+        ReplicatedVolume volume = await cluster.StartAdvancingAsync(clock, Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
 
         Assert.That(volume.Generation, Is.EqualTo(5UL), "one above the highest of the replicas that make sense");
         Assert.That(volume.GetStatus().InService, Is.EqualTo(2));
@@ -32,6 +34,7 @@ public sealed class HostileReplicaTests
     [TestCase(1UL << 62, true, TestName = "A replica claiming flush number 2^62 for an extent is left out, flushes keep working and its copy is repaired")]
     public async Task A_replica_claiming_an_implausible_flush_number_is_left_out_and_flushes_keep_working(ulong claimed, bool repairable)
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         const int Extent = 5;
         foreach (FakeReplica r in cluster.Replicas)
@@ -44,7 +47,7 @@ public sealed class HostileReplicaTests
         // flush number would be refused.
         cluster.Replicas[0].SetExtent(Extent, 0x66, new ExtentMeta(3, claimed, false));
 
-        ReplicatedVolume volume = await cluster.StartAsync(Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
+        ReplicatedVolume volume = await cluster.StartAdvancingAsync(clock, Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
 
         Assert.That(volume.GetStatus().FlushNumber, Is.EqualTo(40UL), "continued from the honest replicas");
         Assert.That(cluster.Replicas[1].Meta(Extent), Is.EqualTo(new ExtentMeta(3, 40, false)), "nothing planted on replica 1");
@@ -62,7 +65,7 @@ public sealed class HostileReplicaTests
             return;
         }
         // The liar is brought back by live repair with the honest copy, not the other way round.
-        await cluster.WaitForAllActiveAsync();
+        await cluster.AdvanceUntilAsync(clock, () => cluster.Volume.GetStatus().Replicas.All(r => r.State == ReplicaState.Active), "all three replicas are active");
         Assert.That(cluster.Replicas[0].Meta(Extent), Is.EqualTo(cluster.Replicas[1].Meta(Extent)));
         Assert.That(cluster.Replicas.Select(r => r.Meta(Extent).FlushNumber), Is.All.LessThanOrEqualTo(41UL));
         await cluster.WriteAsync(block + 1, 2);
@@ -73,6 +76,7 @@ public sealed class HostileReplicaTests
     [Test]
     public async Task A_replica_reporting_generation_2_pow_63_minus_2_is_left_out_and_the_others_activate_at_their_next_generation()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         // Passes the absolute check, but following it would send Hello 2^63 - 1, which every honest
         // downstairs refuses (far beyond its generation step): startup would fail on every restart.
@@ -80,7 +84,7 @@ public sealed class HostileReplicaTests
         cluster.Replicas[1].HighestGeneration = 3;
         cluster.Replicas[2].HighestGeneration = 3;
 
-        ReplicatedVolume volume = await cluster.StartAsync(Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
+        ReplicatedVolume volume = await cluster.StartAdvancingAsync(clock, Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
 
         Assert.That(volume.Generation, Is.EqualTo(4UL));
         Assert.That(cluster.Replicas[1].HighestGeneration, Is.EqualTo(4UL));
@@ -96,6 +100,7 @@ public sealed class HostileReplicaTests
     [Test]
     public async Task One_replica_refusing_the_activation_Hello_does_not_stop_the_other_two_from_starting()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         // Replica 0 was away while the others moved on; its operator set a small generation step, so
         // it refuses generation 11 (8 above its 3). The other two are enough to serve.
@@ -104,7 +109,7 @@ public sealed class HostileReplicaTests
         cluster.Replicas[1].HighestGeneration = 10;
         cluster.Replicas[2].HighestGeneration = 10;
 
-        ReplicatedVolume volume = await cluster.StartAsync(Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
+        ReplicatedVolume volume = await cluster.StartAdvancingAsync(clock, Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
 
         Assert.That(volume.Generation, Is.EqualTo(11UL));
         Assert.That(volume.GetStatus().InService, Is.EqualTo(2));

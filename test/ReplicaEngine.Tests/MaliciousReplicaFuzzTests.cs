@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.IO.Pipelines;
+using Microsoft.Extensions.Time.Testing;
 using Nerdbank.Streams;
 using NbdServer.Common.Volumes;
 using NbdServer.Protocol;
@@ -32,11 +33,32 @@ public sealed class MaliciousReplicaFuzzTests
         await using var cluster = new Cluster();
         var connector = new LyingConnector(cluster.Replicas, seed);
         ReplicatedVolume volume;
+        var time = new FakeTimeProvider();
         using (var start = new CancellationTokenSource(Cluster.Patience))
         {
             // A liar that stops answering is faulted after this: short, so a run sees many lying sessions.
             EngineOptions options = Cluster.Options() with { NoProgressTimeout = TimeSpan.FromMilliseconds(300) };
-            volume = await ReplicatedVolume.StartAsync(options, cluster.Log, connector, start.Token);
+            volume = await ReplicatedVolume.StartAsync(options, cluster.Log, connector, start.Token, time: time);
+        }
+        // The engine's clock moves while the guest waits, and only while the honest replicas have
+        // nothing outstanding: a silent liar meets its deadlines, an honest replica merely slow in
+        // real time never does.
+        void AdvanceIfHonestAreIdle()
+        {
+            ReplicaStatus[] replicas = volume.GetStatus().Replicas;
+            if (replicas[0].OutstandingJobs == 0 && replicas[1].OutstandingJobs == 0)
+            {
+                time.Advance(Engine.TickInterval);
+            }
+        }
+        async Task AdvanceWhileWaitingAsync(Task guest)
+        {
+            while (!guest.IsCompleted)
+            {
+                AdvanceIfHonestAreIdle();
+                await Task.WhenAny(guest, Task.Delay(1));
+            }
+            await guest;
         }
         await using (volume)
         {
@@ -55,14 +77,15 @@ public sealed class MaliciousReplicaFuzzTests
                 byte[] data = Cluster.Pattern(seed + round, block, blocks);
                 using var cancel = new CancellationTokenSource(Cluster.Patience);
                 string replay = $"{Fuzz.Replay(seed, round)}; liar sessions {connector.Sessions}";
-                await volume.WriteAsync(block * Cluster.BlockSize, data, WriteOptions.None, cancel.Token).AsTask().WaitAsync(cancel.Token);
+                await AdvanceWhileWaitingAsync(volume.WriteAsync(block * Cluster.BlockSize, data, WriteOptions.None, cancel.Token).AsTask().WaitAsync(cancel.Token));
                 if (rng.Next(4) == 0)
                 {
-                    await volume.FlushAsync(cancel.Token).AsTask().WaitAsync(cancel.Token);
+                    await AdvanceWhileWaitingAsync(volume.FlushAsync(cancel.Token).AsTask().WaitAsync(cancel.Token));
                 }
                 byte[] back = new byte[data.Length];
-                await volume.ReadAsync(block * Cluster.BlockSize, back, cancel.Token).AsTask().WaitAsync(cancel.Token);
+                await AdvanceWhileWaitingAsync(volume.ReadAsync(block * Cluster.BlockSize, back, cancel.Token).AsTask().WaitAsync(cancel.Token));
                 Assert.That(back, Is.EqualTo(data), $"the guest read something else than it wrote; {replay}");
+                AdvanceIfHonestAreIdle(); // every round lets the engine's time move on
             }
             TestContext.Out.WriteLine($"{round} guest rounds against {connector.Sessions} lying sessions in {clock.Elapsed.TotalSeconds:0.0} s; replica {Liar}: {volume.GetStatus().Replicas[Liar].State}, {volume.GetStatus().Replicas[Liar].Faults} faults");
 

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.Time.Testing;
 using NbdServer.Common.Volumes;
 
 namespace NbdServer.ReplicaEngine.Tests;
@@ -156,9 +157,11 @@ public sealed class RecoveryTests
 
         // While extent 3 waits its turn, the guest writes another block of it and flushes.
         await cluster.WriteAsync(Block(3, 5), 35);
+        int flushesAnswered = away.Replied.Count(o => o.Kind == OpKind.Flush);
         Task flush = cluster.FlushAsync();
         await Cluster.WaitUntilAsync(() => !cluster.Replicas[1].Meta(3).Dirty, "replica 1 flushed extent 3");
-        await Task.Delay(100);
+        await Cluster.WaitUntilAsync(() => away.Replied.Count(o => o.Kind == OpKind.Flush) > flushesAnswered, "the repairing replica answered the flush");
+        _ = cluster.Volume.GetStatus(); // asked on the loop: the engine has taken that answer in
 
         // Replica 2 drops before extent 3 was copied; the flush completes before it is back.
         away.Reachable = false;
@@ -198,8 +201,10 @@ public sealed class RecoveryTests
         // Regression: a guest write faulted the repairing replica while its repair copy was in flight;
         // the maintainer reconnected on its own, and the fault's leftover wake-up later made it connect
         // once more, fencing the healthy connection it had just brought back.
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        await cluster.StartAsync();
+        EngineOptions options = Cluster.Options();
+        await cluster.StartAsync(options, clock);
         FakeReplica replica = cluster.Replicas[0];
         replica.Hold(OpKind.ExtentWrite);
         replica.DropConnection();
@@ -211,11 +216,16 @@ public sealed class RecoveryTests
         await Cluster.WaitUntilAsync(() => cluster.Status(0).Faults == 2, "the guest write faulted the repairing replica");
         replica.FailWritesWith = null;
         replica.Release();
-        await cluster.WaitForAllActiveAsync();
+        await cluster.AdvanceUntilAsync(clock, () => cluster.Volume.GetStatus().Replicas.All(r => r.State == ReplicaState.Active), "all three replicas are active");
         FakeDownstairs serving = replica.Current!;
 
         await cluster.WriteAsync(Block(4), 3);
-        await Task.Delay(500);
+        // Past any reconnect backoff, a tick at a time, with a moment after each for a woken maintainer to act.
+        for (int i = 0; i < 5 * options.ReconnectMaxDelay / Engine.TickInterval; i++)
+        {
+            clock.Advance(Engine.TickInterval);
+            await Task.Delay(1);
+        }
         await cluster.WriteAsync(Block(5), 4, options: WriteOptions.ForceUnitAccess);
 
         Assert.That(replica.Current, Is.SameAs(serving), "no further connection replaced the one in service");
@@ -242,7 +252,11 @@ public sealed class RecoveryTests
 
         Assert.That(await Cluster.CompletesWithinAsync(current, TimeSpan.FromSeconds(2)), Is.True,
             "acked by replica 1 and the repairing replica, which holds extent 3 like one in service");
-        Assert.That(await Cluster.CompletesWithinAsync(stillToCopy, TimeSpan.FromMilliseconds(300)), Is.False,
+        FakeReplica inService = cluster.Replicas[1];
+        await Cluster.WaitUntilAsync(() => inService.Received.Any(op => op.Kind == OpKind.Write && op.FirstBlock == Block(1, 2)
+            && inService.Replied.Contains((OpKind.Write, op.JobId))), "replica 1 answered the write to extent 1");
+        await cluster.RepliesAppliedAsync();
+        Assert.That(stillToCopy.IsCompleted, Is.False,
             "the repairing replica does not hold extent 1 yet: its write waits for replica 2");
         slow.Release();
         await stillToCopy;
@@ -258,16 +272,24 @@ public sealed class RecoveryTests
         // The repairing replica takes flushes (its metadata keeps step with the others). A flush must
         // not stamp an extent it still holds stale: after an upstairs crash, reconciliation trusts the
         // stamps, and a stale extent stamped current would never be repaired.
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        // A crawling repair: after copying extent 1 it pauses (100,000 × the copy's time), extent 3 still to do.
-        await cluster.StartAsync(Cluster.Options() with { RepairDutyCycle = 0.00001, IdleRepairDutyCycle = 0.00001, RepairMaxPause = TimeSpan.FromMinutes(1) });
+        // A crawling repair: after copying extent 1 it pauses (100,000 × the copy's time, at most a
+        // minute), extent 3 still to do. The clock stands still after the copy, so the pause never ends.
+        EngineOptions options = Cluster.Options() with { RepairDutyCycle = 0.00001, IdleRepairDutyCycle = 0.00001, RepairMaxPause = TimeSpan.FromMinutes(1) };
+        await cluster.StartAsync(options, clock);
         FakeReplica away = cluster.Replicas[2];
+        FakeReplica source = cluster.Replicas[0];
         away.Reachable = false;
         away.DropConnection();
         await cluster.WriteAsync(Block(1), 1);    // faults replica 2, which misses it
         await cluster.WriteAsync(Block(3, 0), 3); // missed by replica 2
         await Cluster.WaitUntilAsync(() => cluster.Status(2).State == ReplicaState.Faulted, "replica 2 is out");
+        source.Hold(OpKind.ExtentRead);
         away.Reachable = true;
+        await cluster.AdvanceUntilAsync(clock, () => source.Received.Any(o => o.Kind == OpKind.ExtentRead), "the copy of extent 1 started");
+        clock.Advance(TimeSpan.FromMilliseconds(10)); // the copy takes 10 ms: the pause after it is the full minute
+        source.Release();
         await Cluster.WaitUntilAsync(() => cluster.Status(2).RepairDone == 1, "extent 1 copied, extent 3 waiting");
 
         await cluster.WriteAsync(Block(3, 5), 35);
@@ -282,8 +304,8 @@ public sealed class RecoveryTests
 
         // The upstairs dies mid-repair; a new one reconciles from what the replicas recorded.
         await cluster.Volume.DisposeAsync();
-        await cluster.StartAsync();
-        await cluster.WaitForAllActiveAsync();
+        await cluster.StartAsync(options, clock);
+        await cluster.AdvanceUntilAsync(clock, () => cluster.Volume.GetStatus().Replicas.All(r => r.State == ReplicaState.Active), "all three replicas are active");
         await cluster.FlushAsync();
         await cluster.WaitForIdleAsync();
         Assert.That(away.ReadBlock(Block(3, 0)), Is.EqualTo(Cluster.Pattern(3, Block(3, 0))), "the block replica 2 missed");

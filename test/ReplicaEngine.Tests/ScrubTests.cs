@@ -1,3 +1,5 @@
+using Microsoft.Extensions.Time.Testing;
+
 namespace NbdServer.ReplicaEngine.Tests;
 
 [CancelAfter(30_000)]
@@ -41,24 +43,32 @@ public sealed class ScrubTests
     [Test]
     public async Task The_volume_scrubs_itself_every_scrub_interval_without_being_asked()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        await cluster.StartAsync(Cluster.Options() with { ScrubInterval = TimeSpan.FromMilliseconds(300) });
+        TimeSpan interval = TimeSpan.FromSeconds(30);
+        await cluster.StartAsync(Cluster.Options() with { ScrubInterval = interval }, clock);
         await cluster.WriteAsync(20, 7, blocks: 2);
         await cluster.FlushAsync();
+        await cluster.WaitForIdleAsync();
         cluster.Replicas[0].CorruptBlock(21);
 
-        await Cluster.WaitUntilAsync(() => cluster.Volume.Scrub.BlocksRepaired == 1 && !cluster.Volume.Scrub.Running, "a periodic scrub repaired the rotted copy");
+        Cluster.Advance(clock, interval - TimeSpan.FromSeconds(1));
+        Assert.That((cluster.Volume.Scrub.Running, cluster.Volume.Scrub.ExtentsDone), Is.EqualTo((false, 0)), "no scrub before the interval");
+        await cluster.AdvanceUntilAsync(clock, () => cluster.Volume.Scrub.BlocksRepaired == 1 && !cluster.Volume.Scrub.Running, "a periodic scrub repaired the rotted copy");
         Assert.That(cluster.Replicas[0].ReadBlock(21), Is.EqualTo(Cluster.Pattern(7, 21)));
     }
 
     [Test]
     public async Task With_a_zero_scrub_interval_nothing_scrubs_on_its_own()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
-        await cluster.StartAsync(Cluster.Options() with { ScrubInterval = TimeSpan.Zero });
+        await cluster.StartAsync(Cluster.Options() with { ScrubInterval = TimeSpan.Zero }, clock);
         await cluster.WriteAsync(20, 7);
+        await cluster.WaitForIdleAsync();
         cluster.Replicas[0].CorruptBlock(20);
-        await Task.Delay(500);
+        Cluster.Advance(clock, new EngineOptions().ScrubInterval + TimeSpan.FromHours(1)); // past the default interval
+        await cluster.RepliesAppliedAsync();
         Assert.That(cluster.Volume.Scrub.ExtentsDone, Is.Zero, "no scrub ran");
         Assert.That(cluster.Replicas[0].ReadBlock(20), Is.Not.EqualTo(Cluster.Pattern(7, 20)), "the rot is still there");
     }

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.Time.Testing;
 using NbdServer.Protocol;
 
 namespace NbdServer.ReplicaEngine.Tests;
@@ -125,9 +126,10 @@ public sealed class StartupTests
     [Test]
     public async Task Startup_with_two_reachable_serves_the_guest_and_repairs_the_third_when_it_appears()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         cluster.Replicas[2].Reachable = false;
-        ReplicatedVolume volume = await cluster.StartAsync(Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
+        ReplicatedVolume volume = await cluster.StartAdvancingAsync(clock, Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(300) });
 
         Assert.That(volume.GetStatus().InService, Is.EqualTo(2));
         Assert.That(cluster.Status(2).State, Is.Not.EqualTo(ReplicaState.Active));
@@ -139,13 +141,14 @@ public sealed class StartupTests
         await cluster.WriteAsync(3, 99); // written after the last flush
 
         // Startup's read-only probing ended with startup; only the reconnect loop keeps trying.
+        // Three reconnect attempts: each waits at most ReconnectMaxDelay, as a probe retry would.
         int probes = cluster.Replicas[2].Hellos.Count(h => h.ReadOnly);
-        await Task.Delay(400);
+        int attempts = cluster.Replicas[2].Hellos.Count(h => !h.ReadOnly);
+        await cluster.AdvanceUntilAsync(clock, () => cluster.Replicas[2].Hellos.Count(h => !h.ReadOnly) >= attempts + 3, "the reconnect loop tried three more times");
         Assert.That(cluster.Replicas[2].Hellos.Count(h => h.ReadOnly), Is.EqualTo(probes), "startup probes still running");
-        Assert.That(cluster.Replicas[2].Hellos.Count(h => !h.ReadOnly), Is.GreaterThan(0), "the reconnect loop tries");
 
         cluster.Replicas[2].Reachable = true;
-        await cluster.WaitForStateAsync(2, ReplicaState.Active);
+        await cluster.AdvanceUntilAsync(clock, () => cluster.Status(2).State == ReplicaState.Active, "replica 2 is repaired and in service");
         Assert.That(cluster.Replicas[2].HighestGeneration, Is.EqualTo(volume.Generation));
         await cluster.FlushAsync();
         cluster.AssertReplicasIdentical();
@@ -154,15 +157,22 @@ public sealed class StartupTests
     [Test]
     public async Task Startup_fails_when_fewer_than_two_replicas_are_reachable()
     {
+        var clock = new FakeTimeProvider();
         await using var cluster = new Cluster();
         cluster.Replicas[1].Reachable = false;
         cluster.Replicas[2].Reachable = false;
         EngineOptions options = Cluster.Options() with { StartupWaitForAll = TimeSpan.FromMilliseconds(200), StartupTimeout = TimeSpan.FromMilliseconds(800) };
 
-        Assert.That(async () => await cluster.StartAsync(options),
+        Assert.That(async () => await cluster.StartAdvancingAsync(clock, options),
             Throws.InvalidOperationException.With.Message.Contains("fewer than two downstairs reachable"));
+        Assert.That(cluster.Replicas[1].Hellos, Has.Count.GreaterThan(1), "startup kept probing until it gave up");
         int hellos = cluster.Replicas[1].Hellos.Count;
-        await Task.Delay(400);
+        // Ten times the longest probe backoff, a tick at a time, with a moment for a probe loop to run after each.
+        for (int i = 0; i < 10 * options.ReconnectMaxDelay / Engine.TickInterval; i++)
+        {
+            clock.Advance(Engine.TickInterval);
+            await Task.Delay(1);
+        }
         Assert.That(cluster.Replicas[1].Hellos, Has.Count.EqualTo(hellos), "no probing goes on after startup gave up");
     }
 
