@@ -17,7 +17,8 @@ SIZE=${SIZE:-1G}
 IODEPTH=${IODEPTH:-32}
 BENCH_NAME=${BENCH_NAME:-bench}
 
-bench_workloads=(randread-4k randwrite-4k read-1M write-1M)
+# WORKLOADS="read-1M write-1M" runs a subset.
+read -r -a bench_workloads <<<"${WORKLOADS:-randread-4k randwrite-4k read-1M write-1M}"
 declare -A bench_rw=([randread-4k]=randread [randwrite-4k]=randwrite [read-1M]=read [write-1M]=write)
 declare -A bench_bs=([randread-4k]=4k [randwrite-4k]=4k [read-1M]=1M [write-1M]=1M)
 declare -A uri samples_bw samples_iops

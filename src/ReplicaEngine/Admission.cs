@@ -143,18 +143,20 @@ internal sealed class Admission(Engine engine, EngineOptions options, TimeProvid
         return false;
     }
 
+    /// <summary>The one-shot timer fired: nothing is armed any more (the next settle arms it again if a job still waits).</summary>
+    public void DueTimerFired() => _dueAt = long.MaxValue;
+
     private void ArmDue(long at)
     {
-        if (at == long.MaxValue || at >= _dueAt && _dueAt > time.GetTimestamp())
+        if (at == long.MaxValue || at >= _dueAt)
         {
-            return;
+            return; // an earlier wake-up is armed; it re-arms for the rest
         }
         _dueAt = at;
-        TimeSpan wait = time.GetElapsedTime(time.GetTimestamp(), at);
-        if (wait < TimeSpan.Zero)
-        {
-            wait = TimeSpan.Zero;
-        }
+        // Timers count whole milliseconds and round down: rounded up here, so the wake-up never
+        // comes before the moment (one that came early found nothing due and nothing armed: a
+        // write parked until some other event arrived, which for a lone writer was never).
+        TimeSpan wait = TimeSpan.FromMilliseconds(Math.Ceiling(Math.Max(0, time.GetElapsedTime(time.GetTimestamp(), at).TotalMilliseconds)) + 1);
         _due ??= time.CreateTimer(static s => ((Engine)s!).PostAdmissionDue(), engine, Timeout.InfiniteTimeSpan, Timeout.InfiniteTimeSpan);
         _due.Change(wait, Timeout.InfiniteTimeSpan);
     }

@@ -45,7 +45,11 @@ internal sealed partial class Engine
     private long _lastTick;
     private ulong _nextJobId;
 
-    /// <summary>True while an event is applied (not while settling): a job asked for now is dispatched at once.</summary>
+    /// <summary>
+    /// True while an event is applied (not while settling): a job asked for by that event is
+    /// dispatched at once. Read together with <see cref="IsLoopThread"/>: another thread seeing it
+    /// set must post, never dispatch beside the loop.
+    /// </summary>
     private bool _applying;
 
     public Engine(EngineOptions options, ILogger logger, TimeProvider time)
@@ -183,7 +187,7 @@ internal sealed partial class Engine
         completion.RunAsync = true;
         job.Completion = completion;
         ValueTask<JobOutcome> task = completion.Task;
-        if (_applying)
+        if (_applying && IsLoopThread)
         {
             // Asked from within an event (a worker's state change): dispatched in that same step,
             // before anything posted after it.
@@ -234,7 +238,8 @@ internal sealed partial class Engine
                 Tick();
                 break;
             case EventKind.AdmissionDue:
-                break; // Settle admits what is due
+                _admission.DueTimerFired(); // Settle admits what is due
+                break;
             case EventKind.Invoke:
                 e.Work!();
                 break;
@@ -834,6 +839,11 @@ internal sealed partial class Engine
     }
 
     public (int Jobs, long Bytes) Deferred(Replica replica) => RepairCopies.Deferred(replica);
+
+    /// <summary>The loop's state in one line (for a diagnosis: what a stuck operation waits for).</summary>
+    public string Describe() =>
+        $"{_jobs.Count} jobs in flight ({string.Join(", ", _jobs.Values.Take(8).Select(j => $"#{j.Id} {j.Kind} blocks {j.FirstBlock}+{j.Blocks} decided={j.Decided} owed={j.OwedCount} deferred={j.DeferredCount} acks={j.Acks}/{j.Possible}"))}), "
+        + $"{_admission.Parked} parked, range locked: {_rangeLocks.Overlaps(0, long.MaxValue)}, replicas: {string.Join("; ", _replicas.Select(r => $"{r.Index} {r.State} jobs={r.OutstandingJobs} pending={r.PendingRepair.Count}"))}";
 
     public ReplicaStatus[] ReplicaStatuses() => [.. _replicas.Select(r => r.Status())];
 

@@ -100,14 +100,24 @@ internal sealed class Cluster : IAsyncDisposable
     public async Task WriteAsync(long firstBlock, int seed, int blocks = 1, WriteOptions options = WriteOptions.None)
     {
         using var cts = new CancellationTokenSource(Patience);
-        await Volume.WriteAsync(firstBlock * BlockSize, Pattern(seed, firstBlock, blocks), options, cts.Token);
+        Task write = Volume.WriteAsync(firstBlock * BlockSize, Pattern(seed, firstBlock, blocks), options, cts.Token).AsTask();
+        if (await Task.WhenAny(write, Task.Delay(Patience)) != write)
+        {
+            Assert.Fail($"write of block {firstBlock}+{blocks} did not finish: {Volume.Engine.Query(Volume.Engine.Describe)}; log: {string.Join(" | ", Log.Lines.Select(l => l.Message))}");
+        }
+        await write;
     }
 
     public async Task<byte[]> ReadAsync(long firstBlock, int blocks = 1)
     {
         using var cts = new CancellationTokenSource(Patience);
         byte[] data = new byte[blocks * BlockSize];
-        await Volume.ReadAsync(firstBlock * BlockSize, data, cts.Token);
+        Task read = Volume.ReadAsync(firstBlock * BlockSize, data, cts.Token).AsTask();
+        if (await Task.WhenAny(read, Task.Delay(Patience)) != read)
+        {
+            Assert.Fail($"read of block {firstBlock}+{blocks} did not finish: {Volume.Engine.Query(Volume.Engine.Describe)}");
+        }
+        await read;
         return data;
     }
 
