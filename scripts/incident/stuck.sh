@@ -15,6 +15,8 @@ sleep "$STOP"
 kill -CONT "${DS_PID[1]}"
 inc_fault_end
 inc_wait_active 90
-sleep 2
+# Four seconds of load after the repair: the recovery figure needs whole seconds of healthy IO to
+# find (two were sometimes all spent in the second the repair ended).
+sleep 4
 inc_stop_load
 inc_finish full
