@@ -193,9 +193,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             }
             finally
             {
+                // Also when the batch ends in an exception: what it queued is still owed a send.
                 _batchThread = 0;
+                ScheduleFlush();
             }
-            ScheduleFlush();
             if (stop is not null)
             {
                 input.AdvanceTo(buffer.Start);
