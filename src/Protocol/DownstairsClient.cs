@@ -320,14 +320,17 @@ public sealed class DownstairsClient : IAsyncDisposable
         Submit(p, p.Frame);
     }
 
-    /// <summary>Live repair: replace the extent by its staged copy (unsent blocks read as unwritten) and record <paramref name="meta"/>.</summary>
-    public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta, IDownstairsReplyHandler handler)
+    /// <summary>
+    /// Live repair: replace the extent by its staged copy (unsent blocks read as unwritten), or with
+    /// <paramref name="inPlace"/> make the blocks written in place durable; then record <paramref name="meta"/>.
+    /// </summary>
+    public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta, bool inPlace, IDownstairsReplyHandler handler)
     {
         Pending p = Rent(jobId, MessageType.ExtentCommitReply, handler);
-        p.Frame.Reset(MessageType.ExtentCommit, ResultCode.Ok, jobId, ExtentCommitRequest.BodySize, new ExtentCommitRequest(extent, meta), static (d, c) =>
+        p.Frame.Reset(MessageType.ExtentCommit, ResultCode.Ok, jobId, ExtentCommitRequest.BodySize, new ExtentCommitRequest(extent, meta, inPlace), static (d, c) =>
         {
             BinaryPrimitives.WriteInt32LittleEndian(d, c.Extent);
-            BinaryPrimitives.WriteUInt32LittleEndian(d[4..], c.Meta.Dirty ? ExtentMeta.DirtyFlag : 0);
+            BinaryPrimitives.WriteUInt32LittleEndian(d[4..], c.Flags);
             BinaryPrimitives.WriteUInt64LittleEndian(d[8..], c.Meta.Generation);
             BinaryPrimitives.WriteUInt64LittleEndian(d[16..], c.Meta.FlushNumber);
         });
@@ -489,15 +492,15 @@ public sealed class DownstairsClient : IAsyncDisposable
         return handler.Result;
     }
 
-    /// <summary>Live repair: replace the extent by its staged copy (unsent blocks read as unwritten) and record <paramref name="meta"/>.</summary>
-    public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default)
+    /// <summary>Live repair: replace the extent by its staged copy (or, <paramref name="inPlace"/>, make it durable) and record <paramref name="meta"/>.</summary>
+    public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, bool inPlace = false, CancellationToken cancellationToken = default)
     {
         if (cancellationToken.IsCancellationRequested)
         {
             return Task.FromCanceled<DownstairsResult>(cancellationToken);
         }
         var handler = new TaskReplyHandler();
-        SubmitCommitExtent(jobId, extent, meta, handler);
+        SubmitCommitExtent(jobId, extent, meta, inPlace, handler);
         return handler.Result;
     }
 

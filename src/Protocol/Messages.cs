@@ -4,17 +4,28 @@ using System.Text;
 
 namespace NbdServer.Protocol;
 
-/// <summary>Per-extent state the engine compares replicas by (DESIGN §3 "Flush numbers").</summary>
-public readonly record struct ExtentMeta(ulong Generation, ulong FlushNumber, bool Dirty)
+/// <summary>
+/// Per-extent state the engine compares replicas by (DESIGN §3 "Flush numbers"):
+/// <c>generation u64 | flush u64 | flags u32 (bit 0 dirty, bit 1 uncertain) | reserved u32</c>.
+/// </summary>
+/// <param name="Uncertain">
+/// The downstairs cannot vouch for the blocks written since the extent's last flush: the machine
+/// restarted while it was dirty (unsynced writes may be gone) or an fdatasync failed (the kernel
+/// dropped the pages). Such an extent is copied whole; a changed-block record cannot cover it.
+/// </param>
+public readonly record struct ExtentMeta(ulong Generation, ulong FlushNumber, bool Dirty, bool Uncertain = false)
 {
     public const int WireSize = 24;
     public const uint DirtyFlag = 1;
+    public const uint UncertainFlag = 2;
+
+    public uint Flags => (Dirty ? DirtyFlag : 0) | (Uncertain ? UncertainFlag : 0);
 
     public void Write(Span<byte> d)
     {
         BinaryPrimitives.WriteUInt64LittleEndian(d, Generation);
         BinaryPrimitives.WriteUInt64LittleEndian(d[8..], FlushNumber);
-        BinaryPrimitives.WriteUInt32LittleEndian(d[16..], Dirty ? DirtyFlag : 0);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[16..], Flags);
         BinaryPrimitives.WriteUInt32LittleEndian(d[20..], 0);
     }
 
@@ -24,7 +35,7 @@ public readonly record struct ExtentMeta(ulong Generation, ulong FlushNumber, bo
         ulong flush = r.ReadUInt64();
         uint flags = r.ReadUInt32();
         r.ReadUInt32();
-        return new ExtentMeta(gen, flush, (flags & DirtyFlag) != 0);
+        return new ExtentMeta(gen, flush, (flags & DirtyFlag) != 0, (flags & UncertainFlag) != 0);
     }
 }
 
@@ -222,7 +233,7 @@ public readonly record struct FlushRequest(ulong FlushNumber, ulong Generation)
 /// Repair ops address blocks inside one extent: <c>extent u32 | first block in extent u32 | count u32 | flags u32</c>.
 /// ExtentRead reply: <c>generation u64 | flush u64 | flags u32 | count u32 | count × context(16) | count × block</c>.
 /// ExtentWrite: the range, then <c>count × context(16) | count × block</c>; flag bit 0 ("begin") discards any earlier staging copy.
-/// ExtentCommit: <c>extent u32 | flags u32 (bit 0 dirty) | generation u64 | flush u64</c>.
+/// ExtentCommit: <c>extent u32 | flags u32 (bit 0 dirty, bit 1 in place) | generation u64 | flush u64</c>.
 /// </summary>
 public readonly record struct ExtentRange(int Extent, int FirstBlock, int BlockCount, uint Flags = 0)
 {
@@ -257,9 +268,19 @@ public readonly record struct ExtentRange(int Extent, int FirstBlock, int BlockC
     }
 }
 
-public readonly record struct ExtentCommitRequest(int Extent, ExtentMeta Meta)
+/// <param name="InPlace">
+/// The changed blocks were written into the live extent with ordinary writes (a catch-up repair from
+/// the engine's changed-block record), not staged: the commit makes the extent file durable and
+/// records <see cref="Meta"/>, with no staging file to rename. Refused for a poisoned extent.
+/// </param>
+public readonly record struct ExtentCommitRequest(int Extent, ExtentMeta Meta, bool InPlace = false)
 {
     public const int BodySize = 24;
+    public const uint DirtyFlag = ExtentMeta.DirtyFlag;
+    public const uint InPlaceFlag = 2;
+    public const uint KnownFlags = DirtyFlag | InPlaceFlag;
+
+    public uint Flags => (Meta.Dirty ? DirtyFlag : 0) | (InPlace ? InPlaceFlag : 0);
 }
 
 /// <summary>

@@ -434,7 +434,7 @@ internal sealed partial class Engine
                 client.SubmitWriteExtent(job.Id, job.Range, job.PayloadHashes, job.Payload);
                 break;
             case JobKind.ExtentCommit:
-                client.SubmitCommitExtent(job.Id, job.Range.Extent, job.Meta);
+                client.SubmitCommitExtent(job.Id, job.Range.Extent, job.Meta, job.InPlace);
                 break;
             case JobKind.MarkPending:
                 client.SubmitMarkRepairPending(job.Id, job.Extents!);

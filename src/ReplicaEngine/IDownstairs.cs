@@ -25,7 +25,7 @@ internal interface IDownstairs : IAsyncDisposable
 
     void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data);
 
-    void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta);
+    void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta, bool inPlace);
 
     void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents);
 

@@ -72,6 +72,9 @@ internal sealed class Job
 
     public ExtentMeta Meta { get; set; }
 
+    /// <summary>ExtentCommit: the blocks were written in place (a catch-up copy), nothing was staged.</summary>
+    public bool InPlace { get; set; }
+
     public IReadOnlyList<int>? Extents { get; set; }
 
     public ulong FlushNumber { get; set; }
@@ -140,6 +143,7 @@ internal sealed class Job
         DestinationHashes = default;
         Range = default;
         Meta = default;
+        InPlace = false;
         Extents = null;
         FlushNumber = 0;
         FlushedExtents = null;

@@ -63,8 +63,8 @@ internal sealed class TcpDownstairsConnector(IReadOnlyList<IPEndPoint> endPoints
         public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data) =>
             client.SubmitWriteExtent(jobId, range, contexts, data, replies);
 
-        public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta) =>
-            client.SubmitCommitExtent(jobId, extent, meta, replies);
+        public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta, bool inPlace) =>
+            client.SubmitCommitExtent(jobId, extent, meta, inPlace, replies);
 
         public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) =>
             client.SubmitMarkRepairPending(jobId, extents, replies);

@@ -442,11 +442,18 @@ internal sealed class FakeReplica
         return DownstairsResult.Ok;
     }
 
-    internal DownstairsResult ApplyExtentCommit(int extent, ExtentMeta meta)
+    internal DownstairsResult ApplyExtentCommit(int extent, ExtentMeta meta, bool inPlace)
     {
         if (meta.FlushNumber >= Wire.MaxFlushNumber || FlushBeyondStep(meta.FlushNumber))
         {
             return new DownstairsResult(ResultCode.Invalid, 0, $"commit flush number {meta.FlushNumber} refused");
+        }
+        if (inPlace)
+        {
+            // The blocks were written in place with ordinary writes: only the record changes.
+            _meta[extent] = meta;
+            _repairPending[extent] = false;
+            return DownstairsResult.Ok;
         }
         (byte[] stagedData, byte[] stagedContexts) = _staging[extent] ?? (new byte[ExtentBlocks * BlockSize], new byte[ExtentBlocks * BlockContext.Size]);
         _staging[extent] = null;
@@ -536,9 +543,9 @@ internal sealed class FakeDownstairs : IDownstairs
         Enqueue(OpKind.ExtentWrite, jobId, ((long)range.Extent * _replica.ExtentBlocks) + range.FirstBlock, range.BlockCount, 0,
             () => Fenced() ?? _replica.ApplyExtentWrite(range, contexts.Span, data.Span), cancellationToken);
 
-    public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, CancellationToken cancellationToken = default) =>
+    public Task<DownstairsResult> CommitExtentAsync(ulong jobId, int extent, ExtentMeta meta, bool inPlace = false, CancellationToken cancellationToken = default) =>
         Enqueue(OpKind.ExtentCommit, jobId, (long)extent * _replica.ExtentBlocks, _replica.ExtentBlocks, 0,
-            () => Fenced() ?? _replica.ApplyExtentCommit(extent, meta), cancellationToken);
+            () => Fenced() ?? _replica.ApplyExtentCommit(extent, meta, inPlace), cancellationToken);
 
     public Task<DownstairsResult> MarkRepairPendingAsync(ulong jobId, IReadOnlyList<int> extents, CancellationToken cancellationToken = default) =>
         Enqueue(OpKind.MarkPending, jobId, 0, 0, 0, () => Fenced() ?? _replica.ApplyMarkPending([.. extents]), cancellationToken);
@@ -567,8 +574,8 @@ internal sealed class FakeDownstairs : IDownstairs
     public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> data) =>
         Forward(OpKind.ExtentWrite, jobId, WriteExtentAsync(jobId, range, contexts, data));
 
-    public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta) =>
-        Forward(OpKind.ExtentCommit, jobId, CommitExtentAsync(jobId, extent, meta));
+    public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta, bool inPlace) =>
+        Forward(OpKind.ExtentCommit, jobId, CommitExtentAsync(jobId, extent, meta, inPlace));
 
     public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) =>
         Forward(OpKind.MarkPending, jobId, MarkRepairPendingAsync(jobId, extents));

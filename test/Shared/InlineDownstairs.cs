@@ -39,7 +39,7 @@ internal sealed class InlineDownstairs(int blockSize, int blocks) : IDownstairsC
 
         public void SubmitWriteExtent(ulong jobId, ExtentRange range, ReadOnlyMemory<byte> contexts, ReadOnlyMemory<byte> source) => replies.OnReply(jobId, DownstairsResult.Ok, default);
 
-        public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta) => replies.OnReply(jobId, DownstairsResult.Ok, default);
+        public void SubmitCommitExtent(ulong jobId, int extent, ExtentMeta meta, bool inPlace) => replies.OnReply(jobId, DownstairsResult.Ok, default);
 
         public void SubmitMarkRepairPending(ulong jobId, IReadOnlyList<int> extents) => replies.OnReply(jobId, DownstairsResult.Ok, default);
 

@@ -463,9 +463,15 @@ internal sealed partial class DownstairsConnection
                 var r = new BodyReader(body);
                 int extent = r.ReadInt32();
                 uint flags = r.ReadUInt32();
-                var commit = new ExtentCommitRequest(extent, new ExtentMeta(r.ReadUInt64(), r.ReadUInt64(), (flags & ExtentMeta.DirtyFlag) != 0));
+                var commit = new ExtentCommitRequest(extent, new ExtentMeta(r.ReadUInt64(), r.ReadUInt64(), (flags & ExtentCommitRequest.DirtyFlag) != 0),
+                    (flags & ExtentCommitRequest.InPlaceFlag) != 0);
                 if (await RefuseOutOfRangeAsync(header, new ExtentRange(extent, 0, 1), cancellationToken).ConfigureAwait(false))
                 {
+                    return;
+                }
+                if ((flags & ~ExtentCommitRequest.KnownFlags) != 0 || commit.InPlace)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, $"ExtentCommit: flags 0x{flags:x} not supported", cancellationToken).ConfigureAwait(false);
                     return;
                 }
                 if (!ReadOnly && ImplausibleCommit(commit.Meta) is { } why)
