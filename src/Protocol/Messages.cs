@@ -232,15 +232,20 @@ public readonly record struct FlushRequest(ulong FlushNumber, ulong Generation)
 /// <summary>
 /// Repair ops address blocks inside one extent: <c>extent u32 | first block in extent u32 | count u32 | flags u32</c>.
 /// ExtentRead reply: <c>generation u64 | flush u64 | flags u32 | count u32 | count × context(16) | count × block</c>.
-/// ExtentWrite: the range, then <c>count × context(16) | count × block</c>; flag bit 0 ("begin") discards any earlier staging copy.
+/// ExtentWrite: the range, then <c>count × context(16) | count × block</c>; flag bit 0 ("begin") discards any earlier staging copy;
+/// flag bit 1 ("in place") writes into the live extent instead of the staging copy (a catch-up from the changed-block record).
 /// ExtentCommit: <c>extent u32 | flags u32 (bit 0 dirty, bit 1 in place) | generation u64 | flush u64</c>.
 /// </summary>
 public readonly record struct ExtentRange(int Extent, int FirstBlock, int BlockCount, uint Flags = 0)
 {
     public const int FixedSize = 16;
     public const uint BeginFlag = 1;
+    public const uint InPlaceFlag = 2;
+    public const uint KnownFlags = BeginFlag | InPlaceFlag;
 
     public bool Begin => (Flags & BeginFlag) != 0;
+
+    public bool InPlace => (Flags & InPlaceFlag) != 0;
 
     /// <summary>True when the extent exists and the blocks lie inside it (no first + count sum: see <see cref="BlockRange.IsWithin"/>).</summary>
     public bool IsWithin(int extentCount, int extentBlocks) =>

@@ -118,23 +118,15 @@ internal sealed class Activation(Engine engine, IDownstairsConnector connector, 
             EngineLog.Connected(engine.Logger, c.Replica, engine.Replicas[c.Replica].EndPoint.ToString(), r.RegionId, r.ExtentCount, (long)r.ExtentBlocks * r.BlockSize, r.BlockSize);
         }
 
-        // 3. Reconcile: per extent, highest generation then highest flush number wins.
+        // 3. Reconcile: per extent, highest generation then highest flush number wins. Deciding is
+        // metadata only; the copies it calls for then run several at a time.
         int extentCount = first.ExtentCount;
         var expected = new ExtentMeta[extentCount];
         var dirty = new List<int>();
-        int repaired = 0;
+        var copies = new List<(int Extent, ReplicaConnection From, ReplicaConnection To)>();
         ulong maxFlush = 0;
-        long started = engine.Time.GetTimestamp();
-        long lastProgressLog = started;
         for (int e = 0; e < extentCount; e++)
         {
-            report(new StartupStatus("reconciling", e, extentCount, repaired));
-            if (engine.Time.GetElapsedTime(lastProgressLog) > ProgressLogInterval)
-            {
-                // A replaced or long-dead replica can need every extent copied before the guest is served.
-                lastProgressLog = engine.Time.GetTimestamp();
-                EngineLog.ReconcileProgress(engine.Logger, e, extentCount, repaired, engine.Time.GetElapsedTime(started).TotalSeconds);
-            }
             ReplicaConnection winner = connected[0];
             foreach (ReplicaConnection c in connected)
             {
@@ -154,9 +146,7 @@ internal sealed class Activation(Engine engine, IDownstairsConnector connector, 
                 ExtentMeta m = c.Region.Extents[e];
                 if (c != winner && (anyDirty || m.Generation != best.Generation || m.FlushNumber != best.FlushNumber))
                 {
-                    timeout.Token.ThrowIfCancellationRequested();
-                    await ExtentCopier.CopyAsync(engine, winner, c, e, best);
-                    repaired++;
+                    copies.Add((e, winner, c));
                 }
             }
             if (anyDirty)
@@ -165,9 +155,35 @@ internal sealed class Activation(Engine engine, IDownstairsConnector connector, 
                 dirty.Add(e);
             }
         }
+        int repaired = 0;
+        long started = engine.Time.GetTimestamp();
+        long lastProgressLog = started;
+        report(new StartupStatus("reconciling", 0, copies.Count, 0));
+        // By extent, not by copy: two copies of one extent (to two replicas) never run at once.
+        ILookup<int, (int Extent, ReplicaConnection From, ReplicaConnection To)> byExtent = copies.ToLookup(c => c.Extent);
+        await ReplicaMaintainer.CopyAllAsync([.. byExtent.Select(g => g.Key)], async e =>
+        {
+            foreach ((int _, ReplicaConnection from, ReplicaConnection to) in byExtent[e])
+            {
+                timeout.Token.ThrowIfCancellationRequested();
+                await ExtentCopier.CopyAsync(engine, from, to, e, expected[e], cancellationToken: timeout.Token);
+                int done = Interlocked.Increment(ref repaired);
+                report(new StartupStatus("reconciling", done, copies.Count, done));
+                long last = Interlocked.Read(ref lastProgressLog);
+                if (engine.Time.GetElapsedTime(last) > ProgressLogInterval && Interlocked.CompareExchange(ref lastProgressLog, engine.Time.GetTimestamp(), last) == last)
+                {
+                    // A replaced or long-dead replica can need every extent copied before the guest is served.
+                    EngineLog.ReconcileProgress(engine.Logger, done, copies.Count, done, engine.Time.GetElapsedTime(started).TotalSeconds);
+                }
+            }
+        }, timeout.Token, _options.RepairParallelism);
 
         await engine.InvokeAsync(() =>
         {
+            foreach (Replica replica in engine.Replicas)
+            {
+                replica.Changes = new ChangeRecord(engine.ExtentBlocks, engine.BlockSize, _options.ChangeRecordGranuleBytes, _options.ChangeRecordMaxBytes);
+            }
             engine.Expected = expected;
             engine.Dirty.UnionWith(dirty);
             engine.FlushNumber = maxFlush;

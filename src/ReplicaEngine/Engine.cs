@@ -62,6 +62,7 @@ internal sealed partial class Engine
         _loop = new EventQueue<EngineEvent>(Apply, Settle, e => _throttle.Report(LogLevel.Error, "engine loop: an event failed", () => e.ToString()));
         _admission = new Admission(this, options, time);
         RepairCopies = new RepairCopies(this);
+        Pace = new RepairPace(options);
         Reconnect = [.. _replicas.Select(_ => new SemaphoreSlim(0, 1))];
     }
 
@@ -79,6 +80,9 @@ internal sealed partial class Engine
 
     /// <summary>Extents being copied to a repairing replica right now, with the writes held back for it.</summary>
     public RepairCopies RepairCopies { get; }
+
+    /// <summary>The repair rate limit and duty cycle in force (changeable while running).</summary>
+    public RepairPace Pace { get; }
 
     /// <summary>Per replica: signalled when it needs a (re)connection (its maintainer waits on it).</summary>
     public SemaphoreSlim[] Reconnect { get; }
@@ -323,6 +327,7 @@ internal sealed partial class Engine
         {
             if (!replica.ReceivesWrites || replica.Connection is not { } connection)
             {
+                MarkMissed(replica, job);
                 continue;
             }
             if (job.Kind == JobKind.Flush)
@@ -334,14 +339,23 @@ internal sealed partial class Engine
                 Send(replica, connection, job, counted: replica.InService);
                 continue;
             }
-            if (!WithinBudget(replica, job.Bytes) || RepairCopies.TryDefer(replica, connection, job))
+            if (!WithinBudget(replica, job.Bytes))
             {
+                MarkMissed(replica, job); // faulted just now
                 continue;
+            }
+            if (RepairCopies.TryDefer(replica, connection, job))
+            {
+                continue; // sent after the copy, or marked missed if the copy fails
             }
             (bool send, bool counted) = WriteRole(replica, job.FirstBlock, job.Blocks);
             if (send)
             {
                 Send(replica, connection, job, counted);
+            }
+            else
+            {
+                MarkMissed(replica, job);
             }
         }
         job.Sealed = true;
@@ -489,6 +503,29 @@ internal sealed partial class Engine
         return true;
     }
 
+    /// <summary>
+    /// A write the replica will not have (not sent, failed, unanswered or dropped): its catch-up must
+    /// copy these blocks. Says so once if this is what overflows the replica's record.
+    /// </summary>
+    internal void MarkMissed(Replica replica, Job job)
+    {
+        if (job.Kind != JobKind.Write)
+        {
+            return;
+        }
+        if (replica.State != ReplicaState.Repairing)
+        {
+            // Under repair, a write is missed only in extents the repair has yet to copy (they are
+            // pending already); out of service, its extents are copied by the next repair whatever
+            // their metadata says (a flush may stamp them current meanwhile).
+            AddExtents(replica.PendingRepair, job);
+        }
+        if (!replica.Changes.Mark(job.FirstBlock, job.Blocks))
+        {
+            EngineLog.ChangeRecordDropped(_logger, replica.Index, replica.Changes.LostReason ?? "", (long)ExtentBlocks * BlockSize / 1048576.0);
+        }
+    }
+
     private void MarkDirty(long firstBlock, int blocks)
     {
         int first = (int)(firstBlock / ExtentBlocks);
@@ -553,6 +590,7 @@ internal sealed partial class Engine
                     if (job.Kind == JobKind.Write)
                     {
                         AddExtents(replica.PendingRepair, job);
+                        MarkMissed(replica, job);
                     }
                     string what = job.Kind == JobKind.Flush ? "flush" : "write";
                     Fault(replica, result.IsLinkFailure ? $"connection lost during {what}: {result.Message}" : $"{what} failed: {result}");
@@ -697,9 +735,9 @@ internal sealed partial class Engine
         List<Job>? decided = null;
         foreach (Job job in _jobs.Values)
         {
-            if (job.Owed[r] is not null && job.Kind == JobKind.Write)
+            if (job.Owed[r] is not null)
             {
-                AddExtents(replica.PendingRepair, job);
+                MarkMissed(replica, job); // a write it may not have applied
             }
             if (job.Owed[r] is null || job.Decided)
             {

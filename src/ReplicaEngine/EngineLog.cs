@@ -11,8 +11,8 @@ internal static partial class EngineLog
     [LoggerMessage(EventId = 3001, Level = LogLevel.Warning, Message = "Replica {Replica} ({EndPoint}) FAULTED: {Reason}; {Jobs} outstanding jobs ({Bytes} bytes) dropped, guest continues on {InService} replicas")]
     public static partial void Faulted(ILogger logger, int replica, string endPoint, string reason, int jobs, long bytes, int inService);
 
-    [LoggerMessage(EventId = 3002, Level = LogLevel.Information, Message = "Replica {Replica}: live repair started for {Extents} of {Total} extents")]
-    public static partial void RepairStarted(ILogger logger, int replica, int extents, int total);
+    [LoggerMessage(EventId = 3002, Level = LogLevel.Information, Message = "Replica {Replica}: live repair started for {Extents} of {Total} extents, about {MiB:0.0} MiB to copy ({Mode})")]
+    public static partial void RepairStarted(ILogger logger, int replica, int extents, int total, double miB, string mode);
 
     [LoggerMessage(EventId = 3003, Level = LogLevel.Information, Message = "Replica {Replica}: live repair {Done}/{Total} extents ({MiB:0.0} MiB at {Rate:0.0} MiB/s)")]
     public static partial void RepairProgress(ILogger logger, int replica, int done, int total, double miB, double rate);
@@ -32,7 +32,10 @@ internal static partial class EngineLog
     [LoggerMessage(EventId = 3008, Level = LogLevel.Information, Message = "Replica {Replica} ({EndPoint}) unreachable: {Reason}; retrying")]
     public static partial void ConnectFailed(ILogger logger, int replica, string endPoint, string reason);
 
-    [LoggerMessage(EventId = 3050, Level = LogLevel.Information, Message = "Reconciliation: {Done}/{Total} extents checked, {Repaired} copied, {Seconds:0} s so far")]
+    [LoggerMessage(EventId = 3009, Level = LogLevel.Warning, Message = "Replica {Replica}: changed-block record dropped ({Reason}); its repair compares extents and copies each differing {ExtentMiB:0.#} MiB extent whole")]
+    public static partial void ChangeRecordDropped(ILogger logger, int replica, string reason, double extentMiB);
+
+    [LoggerMessage(EventId = 3050, Level = LogLevel.Information, Message = "Reconciliation: {Done}/{Total} extent copies made ({Repaired} so far), {Seconds:0} s so far")]
     public static partial void ReconcileProgress(ILogger logger, int done, int total, int repaired, double seconds);
 
     [LoggerMessage(EventId = 3060, Level = LogLevel.Information, Message = "Scrub {Outcome}: {Checked} block copies checked, {Repaired} repaired in {Seconds:0.0} s")]

@@ -140,6 +140,33 @@ public sealed record EngineOptions
     /// <summary>Largest repair transfer (one ExtentRead / ExtentWrite frame).</summary>
     public int RepairChunkBytes { get; init; } = 4 * 1024 * 1024;
 
+    /// <summary>
+    /// Extents one repair (live repair of a replica, or reconciliation at startup) copies at a time.
+    /// One at a time, each step waits for a round trip and a disk; several keep both links and disks
+    /// busy. Each extent in flight holds up to two <see cref="RepairChunkBytes"/> buffers.
+    /// </summary>
+    public int RepairParallelism { get; init; } = 4;
+
+    /// <summary>
+    /// Most MiB per second one replica's repair copies (0: no limit, only the duty cycle paces it).
+    /// Changeable while running (<c>nbd-server repair --rate-limit</c>).
+    /// </summary>
+    public double RepairRateLimit { get; init; }
+
+    /// <summary>
+    /// Granule of the changed-block record kept for a replica out of service: a write marks every
+    /// granule it touches, and the replica's catch-up copies whole granules. Smaller copies less
+    /// after small random writes and costs more bits (one per granule of each extent written).
+    /// </summary>
+    public int ChangeRecordGranuleBytes { get; init; } = 4096;
+
+    /// <summary>
+    /// Most a replica's changed-block record may mark (0: no record; every repair compares extents).
+    /// Past it the record is dropped, with one log line, and that replica's repair compares extents:
+    /// after so long an outage a catch-up saves little. Memory: at most one bit per granule of the region.
+    /// </summary>
+    public long ChangeRecordMaxBytes { get; init; } = 16L << 30;
+
     /// <summary>Interval of the repeated-error summaries.</summary>
     public TimeSpan LogThrottleInterval { get; init; } = TimeSpan.FromSeconds(5);
 
@@ -180,6 +207,18 @@ public sealed record EngineOptions
         if (RepairDutyCycle is <= 0 or > 1 || IdleRepairDutyCycle is <= 0 or > 1)
         {
             throw new ArgumentException($"{nameof(RepairDutyCycle)} and {nameof(IdleRepairDutyCycle)} must be in (0, 1]; got {RepairDutyCycle} and {IdleRepairDutyCycle}.");
+        }
+        if (RepairParallelism is < 1 or > 64 || RepairRateLimit is < 0 or > 1_000_000 || double.IsNaN(RepairRateLimit))
+        {
+            throw new ArgumentException($"{nameof(RepairParallelism)} must be 1..64 and {nameof(RepairRateLimit)} 0 (none) to 1000000 MiB/s; got {RepairParallelism} and {RepairRateLimit}.");
+        }
+        if (RepairChunkBytes is < 4096 or > 16 << 20)
+        {
+            throw new ArgumentException($"{nameof(RepairChunkBytes)} must be 4 KiB to 16 MiB; got {RepairChunkBytes}.");
+        }
+        if (ChangeRecordGranuleBytes is < 512 or > 64 << 20 || ChangeRecordMaxBytes < 0)
+        {
+            throw new ArgumentException($"{nameof(ChangeRecordGranuleBytes)} must be 512 bytes to 64 MiB and {nameof(ChangeRecordMaxBytes)} not negative; got {ChangeRecordGranuleBytes} and {ChangeRecordMaxBytes}.");
         }
         if (NoProgressTimeout <= TimeSpan.Zero || DegradedWriteTimeout < TimeSpan.Zero)
         {

@@ -78,6 +78,24 @@ internal sealed class Replica(int index, IPEndPoint endPoint, TimeProvider time)
 
     public int RepairTotal { get; set; }
 
+    /// <summary>What it missed while out of service (see <see cref="ChangeRecord"/>).</summary>
+    public ChangeRecord Changes { get; set; } = ChangeRecord.None;
+
+    /// <summary>The running repair: bytes copied and (estimated) to copy, and how it decided what to copy.</summary>
+    public long RepairBytesDone { get; set; }
+
+    public long RepairBytesTotal { get; set; }
+
+    public long RepairStartedAt { get; set; }
+
+    /// <summary>"changed-blocks" (its record said what it missed) or "extents" (extents compared); null: no repair.</summary>
+    public string? RepairMode { get; set; }
+
+    /// <summary>Bytes every repair of this replica copied to it, and seconds spent repairing it (metrics).</summary>
+    public long RepairBytesCopied { get; set; }
+
+    public double RepairSeconds { get; set; }
+
     /// <summary>
     /// Extents a live repair chose and has not copied yet. Kept when the repair is interrupted: a
     /// flush during the repair may have stamped such an extent current although its data is stale,
@@ -98,6 +116,7 @@ internal sealed class Replica(int index, IPEndPoint endPoint, TimeProvider time)
         Expect(ReplicaState.Connecting, nameof(Activate));
         Connection = connection;
         State = ReplicaState.Active;
+        Changes.Start();
     }
 
     /// <summary>A new connection after a fault (or a late start): it receives writes from now on while it is repaired.</summary>
@@ -119,6 +138,10 @@ internal sealed class Replica(int index, IPEndPoint endPoint, TimeProvider time)
     {
         Expect(ReplicaState.Repairing, nameof(FinishRepair));
         State = ReplicaState.Active;
+        RepairMode = null;
+        // Every extent it missed was copied (a copy takes its granules; a failed one puts them back
+        // and is retried): from here the record starts empty.
+        Changes.Start();
     }
 
     /// <summary>
@@ -147,6 +170,9 @@ internal sealed class Replica(int index, IPEndPoint endPoint, TimeProvider time)
         OutstandingBytes = 0;
         RepairDone = 0;
         RepairTotal = 0;
+        RepairBytesDone = 0;
+        RepairBytesTotal = 0;
+        RepairMode = null;
         Faults++;
         return true;
     }
@@ -196,8 +222,31 @@ internal sealed class Replica(int index, IPEndPoint endPoint, TimeProvider time)
 
     public void CountError() => Errors++;
 
-    public ReplicaStatus Status() =>
-        new(Index, EndPoint.ToString(), State, OutstandingJobs, OutstandingBytes, Completed, Math.Round(CompletedPerSecond, 1), Errors, Faults, LastFault, RepairDone, RepairTotal);
+    public ReplicaStatus Status()
+    {
+        double? rate = null;
+        double? secondsLeft = null;
+        if (State == ReplicaState.Repairing && RepairStartedAt != 0)
+        {
+            double elapsed = time.GetElapsedTime(RepairStartedAt).TotalSeconds;
+            if (elapsed > 0 && RepairBytesDone > 0)
+            {
+                rate = Math.Round(RepairBytesDone / elapsed);
+                secondsLeft = Math.Round(Math.Max(0, RepairBytesTotal - RepairBytesDone) / rate.Value, 1);
+            }
+        }
+        return new(Index, EndPoint.ToString(), State, OutstandingJobs, OutstandingBytes, Completed, Math.Round(CompletedPerSecond, 1), Errors, Faults, LastFault, RepairDone, RepairTotal)
+        {
+            RepairBytesDone = RepairBytesDone,
+            RepairBytesTotal = RepairBytesTotal,
+            RepairBytesPerSecond = rate,
+            RepairSecondsLeft = secondsLeft,
+            RepairMode = RepairMode,
+            ChangeRecordBytes = Changes.Valid ? Changes.Granules * Changes.GranuleBytes : null,
+            RepairBytesCopied = RepairBytesCopied,
+            RepairSeconds = Math.Round(RepairSeconds, 3),
+        };
+    }
 }
 
 /// <summary>

@@ -131,7 +131,9 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
 
     /// <summary>
     /// Brings a connected replica back: from this moment it receives every write (so nothing new is
-    /// missed), while the extents it may lack are copied one at a time from a replica in service.
+    /// missed), while what it may lack is copied from a replica in service, several extents at a
+    /// time. With a valid changed-block record only the granules it missed are copied (in place);
+    /// without one, or where its copy is uncertain, every differing extent is copied whole.
     /// </summary>
     private async Task LiveRepairAsync(ReplicaConnection connection, CancellationToken cancellationToken)
     {
@@ -144,7 +146,8 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
             }
             HelloReply region = connection.Region;
             var needed = new HashSet<int>(engine.Dirty);
-            needed.UnionWith(replica.PendingRepair); // left over from an interrupted repair
+            needed.UnionWith(replica.PendingRepair); // what it missed, and what an interrupted repair left
+            needed.UnionWith(replica.Changes.Extents);
             foreach (List<int> flushing in engine.Flushing.Values)
             {
                 needed.UnionWith(flushing);
@@ -164,6 +167,10 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
             replica.PendingRepair.Clear();
             replica.PendingRepair.UnionWith(chosen);
             replica.BeginRepair(connection, chosen.Count);
+            replica.RepairMode = replica.Changes.Valid ? "changed-blocks" : "extents";
+            replica.RepairStartedAt = engine.Time.GetTimestamp();
+            replica.RepairBytesDone = 0;
+            replica.RepairBytesTotal = chosen.Sum(e => EstimatedBytes(connection, e));
             // Posted now, so they are dispatched before any write or flush reaches the replica (the
             // connection keeps order): its flushes must leave these extents unstamped until their
             // copies are committed, or a crash mid-repair would leave stale data recorded as current.
@@ -184,37 +191,55 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         {
             throw new InvalidOperationException($"announcing flush number {flushNumber} before repair failed: {announce.Result}");
         }
-        bool quiet = await engine.InvokeAsync(() => replica.ReconnectDelay > TimeSpan.Zero);
+        (bool quiet, long bytesToCopy, string mode) = await engine.InvokeAsync(() => (replica.ReconnectDelay > TimeSpan.Zero, replica.RepairBytesTotal, replica.RepairMode!));
         if (!quiet)
         {
-            EngineLog.RepairStarted(engine.Logger, _index, extents.Count, engine.ExtentCount);
+            EngineLog.RepairStarted(engine.Logger, _index, extents.Count, engine.ExtentCount, bytesToCopy / 1048576.0, mode);
         }
         long started = engine.Time.GetTimestamp();
-        long lastLog = started;
-        long extentBytes = (long)engine.ExtentBlocks * engine.BlockSize;
-        foreach (int extent in extents)
+        var pacing = new Pacing(engine, replica, connection);
+        try
         {
-            await RepairExtentAsync(connection, extent, cancellationToken);
-            if (engine.Time.GetElapsedTime(lastLog) > ProgressLogInterval)
+            // A few passes at most: one normally; another only if extents were left pending (a copy
+            // that failed while this connection stayed, e.g. a source that failed mid-copy).
+            for (int pass = 0; pass < 3 && extents.Count > 0; pass++)
             {
-                lastLog = engine.Time.GetTimestamp();
-                int done = await engine.InvokeAsync(() => replica.RepairDone);
-                double mib = done * extentBytes / 1048576.0;
-                EngineLog.RepairProgress(engine.Logger, _index, done, extents.Count, mib, mib / engine.Time.GetElapsedTime(started).TotalSeconds);
+                await CopyAllAsync(extents, extent => RepairExtentAsync(connection, extent, pacing, cancellationToken), cancellationToken, _options.RepairParallelism);
+                extents = await engine.InvokeAsync(() =>
+                {
+                    if (replica.Connection != connection)
+                    {
+                        return [];
+                    }
+                    var left = new HashSet<int>(replica.PendingRepair);
+                    left.UnionWith(replica.Changes.Extents);
+                    return left.Order().ToList();
+                });
             }
         }
-        bool finished = await engine.InvokeAsync(() =>
+        finally
+        {
+            double seconds = engine.Time.GetElapsedTime(started).TotalSeconds;
+            await engine.InvokeAsync(() => replica.RepairSeconds += seconds);
+        }
+        (bool finished, long copied) = await engine.InvokeAsync(() =>
         {
             if (replica.Connection != connection)
             {
-                return false; // faulted again while repairing; the maintainer starts over
+                return (false, 0L); // faulted again while repairing; the maintainer starts over
             }
+            if (extents.Count > 0)
+            {
+                engine.Fault(replica, $"live repair left {extents.Count} extents uncopied after three passes");
+                return (false, 0L);
+            }
+            long bytes = replica.RepairBytesDone;
             replica.FinishRepair();
-            return true;
+            return (true, bytes);
         });
         if (finished)
         {
-            EngineLog.RepairDone(engine.Logger, _index, extents.Count, extents.Count * extentBytes / 1048576.0, engine.Time.GetElapsedTime(started).TotalSeconds);
+            EngineLog.RepairDone(engine.Logger, _index, pacing.Extents, copied / 1048576.0, engine.Time.GetElapsedTime(started).TotalSeconds);
         }
         else
         {
@@ -222,7 +247,51 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         }
     }
 
-    private async Task RepairExtentAsync(ReplicaConnection target, int extent, CancellationToken cancellationToken)
+    /// <summary>What copying an extent will cost: whole, or the granules the record marks.</summary>
+    private long EstimatedBytes(ReplicaConnection target, int extent) =>
+        !replica.Changes.Valid || target.Region.Extents[extent].Uncertain
+            ? (long)engine.ExtentBlocks * engine.BlockSize
+            : replica.Changes.Contains(extent) ? ChangeRecord.Count(replica.Changes.Peek(extent)!) * replica.Changes.GranuleBytes : 0;
+
+    /// <summary>Runs <paramref name="copy"/> over the extents, <see cref="EngineOptions.RepairParallelism"/> at a time; the first failure ends it.</summary>
+    internal static async Task CopyAllAsync(IReadOnlyList<int> extents, Func<int, Task> copy, CancellationToken cancellationToken, int parallelism = 0)
+    {
+        int next = -1;
+        using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        async Task Worker()
+        {
+            while (!failed.IsCancellationRequested)
+            {
+                int i = Interlocked.Increment(ref next);
+                if (i >= extents.Count)
+                {
+                    return;
+                }
+                try
+                {
+                    await copy(extents[i]);
+                }
+                catch
+                {
+                    await failed.CancelAsync(); // the others stop after their current extent
+                    throw;
+                }
+            }
+        }
+        int workers = Math.Min(parallelism > 0 ? parallelism : 4, extents.Count);
+        Task[] running = [.. Enumerable.Range(0, workers).Select(_ => Task.Run(Worker, CancellationToken.None))];
+        try
+        {
+            await Task.WhenAll(running);
+        }
+        catch when (running.FirstOrDefault(t => t.IsFaulted)?.Exception?.InnerException is { } first)
+        {
+            // The first real failure, not the cancellation it caused in the other workers.
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(first);
+        }
+    }
+
+    private async Task RepairExtentAsync(ReplicaConnection target, int extent, Pacing pacing, CancellationToken cancellationToken)
     {
         // Sources that failed this extent (an error, or metadata no honest replica can hold): the
         // next attempt goes to another one, so one bad source cannot stall the repair.
@@ -230,14 +299,26 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         while (true)
         {
             cancellationToken.ThrowIfCancellationRequested();
-            (bool gone, ReplicaConnection? source, RepairCopy? copy) = await engine.InvokeAsync(() =>
+            (bool gone, ReplicaConnection? source, RepairCopy? copy) = await engine.InvokeAsync<(bool, ReplicaConnection?, RepairCopy?)>(() =>
             {
                 if (replica.Connection != target)
                 {
                     return (true, null, null);
                 }
                 ReplicaConnection? from = engine.Replicas.FirstOrDefault(r => r.InService && r.Connection is not null && !failedSources.Contains(r.Connection))?.Connection;
-                return (false, from, from is null ? null : engine.RepairCopies.Begin(replica, target, extent));
+                if (from is null)
+                {
+                    return (false, null, null);
+                }
+                long estimate = EstimatedBytes(target, extent);
+                RepairCopy started = engine.RepairCopies.Begin(replica, target, extent);
+                // Decided as the copy starts: the record may have been dropped since the repair began.
+                started.Whole = !replica.Changes.Valid || target.Region.Extents[extent].Uncertain;
+                started.Taken = started.Whole ? null : replica.Changes.Take(extent);
+                long bytes = started.Whole ? (long)engine.ExtentBlocks * engine.BlockSize
+                    : started.Taken is null ? 0 : ChangeRecord.Count(started.Taken) * replica.Changes.GranuleBytes;
+                replica.RepairBytesTotal += bytes - Math.Min(estimate, bytes);
+                return (false, from, started);
             });
             if (gone)
             {
@@ -250,11 +331,20 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
                 await Task.Delay(TimeSpan.FromMilliseconds(200), engine.Time, cancellationToken);
                 continue;
             }
-            long copyStarted = engine.Time.GetTimestamp();
             bool committed = false;
             try
             {
-                await ExtentCopier.CopyAsync(engine, source, target, extent, null);
+                RepairCopy started = copy!;
+                Action committing = () => engine.RepairCopies.Commit(started);
+                if (started.Whole)
+                {
+                    await ExtentCopier.CopyAsync(engine, source, target, extent, null, pacing, committing, cancellationToken);
+                }
+                else
+                {
+                    await ExtentCopier.CatchUpAsync(engine, source, target, extent, started.Taken, replica.Changes.GranuleBlocks, pacing, committing,
+                        () => engine.RepairCopies.ReleaseHeld(started), cancellationToken);
+                }
                 committed = true;
             }
             catch (RepairSourceException e)
@@ -270,10 +360,42 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
             }
             if (committed)
             {
-                await PaceAsync(copyStarted, _options.RepairDutyCycle, cancellationToken);
+                Interlocked.Increment(ref pacing.Extents);
+                if (engine.Time.GetElapsedTime(Interlocked.Read(ref pacing.LastLog)) > ProgressLogInterval)
+                {
+                    Interlocked.Exchange(ref pacing.LastLog, engine.Time.GetTimestamp());
+                    (int done, int total, long bytes, double rate) = await engine.InvokeAsync(() =>
+                        (replica.RepairDone, replica.RepairTotal, replica.RepairBytesDone, replica.RepairBytesDone / Math.Max(0.001, engine.Time.GetElapsedTime(replica.RepairStartedAt).TotalSeconds)));
+                    EngineLog.RepairProgress(engine.Logger, _index, done, total, bytes / 1048576.0, rate / 1048576.0);
+                }
                 return;
             }
             await Task.Delay(TimeSpan.FromMilliseconds(50), engine.Time, cancellationToken);
+        }
+    }
+
+    /// <summary>One repair's pace (rate limit, duty cycle) and progress, shared by its parallel copies.</summary>
+    private sealed class Pacing(Engine engine, Replica replica, ReplicaConnection target) : ExtentCopier.IPacing
+    {
+        private readonly RepairThrottle _throttle = new(engine);
+
+        public int Extents;
+
+        public long LastLog = engine.Time.GetTimestamp();
+
+        public ValueTask BeforeAsync(long bytes, CancellationToken cancellationToken) => _throttle.TakeAsync(bytes, cancellationToken);
+
+        public async ValueTask AfterAsync(long bytes, long started, CancellationToken cancellationToken)
+        {
+            await engine.InvokeAsync(() =>
+            {
+                if (replica.Connection == target)
+                {
+                    replica.RepairBytesDone += bytes;
+                }
+                replica.RepairBytesCopied += bytes;
+            });
+            await PaceAsync(engine, started, engine.Pace.DutyCycle, cancellationToken);
         }
     }
 
@@ -294,8 +416,6 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
         }
     }
 
-    private Task PaceAsync(long stepStarted, double busyDutyCycle, CancellationToken cancellationToken) =>
-        PaceAsync(engine, stepStarted, busyDutyCycle, cancellationToken);
 }
 
 /// <summary>The replica was faulted (its connection replaced or closed) while its repair ran.</summary>

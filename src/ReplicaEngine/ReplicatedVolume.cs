@@ -499,10 +499,37 @@ public sealed class ReplicatedVolume : IBlockVolume
 
 /// <summary>Per-replica figures an operator watches during an incident.</summary>
 public sealed record ReplicaStatus(int Index, string EndPoint, ReplicaState State, int OutstandingJobs, long OutstandingBytes,
-    long Completed, double CompletedPerSecond, long Errors, long Faults, string? LastFault, int RepairDone, int RepairTotal);
+    long Completed, double CompletedPerSecond, long Errors, long Faults, string? LastFault, int RepairDone, int RepairTotal)
+{
+    /// <summary>The running repair: bytes copied so far and (estimated) in all.</summary>
+    public long RepairBytesDone { get; init; }
+
+    public long RepairBytesTotal { get; init; }
+
+    /// <summary>Bytes per second the running repair has achieved, and the seconds left at that rate (null: not known yet).</summary>
+    public double? RepairBytesPerSecond { get; init; }
+
+    public double? RepairSecondsLeft { get; init; }
+
+    /// <summary>"changed-blocks" or "extents" while repairing; null otherwise.</summary>
+    public string? RepairMode { get; init; }
+
+    /// <summary>Bytes its changed-block record marks (null: it has no record; its next repair compares extents).</summary>
+    public long? ChangeRecordBytes { get; init; }
+
+    /// <summary>Since startup: bytes repairs copied to this replica and seconds spent repairing it.</summary>
+    public long RepairBytesCopied { get; init; }
+
+    public double RepairSeconds { get; init; }
+}
 
 public sealed record EngineStatus(ulong Generation, ulong FlushNumber, long Size, int BlockSize, int ExtentCount, int InService, ReplicaStatus[] Replicas)
 {
+    /// <summary>The repair pace in force: MiB/s per replica (0: no limit) and the duty cycle while the guest does IO.</summary>
+    public double RepairRateLimit { get; init; }
+
+    public double RepairDutyCycle { get; init; }
+
     public ScrubStatus? Scrub { get; init; }
 
     /// <summary>Set until the volume serves: what startup is doing (a long reconciliation shows its progress here).</summary>

@@ -432,6 +432,16 @@ internal sealed class FakeReplica
 
     internal DownstairsResult ApplyExtentWrite(ExtentRange range, ReadOnlySpan<byte> contexts, ReadOnlySpan<byte> data)
     {
+        if (range.InPlace)
+        {
+            // A catch-up copy: into the live extent, which is dirty from now until the in-place commit.
+            long first = ((long)range.Extent * ExtentBlocks) + range.FirstBlock;
+            data[..(range.BlockCount * BlockSize)].CopyTo(_data.AsSpan((int)(first * BlockSize)));
+            contexts[..(range.BlockCount * BlockContext.Size)].CopyTo(_contexts.AsSpan((int)(first * BlockContext.Size)));
+            _meta[range.Extent] = _meta[range.Extent] with { Dirty = true };
+            InPlaceBlocksWritten += range.BlockCount;
+            return DownstairsResult.Ok;
+        }
         if ((range.Flags & ExtentRange.BeginFlag) != 0 || _staging[range.Extent] is null)
         {
             _staging[range.Extent] = (new byte[ExtentBlocks * BlockSize], new byte[ExtentBlocks * BlockContext.Size]);
@@ -441,6 +451,9 @@ internal sealed class FakeReplica
         contexts[..(range.BlockCount * BlockContext.Size)].CopyTo(stagedContexts.AsSpan(range.FirstBlock * BlockContext.Size));
         return DownstairsResult.Ok;
     }
+
+    /// <summary>Blocks catch-up repairs wrote in place (not staged).</summary>
+    public long InPlaceBlocksWritten { get; private set; }
 
     internal DownstairsResult ApplyExtentCommit(int extent, ExtentMeta meta, bool inPlace)
     {

@@ -140,7 +140,7 @@ public sealed class RecoveryTests
     public async Task A_repair_interrupted_after_a_flush_never_leaves_a_stale_extent_looking_current()
     {
         await using var cluster = new Cluster();
-        await cluster.StartAsync();
+        await cluster.StartAsync(Cluster.Options() with { RepairParallelism = 1 }); // extent 3 waits its turn behind extent 1
         FakeReplica away = cluster.Replicas[2];
         FakeReplica source = cluster.Replicas[0];
 
@@ -276,7 +276,7 @@ public sealed class RecoveryTests
         await using var cluster = new Cluster();
         // A crawling repair: after copying extent 1 it pauses (100,000 × the copy's time, at most a
         // minute), extent 3 still to do. The clock stands still after the copy, so the pause never ends.
-        EngineOptions options = Cluster.Options() with { RepairDutyCycle = 0.00001, IdleRepairDutyCycle = 0.00001, RepairMaxPause = TimeSpan.FromMinutes(1) };
+        EngineOptions options = Cluster.Options() with { RepairDutyCycle = 0.00001, IdleRepairDutyCycle = 0.00001, RepairMaxPause = TimeSpan.FromMinutes(1), RepairParallelism = 1 };
         await cluster.StartAsync(options, clock);
         FakeReplica away = cluster.Replicas[2];
         FakeReplica source = cluster.Replicas[0];

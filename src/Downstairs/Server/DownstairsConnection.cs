@@ -449,6 +449,11 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
+                if ((range.Flags & ~ExtentRange.KnownFlags) != 0 || range.InPlace)
+                {
+                    await RefuseAsync(header, ResultCode.Invalid, $"ExtentWrite: flags 0x{range.Flags:x} not supported", cancellationToken).ConfigureAwait(false);
+                    return;
+                }
                 await TakeAsync(payload, cancellationToken).ConfigureAwait(false);
                 byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
                 data.CopyTo(buffer);
