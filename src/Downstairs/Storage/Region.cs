@@ -539,10 +539,11 @@ internal sealed class Region : IDisposable
     /// <remarks>
     /// An uncertain extent that is not pending repair is stamped like any other, which clears its
     /// mark: after the fdatasync its blocks are durable, and the engine flushes a replica only for
-    /// extents it holds current — it marks the ones it will copy pending (ExtentsPending) before any
-    /// flush of that repair, and an uncertain extent it did not mark is one reconciliation accepted
-    /// as it is (the copy chosen as the source, or every replica's alike). Never clearing the mark
-    /// here would leave such an extent uncertain for ever and copied whole on every later repair.
+    /// extents it holds current. A returning replica has every extent dirty on it (an uncertain one
+    /// always is) marked pending (ExtentsPending) before the repair's first flush; an uncertain
+    /// extent left unmarked is one reconciliation accepted as it is (the copy chosen as the source).
+    /// Never clearing the mark here would leave such an extent uncertain for ever and copied whole
+    /// on every later repair.
     /// </remarks>
     public void Flush(ulong flushNumber, ulong generation)
     {
@@ -953,7 +954,8 @@ internal sealed class Region : IDisposable
 
         /// <summary>
         /// Recorded uncertain in region.meta (poisoned, or dirty when opened after a reboot); see
-        /// <see cref="Region"/>'s rule 5. Guarded by _recordLock like the rest of the record.
+        /// <see cref="Region"/>'s rule 5. Only ever set on a dirty extent, and cleared by whatever
+        /// records it clean (a flush, a commit), so uncertain implies dirty.
         /// </summary>
         public bool Uncertain { get; set; }
 
