@@ -146,6 +146,16 @@ internal sealed class DownstairsService(Region region, DownstairsOptions options
         _host = new RegionHost(region, options, logger);
         RegionGeometry g = region.Geometry;
         DownstairsLog.RegionOpened(logger, Path.GetFullPath(options.DataDir), region.Uuid, g.SizeBytes, g.BlockCount, g.BlockSize, g.ExtentCount, region.HighestGeneration);
+        if (region.UncertainAtOpen > 0)
+        {
+            DownstairsLog.UncertainExtents(logger, Path.GetFullPath(options.DataDir), region.UncertainAtOpen, region.BootAtOpen switch
+            {
+                BootAtOpen.Same => "recorded so before this restart",
+                BootAtOpen.Rebooted => "the machine rebooted since the region was last opened",
+                BootAtOpen.NotRecorded => "the region does not record the boot it was last opened in",
+                _ => $"this machine's boot id ({BootId.ProcPath}) cannot be read",
+            });
+        }
         _server = new DownstairsServer(_host, tls);
         _server.Start();
         return Task.CompletedTask;

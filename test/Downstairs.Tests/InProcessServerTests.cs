@@ -302,6 +302,44 @@ public sealed class InProcessServerTests
         Assert.That(Enumerable.Range(0, 4).Select(_host.Region.IsRepairPending), Has.All.False);
         Assert.That(_log.Lines, Has.Some.Contains("ExtentsPending"));
     }
+
+    [Test]
+    public async Task In_place_commit_records_the_copy_and_later_hellos_report_it()
+    {
+        (Stream s, _) = Pair();
+        await using DownstairsClient c = await DownstairsClient.ConnectAsync(s, Hello(3));
+        // A catch-up as the engine runs it: mark, announce the flush number, write the changed blocks, commit.
+        Assert.That((await c.MarkRepairPendingAsync(1, [1])).IsOk, Is.True);
+        Assert.That((await c.FlushAsync(2, 5, 3)).IsOk, Is.True);
+        byte[] data = TestData.Block(4096, 600, 2);
+        Assert.That((await c.WriteAsync(3, 600, data)).IsOk, Is.True);
+        DownstairsResult commit = await c.CommitExtentAsync(4, 1, new ExtentMeta(3, 5, false), inPlace: true);
+        Assert.That(commit.IsOk, Is.True, commit.ToString());
+        Assert.That(_host.Region.IsRepairPending(1), Is.False);
+        byte[] back = new byte[4096];
+        Assert.That((await c.ReadAsync(5, 600, back)).IsOk, Is.True);
+        Assert.That(back, Is.EqualTo(data));
+
+        (Stream s2, _) = Pair();
+        await using DownstairsClient later = await DownstairsClient.ConnectAsync(s2, Hello(3, readOnly: true));
+        Assert.That(later.Region.Extents[1], Is.EqualTo(new ExtentMeta(3, 5, false)));
+    }
+
+    [Test]
+    public async Task Extent_commit_with_an_unknown_flag_bit_is_refused_and_changes_nothing()
+    {
+        (Stream s, _) = Pair();
+        await using var peer = new RawPeer(s);
+        Assert.That(await peer.HelloAsync(1, readOnly: false), Is.EqualTo(ResultCode.Ok));
+        string before = DiskState.Of(_dir.Sub("r"));
+        byte[] body = new byte[ExtentCommitRequest.BodySize];
+        BinaryPrimitives.WriteInt32LittleEndian(body, 1);
+        BinaryPrimitives.WriteUInt32LittleEndian(body.AsSpan(4), ExtentCommitRequest.InPlaceFlag | 4);
+        await peer.SendAsync(MessageType.ExtentCommit, 1, body);
+        (FrameHeader header, _) = await peer.ReceiveAsync() ?? throw new IOException("closed");
+        Assert.That((header.Type, header.Result), Is.EqualTo((MessageType.ExtentCommitReply, ResultCode.Invalid)));
+        Assert.That(DiskState.Of(_dir.Sub("r")), Is.EqualTo(before));
+    }
 }
 
 internal sealed class ListLogger : ILogger

@@ -97,6 +97,49 @@ public sealed class IncidentTests
         return so;
     }
 
+    /// <summary>
+    /// A poisoned extent (a failed fdatasync: the kernel dropped pages of it) cannot be caught up in
+    /// place, whatever the catch-up rewrote. It is reported uncertain, also after a restart that
+    /// forgot the poisoning, until a staged whole copy replaces it.
+    /// </summary>
+    [Test]
+    [CancelAfter(60_000)]
+    public async Task Poisoned_extent_refuses_an_in_place_commit_and_stays_uncertain_across_a_restart()
+    {
+        string d = await CreateAsync(_dir.Sub("r"));
+        string trigger = _dir.Sub("fail-flushes");
+        string so = await BuildFaultIoAsync();
+        await using (DownstairsProcess ds = await DownstairsProcess.StartAsync(d, environment: new Dictionary<string, string> { ["LD_PRELOAD"] = so, ["FAULTIO_FLUSHES_WHEN"] = trigger }))
+        {
+            await using DownstairsClient c = await ds.ConnectAsync(generation: 1);
+            Assert.That((await c.WriteAsync(1, 10, TestData.Block(4096, 10, 1))).IsOk, Is.True);
+            File.WriteAllText(trigger, "");
+            Assert.That((await c.FlushAsync(2, 1, 1)).Code, Is.EqualTo(ResultCode.IoError));
+            File.Delete(trigger);
+
+            Assert.That((await c.MarkRepairPendingAsync(3, [0])).IsOk, Is.True);
+            Assert.That((await c.WriteAsync(4, 10, TestData.Block(4096, 10, 2))).IsOk, Is.True);
+            DownstairsResult inPlace = await c.CommitExtentAsync(5, 0, new ExtentMeta(1, 1, false), inPlace: true);
+            Assert.That(inPlace.Code, Is.EqualTo(ResultCode.IoError), inPlace.ToString());
+            Assert.That(inPlace.Message, Does.Contain("staged whole copy"));
+            await using DownstairsClient probe = await ds.ConnectAsync(generation: 1, readOnly: true);
+            Assert.That(probe.Region.Extents[0], Is.EqualTo(new ExtentMeta(0, 0, true, Uncertain: true)), "refused: the record is as it was");
+        }
+
+        await using DownstairsProcess again = await DownstairsProcess.StartAsync(d);
+        await using DownstairsClient writer = await again.ConnectAsync(generation: 2);
+        Assert.That(writer.Region.Extents[0], Is.EqualTo(new ExtentMeta(0, 0, true, Uncertain: true)), "the same boot, yet still uncertain: the mark was recorded");
+        Assert.That(writer.Region.Extents[1].Uncertain, Is.False);
+
+        byte[] ctx = new byte[512 * 16];
+        byte[] data = new byte[512 * 4096];
+        Assert.That((await writer.MarkRepairPendingAsync(1, [0])).IsOk, Is.True);
+        Assert.That((await writer.WriteExtentAsync(2, new ExtentRange(0, 0, 512, ExtentRange.BeginFlag), ctx, data)).IsOk, Is.True);
+        Assert.That((await writer.CommitExtentAsync(3, 0, new ExtentMeta(1, 1, false))).IsOk, Is.True);
+        await using DownstairsClient after = await again.ConnectAsync(generation: 2, readOnly: true);
+        Assert.That(after.Region.Extents[0], Is.EqualTo(new ExtentMeta(1, 1, false)), "a staged whole copy replaced it");
+    }
+
     [Test]
     [CancelAfter(60_000)]
     public async Task Injected_write_errors_come_back_at_once_and_the_log_stays_short()

@@ -53,11 +53,11 @@ internal static class Commands
         sb.AppendLine(CultureInfo.InvariantCulture, $"block size:    {g.BlockSize}");
         sb.AppendLine(CultureInfo.InvariantCulture, $"extents:       {g.ExtentCount} × {g.ExtentBlocks} blocks");
         sb.AppendLine(CultureInfo.InvariantCulture, $"generation:    {region.HighestGeneration} (highest seen)");
-        sb.AppendLine("extent  generation  flush  dirty");
+        sb.AppendLine("extent  generation  flush  dirty  uncertain");
         ExtentMeta[] all = region.GetAllExtentMeta();
         for (int i = 0; i < all.Length; i++)
         {
-            sb.AppendLine(CultureInfo.InvariantCulture, $"{i,6}  {all[i].Generation,10}  {all[i].FlushNumber,5}  {(all[i].Dirty ? "yes" : "no")}");
+            sb.AppendLine(CultureInfo.InvariantCulture, $"{i,6}  {all[i].Generation,10}  {all[i].FlushNumber,5}  {(all[i].Dirty ? "yes" : "no"),5}  {(all[i].Uncertain ? "yes" : "no")}");
         }
         Console.Write(sb.ToString());
         return 0;

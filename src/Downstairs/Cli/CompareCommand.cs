@@ -161,7 +161,8 @@ internal sealed class RegionComparison
         for (int e = 0; e < g.ExtentCount; e++)
         {
             var problems = new List<string>();
-            ExtentMeta[] metas = [.. regions.Select(r => r.GetExtentMeta(e))];
+            // Uncertain is each downstairs' own judgement of its disk, not part of what replicas share.
+            ExtentMeta[] metas = [.. regions.Select(r => r.GetExtentMeta(e) with { Uncertain = false })];
             if (metas.Any(m => m != metas[0]))
             {
                 problems.Add("metadata (generation/flush/dirty) " + string.Join(" | ", metas.Select(m => string.Create(c, $"{m.Generation}/{m.FlushNumber}/{(m.Dirty ? "dirty" : "clean")}"))));

@@ -185,7 +185,14 @@ internal sealed partial class DownstairsConnection
                     return;
                 }
                 case MessageType.ExtentCommit:
-                    region.CommitStaging(Commit.Extent, Commit.Meta);
+                    if (Commit.InPlace)
+                    {
+                        region.CommitInPlace(Commit.Extent, Commit.Meta);
+                    }
+                    else
+                    {
+                        region.CommitStaging(Commit.Extent, Commit.Meta);
+                    }
                     Reply(OutgoingFrame.Create(MessageType.ExtentCommitReply, ResultCode.Ok, header.JobId), null);
                     return;
                 case MessageType.ExtentsPending:

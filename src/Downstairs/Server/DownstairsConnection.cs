@@ -474,7 +474,7 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
-                if ((flags & ~ExtentCommitRequest.KnownFlags) != 0 || commit.InPlace)
+                if ((flags & ~ExtentCommitRequest.KnownFlags) != 0)
                 {
                     await RefuseAsync(header, ResultCode.Invalid, $"ExtentCommit: flags 0x{flags:x} not supported", cancellationToken).ConfigureAwait(false);
                     return;
@@ -485,6 +485,8 @@ internal sealed partial class DownstairsConnection
                     return;
                 }
                 await Gate(_budget.TakeAsync(0, cancellationToken)).ConfigureAwait(false);
+                // Either kind covers its own extent only: ordered after every earlier job on it and
+                // before every later one (the catch-up's writes, guest writes), beside IO elsewhere.
                 (long first, long end) = ExtentBlocks(extent);
                 _pending.Add(new RequestJob(this, header, JobAccess.Write, first, end) { Commit = commit });
                 return;

@@ -38,4 +38,7 @@ internal static partial class DownstairsLog
 
     [LoggerMessage(EventId = 2012, Level = LogLevel.Debug, Message = "{Remote}: TLS client {Peer} authenticated ({Protocol}, {Cipher})")]
     public static partial void TlsAuthenticated(ILogger logger, EndPoint? remote, string peer, string protocol, string cipher);
+
+    [LoggerMessage(EventId = 2013, Level = LogLevel.Warning, Message = "Region {Dir}: {Count} extents are uncertain (writes not yet flushed may be lost: {Why}); the engine copies them whole")]
+    public static partial void UncertainExtents(ILogger logger, string dir, int count, string why);
 }

@@ -10,7 +10,9 @@ namespace NbdServer.Downstairs.Storage;
 /// <summary>
 /// One region on local disk (layout: <see cref="RegionLayout"/>). All IO methods are synchronous and
 /// meant for the dedicated IO threads; the scheduler guarantees that overlapping jobs never run at
-/// the same time and that a flush or repair commit runs alone.
+/// the same time, that a flush runs alone (a barrier), and that a repair commit (staged or in
+/// place) runs after every earlier job on its extent and before every later one, beside jobs on
+/// other extents.
 /// </summary>
 /// <remarks>
 /// Durability rules, in the order they happen:
@@ -23,7 +25,21 @@ namespace NbdServer.Downstairs.Storage;
 /// <item>Flush fdatasyncs every dirty extent file, then writes (generation, flush number, clean)
 /// records and fdatasyncs region.meta. A failed fdatasync leaves the extent dirty and
 /// <em>poisoned</em>: Linux drops the failed pages, so a later fsync could succeed without the data;
-/// every later flush fails until live repair replaces the extent.</item>
+/// every later flush fails until live repair replaces the extent with a staged whole copy. The
+/// extent's record is also marked <em>uncertain</em> (best effort: region.meta may be failing too),
+/// so a restart, which forgets the poisoning, still reports it.</item>
+/// <item>A repair commit makes the new contents durable before its record: a staged commit
+/// fdatasyncs the staging file, renames it over the extent and fsyncs the directory; an in-place
+/// commit (the changed blocks came as ordinary writes, which made the extent dirty by rule 1)
+/// fdatasyncs the extent file. A crash before the record leaves the old, dirty or older record,
+/// which the engine sees as still needing repair.</item>
+/// <item>An extent is <em>uncertain</em> (<see cref="ExtentMeta.Uncertain"/>) when it is poisoned or
+/// was dirty when the region was opened in a boot of the machine other than the one it was last
+/// opened in (or that boot is not recorded): a power loss or kernel crash may have dropped writes
+/// the downstairs acknowledged, which a process restart in the same boot does not. Open records the
+/// uncertain marks, and only then the current boot id, so a crash between the two is re-judged the
+/// same way. The mark lasts until a flush stamps the extent (its blocks are then durable and, by
+/// the engine flushing them, current) or a commit replaces it.</item>
 /// </list>
 /// </remarks>
 internal sealed class Region : IDisposable
@@ -38,6 +54,8 @@ internal sealed class Region : IDisposable
     private bool _commitRunning;
     private ulong _stateSeq;
     private int _stateSlot;
+    private ulong _bootSeq;
+    private int _bootSlot;
     private ulong _highestFlushRecorded;
 
     private Region(string dir, Guid uuid, RegionGeometry geometry, bool preallocated, bool readOnly, SafeFileHandle meta, FileStream? lockFile, Extent[] extents, ulong stateSeq, int stateSlot, ulong highestGeneration)
@@ -75,12 +93,18 @@ internal sealed class Region : IDisposable
     /// <summary>Keep extents written since the last flush marked dirty across a flush (see <see cref="Flush"/>).</summary>
     public bool StickyDirty { get; set; }
 
+    /// <summary>How this open compared the machine's boot with the one the region was last opened in.</summary>
+    public BootAtOpen BootAtOpen { get; private init; }
+
+    /// <summary>Extents uncertain when the region was opened: recorded so earlier, or dirty and judged so now.</summary>
+    public int UncertainAtOpen { get; private init; }
+
     public ExtentMeta GetExtentMeta(int extent)
     {
         Extent e = _extents[extent];
         lock (_recordLock)
         {
-            return new ExtentMeta(e.Generation, e.Flush, e.Dirty);
+            return new ExtentMeta(e.Generation, e.Flush, e.Dirty, e.Uncertain || e.Poisoned);
         }
     }
 
@@ -132,7 +156,8 @@ internal sealed class Region : IDisposable
 
     /// <param name="progress">Called with (extents done, extent count) after each extent file: a
     /// preallocated multi-TiB region takes minutes (fallocate + fsync per file).</param>
-    public static Region Create(string dir, long sizeBytes, int blockSize, int? extentBlocks, bool preallocate, Action<int, int>? progress = null)
+    /// <param name="bootId">Where the current boot id comes from (default <see cref="BootId.Current"/>; tests pass their own).</param>
+    public static Region Create(string dir, long sizeBytes, int blockSize, int? extentBlocks, bool preallocate, Action<int, int>? progress = null, Func<Guid?>? bootId = null)
     {
         if (blockSize is not (512 or 4096))
         {
@@ -199,17 +224,20 @@ internal sealed class Region : IDisposable
         File.Move(tmp, metaPath);
         File.WriteAllBytes(Path.Combine(dir, RegionLayout.LockFileName), []);
         PosixDirectory.FlushToDisk(dir);
-        return Open(dir);
+        return Open(dir, bootId: bootId);
     }
 
     /// <summary>Default extent: 32 MiB of blocks (fsync granularity vs. file count; 8 GiB = 256 files).</summary>
     public const long DefaultExtentBytes = 32L << 20;
 
     /// <summary>
-    /// Opens a region. Everything is validated read-only first; only a region that passed is locked
-    /// and has its stale repair staging files removed, so a damaged region is left exactly as found.
+    /// Opens a region. Everything is validated read-only first; only a region that passed is locked,
+    /// has its stale repair staging files removed and its uncertain extents and boot id recorded, so
+    /// a damaged region is left exactly as found. Read-only, the uncertain marks are judged the same
+    /// way but only in memory.
     /// </summary>
-    public static Region Open(string dir, bool readOnly = false)
+    /// <param name="bootId">Where the current boot id comes from (default <see cref="BootId.Current"/>; tests pass their own).</param>
+    public static Region Open(string dir, bool readOnly = false, Func<Guid?>? bootId = null)
     {
         string metaPath = RegionLayout.MetaPath(dir);
         if (!File.Exists(metaPath))
@@ -250,7 +278,7 @@ internal sealed class Region : IDisposable
                 if (rec is { } r && (best < 0 || r.Seq > e.Seq))
                 {
                     best = s;
-                    (e.Seq, e.Generation, e.Flush, e.Dirty) = r;
+                    (e.Seq, e.Generation, e.Flush, e.Dirty, e.Uncertain) = r;
                 }
             }
             if (best < 0)
@@ -284,6 +312,24 @@ internal sealed class Region : IDisposable
         {
             throw new RegionDamagedException(metaPath, "no valid generation record (both slots fail their checksum)");
         }
+        // No valid boot slot is not damage: a region from before boot ids were recorded has none.
+        ulong bootSeq = 0;
+        int bootSlot = 1; // the first recording then goes to slot A
+        Guid? recordedBoot = null;
+        foreach ((int slot, int offset) in new[] { (0, RegionLayout.BootSlotOffsetA), (1, RegionLayout.BootSlotOffsetB) })
+        {
+            if (RegionLayout.ReadBootSlot(header.AsSpan(offset, RegionLayout.BootSlotSize)) is { } b && b.Seq > bootSeq)
+            {
+                (bootSeq, bootSlot, recordedBoot) = (b.Seq, slot, b.BootId);
+            }
+        }
+        Guid? currentBoot = (bootId ?? BootId.Current)();
+        BootAtOpen boot = currentBoot is null ? BootAtOpen.Unreadable
+            : recordedBoot is null ? BootAtOpen.NotRecorded
+            : recordedBoot == currentBoot ? BootAtOpen.Same
+            : BootAtOpen.Rebooted;
+        List<Extent> newlyUncertain = boot == BootAtOpen.Same ? [] : [.. extents.Where(e => e.Dirty && !e.Uncertain)];
+        int uncertain = extents.Count(e => e.Uncertain) + newlyUncertain.Count;
 
         // Validation passed: from here on we may touch the disk.
         FileStream? lockFile = null;
@@ -312,7 +358,33 @@ internal sealed class Region : IDisposable
             {
                 e.Handle = File.OpenHandle(e.Path, FileMode.Open, access);
             }
-            return new Region(dir, uuid, geometry, preallocated, readOnly, meta, lockFile, extents, stateSeq, stateSlot, highest);
+            if (readOnly)
+            {
+                foreach (Extent e in newlyUncertain)
+                {
+                    e.Uncertain = true;
+                }
+            }
+            var region = new Region(dir, uuid, geometry, preallocated, readOnly, meta, lockFile, extents, stateSeq, stateSlot, highest)
+            {
+                BootAtOpen = boot,
+                UncertainAtOpen = uncertain,
+                _bootSeq = bootSeq,
+                _bootSlot = bootSlot,
+            };
+            if (!readOnly)
+            {
+                try
+                {
+                    region.RecordBoot(newlyUncertain, boot == BootAtOpen.Same ? null : currentBoot);
+                }
+                catch
+                {
+                    region.Dispose();
+                    throw;
+                }
+            }
+            return region;
         }
         catch
         {
@@ -323,6 +395,28 @@ internal sealed class Region : IDisposable
             meta?.Dispose();
             lockFile?.Dispose();
             throw;
+        }
+    }
+
+    /// <summary>
+    /// Makes this open's judgement durable: first the uncertain marks, then the boot id. In that
+    /// order, a crash in between leaves the old boot id, and the next open in this boot judges the
+    /// same extents uncertain again; the other order could forget them.
+    /// </summary>
+    private void RecordBoot(List<Extent> newlyUncertain, Guid? currentBoot)
+    {
+        if (newlyUncertain.Count > 0)
+        {
+            WriteRecordsAndSync(newlyUncertain, e => (e.Generation, e.Flush, e.Dirty, true));
+        }
+        if (currentBoot is { } id)
+        {
+            Span<byte> slot = stackalloc byte[RegionLayout.BootSlotSize];
+            int next = 1 - _bootSlot;
+            RegionLayout.WriteBootSlot(slot, _bootSeq + 1, id);
+            RandomAccess.Write(_meta, slot, next == 0 ? RegionLayout.BootSlotOffsetA : RegionLayout.BootSlotOffsetB);
+            PosixFile.FlushToDisk(_meta, dataOnly: true, RegionLayout.MetaPath(_dir));
+            (_bootSeq, _bootSlot) = (_bootSeq + 1, next);
         }
     }
 
@@ -442,6 +536,15 @@ internal sealed class Region : IDisposable
     /// Makes every dirty extent durable and records (generation, flush number, clean) for each.
     /// Runs alone (the scheduler treats it as a barrier).
     /// </summary>
+    /// <remarks>
+    /// An uncertain extent that is not pending repair is stamped like any other, which clears its
+    /// mark: after the fdatasync its blocks are durable, and the engine flushes a replica only for
+    /// extents it holds current. A returning replica has every extent dirty on it (an uncertain one
+    /// always is) marked pending (ExtentsPending) before the repair's first flush; an uncertain
+    /// extent left unmarked is one reconciliation accepted as it is (the copy chosen as the source).
+    /// Never clearing the mark here would leave such an extent uncertain for ever and copied whole
+    /// on every later repair.
+    /// </remarks>
     public void Flush(ulong flushNumber, ulong generation)
     {
         foreach (Extent e in _extents)
@@ -488,6 +591,7 @@ internal sealed class Region : IDisposable
         }
         if (failure is not null)
         {
+            RecordPoisoned([.. dirty.Where(e => e.Poisoned)]);
             throw failure;
         }
         // Sticky dirty (opt-in): an extent written since the last flush stays marked dirty, so the
@@ -499,7 +603,7 @@ internal sealed class Region : IDisposable
             e.WrittenSinceFlush = false;
         }
         int index = 0;
-        WriteRecordsAndSync(dirty, e => (generation, flushNumber, keepDirty[index++]));
+        WriteRecordsAndSync(dirty, e => (generation, flushNumber, keepDirty[index++], false));
     }
 
     // ---------------------------------------------------------------- live repair
@@ -550,9 +654,45 @@ internal sealed class Region : IDisposable
         e.Handle!.Dispose();
         e.Handle = File.OpenHandle(e.Path, FileMode.Open, FileAccess.ReadWrite);
         PosixDirectory.FlushToDisk(Path.GetDirectoryName(e.Path)!);
-        WriteRecordsAndSync([e], _ => (meta.Generation, meta.FlushNumber, meta.Dirty));
+        WriteRecordsAndSync([e], _ => (meta.Generation, meta.FlushNumber, meta.Dirty, false));
         e.Poisoned = false;
         e.PoisonReason = null;
+        e.RepairPending = false;
+    }
+
+    /// <summary>
+    /// Ends a catch-up repair of the extent: its changed blocks came as ordinary writes into the live
+    /// file. Order: fdatasync the extent file, then record <paramref name="meta"/> — a crash before
+    /// the record leaves the extent dirty (the writes made it so), which the engine repairs again.
+    /// Refused for a poisoned extent: the kernel dropped pages of it that no fdatasync can bring
+    /// back, and blocks the catch-up did not rewrite may be among them; only a staged whole copy
+    /// (<see cref="CommitStaging"/>) can replace it.
+    /// </summary>
+    public void CommitInPlace(int extent, ExtentMeta meta)
+    {
+        if (extent < 0 || extent >= _extents.Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(extent), $"extent {extent} is beyond the region's {_extents.Length} extents");
+        }
+        Extent e = _extents[extent];
+        if (e.Poisoned)
+        {
+            throw new PosixIOException(Errnos.EIO, $"in-place commit refused: an earlier fdatasync failed ({e.PoisonReason}); the extent needs a staged whole copy", e.Path);
+        }
+        try
+        {
+            PosixFile.FlushToDisk(e.Handle!, dataOnly: true, e.Path);
+        }
+        catch (Exception ex) when (IoErrors.IsIoFailure(ex))
+        {
+            e.Poisoned = true;
+            e.PoisonReason = ex.Message;
+            RecordPoisoned([e]);
+            throw;
+        }
+        WriteRecordsAndSync([e], _ => (meta.Generation, meta.FlushNumber, meta.Dirty, false));
+        // The file is durable up to here, as after a flush (sticky dirty keys off this).
+        e.WrittenSinceFlush = false;
         e.RepairPending = false;
     }
 
@@ -598,6 +738,28 @@ internal sealed class Region : IDisposable
         {
             h.Dispose();
             throw;
+        }
+    }
+
+    /// <summary>
+    /// Best effort: records freshly poisoned extents uncertain, so a restart (which forgets the
+    /// poisoning) still reports them and they are copied whole. If region.meta fails too, the
+    /// caller's error already says the operation failed; this one would add nothing.
+    /// </summary>
+    private void RecordPoisoned(List<Extent> poisoned)
+    {
+        poisoned.RemoveAll(e => e.Uncertain);
+        if (poisoned.Count == 0)
+        {
+            return;
+        }
+        try
+        {
+            WriteRecordsAndSync(poisoned, e => (e.Generation, e.Flush, e.Dirty, true));
+        }
+        catch (Exception ex) when (IoErrors.IsIoFailure(ex))
+        {
+            // The extents stay poisoned in memory, and reported uncertain while this process runs.
         }
     }
 
@@ -651,7 +813,7 @@ internal sealed class Region : IDisposable
             Exception? error = null;
             try
             {
-                WriteRecordsAndSync(batch.Extents, x => (x.Generation, x.Flush, true));
+                WriteRecordsAndSync(batch.Extents, x => (x.Generation, x.Flush, true, x.Uncertain));
             }
             catch (Exception ex) when (IoErrors.IsIoFailure(ex))
             {
@@ -675,27 +837,27 @@ internal sealed class Region : IDisposable
         }
     }
 
-    private void WriteRecordsAndSync(IReadOnlyList<Extent> extents, Func<Extent, (ulong Generation, ulong Flush, bool Dirty)> next)
+    private void WriteRecordsAndSync(IReadOnlyList<Extent> extents, Func<Extent, (ulong Generation, ulong Flush, bool Dirty, bool Uncertain)> next)
     {
         Span<byte> slot = stackalloc byte[RegionLayout.RecordSlotSize];
-        var written = new (Extent E, ulong Seq, int Slot, ulong Gen, ulong Flush, bool Dirty)[extents.Count];
+        var written = new (Extent E, ulong Seq, int Slot, ulong Gen, ulong Flush, bool Dirty, bool Uncertain)[extents.Count];
         for (int i = 0; i < extents.Count; i++)
         {
             Extent e = extents[i];
-            (ulong gen, ulong flush, bool dirty) = next(e);
+            (ulong gen, ulong flush, bool dirty, bool uncertain) = next(e);
             int s = 1 - e.Slot;
-            RegionLayout.WriteRecord(slot, e.Seq + 1, gen, flush, dirty);
+            RegionLayout.WriteRecord(slot, e.Seq + 1, gen, flush, dirty, uncertain);
             RandomAccess.Write(_meta, slot, RegionLayout.RecordOffset(e.Index, s));
-            written[i] = (e, e.Seq + 1, s, gen, flush, dirty);
+            written[i] = (e, e.Seq + 1, s, gen, flush, dirty, uncertain);
         }
         PosixFile.FlushToDisk(_meta, dataOnly: true, RegionLayout.MetaPath(_dir));
         // Only now does the new slot become current: if the sync failed, the next update rewrites the
         // same slot and the last durable one stays intact.
         lock (_recordLock)
         {
-            foreach ((Extent e, ulong seq, int s, ulong gen, ulong flush, bool dirty) in written)
+            foreach ((Extent e, ulong seq, int s, ulong gen, ulong flush, bool dirty, bool uncertain) in written)
             {
-                (e.Seq, e.Slot, e.Generation, e.Flush) = (seq, s, gen, flush);
+                (e.Seq, e.Slot, e.Generation, e.Flush, e.Uncertain) = (seq, s, gen, flush, uncertain);
                 _highestFlushRecorded = Math.Max(_highestFlushRecorded, flush);
                 e.Dirty = dirty;
             }
@@ -789,6 +951,13 @@ internal sealed class Region : IDisposable
         public ulong Generation { get; set; }
 
         public ulong Flush { get; set; }
+
+        /// <summary>
+        /// Recorded uncertain in region.meta (poisoned, or dirty when opened after a reboot); see
+        /// <see cref="Region"/>'s rule 5. Only ever set on a dirty extent, and cleared by whatever
+        /// records it clean (a flush, a commit), so uncertain implies dirty.
+        /// </summary>
+        public bool Uncertain { get; set; }
 
         /// <summary>Dirty as recorded durably in region.meta.</summary>
         public bool Dirty

@@ -34,13 +34,20 @@ internal sealed record RegionGeometry(int BlockSize, int ExtentBlocks, int Exten
 ///          48 reserved u64 | 56 XxHash64 of bytes 0..56
 /// state slots at 512 and 1024 (highest generation seen):
 ///           seq u64 | highest generation u64 | reserved u64 | XxHash64 of the first 24 bytes
+/// boot slots at 1536 and 2048 (the machine boot in which the region was last opened read-write):
+///           seq u64 | Linux boot id [16] | XxHash64 of the first 24 bytes
 /// extent record slot s of extent i at 4096 + 64 i + 32 s:
-///           seq u64 | generation u64 | flush number u64 | flags u32 (bit 0 dirty) | low 32 bits of XxHash64 of the first 28
+///           seq u64 | generation u64 | flush number u64 | flags u32 (bit 0 dirty, bit 1 uncertain) | low 32 bits of XxHash64 of the first 28
 /// </code>
 /// Why two slots per record: a record update must be atomic, and a 32-byte write is not promised
 /// to be (torn sectors, a crash mid-write). We write the slot not in use with a higher sequence
 /// number and a checksum; on open the valid slot with the highest sequence wins, so a torn update
-/// leaves the previous state, never garbage. The same trick keeps the generation fence durable.
+/// leaves the previous state, never garbage. The same trick keeps the generation fence and the boot
+/// id durable.
+/// <para>The boot slots and the uncertain bit came later within format version 1: a region written
+/// before them has zeroes in both boot slots (read as "boot unknown") and never sets bit 1, so it
+/// opens as it is; an older binary ignores both (it reads only bit 0 and never looks at 1536..2080),
+/// and so forgets uncertain marks if it writes the record.</para>
 /// </remarks>
 internal static class RegionLayout
 {
@@ -56,9 +63,14 @@ internal static class RegionLayout
     public const int StateSlotOffsetA = 512;
     public const int StateSlotOffsetB = 1024;
     public const int StateSlotSize = 32;
+    public const int BootSlotOffsetA = 1536;
+    public const int BootSlotOffsetB = 2048;
+    public const int BootSlotSize = 32;
     public const int RecordSlotSize = 32;
     public const int RecordsPerExtent = 2;
     public const uint PreallocatedFlag = 1;
+    public const uint RecordDirtyFlag = 1;
+    public const uint RecordUncertainFlag = 2;
 
     /// <summary>Limits that keep a corrupt header from making us allocate absurd tables (the wire's: a Hello reply announces them).</summary>
     public const int MaxExtentCount = Wire.MaxExtentCount;
@@ -72,24 +84,42 @@ internal static class RegionLayout
 
     public static long RecordOffset(int extent, int slot) => HeaderSize + ((long)extent * RecordsPerExtent * RecordSlotSize) + ((long)slot * RecordSlotSize);
 
-    public static void WriteRecord(Span<byte> d, ulong seq, ulong generation, ulong flush, bool dirty)
+    public static void WriteRecord(Span<byte> d, ulong seq, ulong generation, ulong flush, bool dirty, bool uncertain = false)
     {
         BinaryPrimitives.WriteUInt64LittleEndian(d, seq);
         BinaryPrimitives.WriteUInt64LittleEndian(d[8..], generation);
         BinaryPrimitives.WriteUInt64LittleEndian(d[16..], flush);
-        BinaryPrimitives.WriteUInt32LittleEndian(d[24..], dirty ? 1u : 0u);
+        BinaryPrimitives.WriteUInt32LittleEndian(d[24..], (dirty ? RecordDirtyFlag : 0) | (uncertain ? RecordUncertainFlag : 0));
         BinaryPrimitives.WriteUInt32LittleEndian(d[28..], (uint)XxHash64.HashToUInt64(d[..28]));
     }
 
     /// <summary>Null when the slot is empty or torn.</summary>
-    public static (ulong Seq, ulong Generation, ulong Flush, bool Dirty)? ReadRecord(ReadOnlySpan<byte> s)
+    public static (ulong Seq, ulong Generation, ulong Flush, bool Dirty, bool Uncertain)? ReadRecord(ReadOnlySpan<byte> s)
     {
         if (BinaryPrimitives.ReadUInt32LittleEndian(s[28..]) != (uint)XxHash64.HashToUInt64(s[..28]) || BinaryPrimitives.ReadUInt64LittleEndian(s) == 0)
         {
             return null;
         }
+        uint flags = BinaryPrimitives.ReadUInt32LittleEndian(s[24..]);
         return (BinaryPrimitives.ReadUInt64LittleEndian(s), BinaryPrimitives.ReadUInt64LittleEndian(s[8..]),
-            BinaryPrimitives.ReadUInt64LittleEndian(s[16..]), (BinaryPrimitives.ReadUInt32LittleEndian(s[24..]) & 1) != 0);
+            BinaryPrimitives.ReadUInt64LittleEndian(s[16..]), (flags & RecordDirtyFlag) != 0, (flags & RecordUncertainFlag) != 0);
+    }
+
+    public static void WriteBootSlot(Span<byte> d, ulong seq, Guid bootId)
+    {
+        BinaryPrimitives.WriteUInt64LittleEndian(d, seq);
+        bootId.TryWriteBytes(d[8..24], bigEndian: true, out _);
+        BinaryPrimitives.WriteUInt64LittleEndian(d[24..], XxHash64.HashToUInt64(d[..24]));
+    }
+
+    /// <summary>Null when the slot is empty (a region from before boot ids were recorded) or torn.</summary>
+    public static (ulong Seq, Guid BootId)? ReadBootSlot(ReadOnlySpan<byte> s)
+    {
+        if (BinaryPrimitives.ReadUInt64LittleEndian(s[24..]) != XxHash64.HashToUInt64(s[..24]) || BinaryPrimitives.ReadUInt64LittleEndian(s) == 0)
+        {
+            return null;
+        }
+        return (BinaryPrimitives.ReadUInt64LittleEndian(s), new Guid(s[8..24], bigEndian: true));
     }
 
     public static void WriteStateSlot(Span<byte> d, ulong seq, ulong highestGeneration)
