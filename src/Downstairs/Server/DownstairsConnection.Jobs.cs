@@ -180,7 +180,14 @@ internal sealed partial class DownstairsConnection
                         return;
                     }
                     int ctxBytes = Extent.BlockCount * BlockContext.Size;
-                    region.WriteStaging(Extent, Buffer.AsSpan(0, ctxBytes), Buffer.AsSpan(ctxBytes, Extent.BlockCount * bs));
+                    if (Extent.InPlace)
+                    {
+                        region.WriteInPlace(Extent, Buffer.AsSpan(0, ctxBytes), Buffer.AsSpan(ctxBytes, Extent.BlockCount * bs));
+                    }
+                    else
+                    {
+                        region.WriteStaging(Extent, Buffer.AsSpan(0, ctxBytes), Buffer.AsSpan(ctxBytes, Extent.BlockCount * bs));
+                    }
                     Reply(OutgoingFrame.Create(MessageType.ExtentWriteReply, ResultCode.Ok, header.JobId), null);
                     return;
                 }

@@ -449,7 +449,7 @@ internal sealed partial class DownstairsConnection
                 {
                     return;
                 }
-                if ((range.Flags & ~ExtentRange.KnownFlags) != 0 || range.InPlace)
+                if ((range.Flags & ~ExtentRange.KnownFlags) != 0 || (range.InPlace && range.Begin))
                 {
                     await RefuseAsync(header, ResultCode.Invalid, $"ExtentWrite: flags 0x{range.Flags:x} not supported", cancellationToken).ConfigureAwait(false);
                     return;
@@ -458,6 +458,12 @@ internal sealed partial class DownstairsConnection
                 byte[] buffer = ArrayPool<byte>.Shared.Rent((int)payload);
                 data.CopyTo(buffer);
                 (long first, long end) = ExtentBlocks(range.Extent);
+                if (range.InPlace)
+                {
+                    // In place it touches only its blocks: ordered against the guest's writes to them.
+                    first += range.FirstBlock;
+                    end = first + range.BlockCount;
+                }
                 _pending.Add(new RequestJob(this, header, JobAccess.Write, first, end) { Extent = range, Buffer = buffer, BudgetBytes = payload });
                 return;
             }

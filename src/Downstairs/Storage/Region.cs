@@ -617,6 +617,21 @@ internal sealed class Region : IDisposable
         return GetExtentMeta(r.Extent);
     }
 
+    /// <summary>
+    /// Catch-up: writes blocks of a healthy copy, with their contexts as stored there, into the live
+    /// extent. Like any write it first makes the extent's dirty bit durable: a crash before the
+    /// in-place commit leaves the extent dirty, and the engine copies it again.
+    /// </summary>
+    public void WriteInPlace(ExtentRange r, ReadOnlySpan<byte> contexts, ReadOnlySpan<byte> data)
+    {
+        Extent e = CheckExtentRange(r);
+        var range = new BlockRange(((long)r.Extent * Geometry.ExtentBlocks) + r.FirstBlock, r.BlockCount);
+        MarkDirty(range);
+        e.WrittenSinceFlush = true;
+        RandomAccess.Write(e.Handle!, data[..(r.BlockCount * Geometry.BlockSize)], (long)r.FirstBlock * Geometry.BlockSize);
+        RandomAccess.Write(e.Handle!, contexts[..(r.BlockCount * BlockContext.Size)], Geometry.ContextOffset(r.FirstBlock));
+    }
+
     /// <summary>Writes part of a healthy copy into the extent's staging file (the live extent is untouched).</summary>
     public void WriteStaging(ExtentRange r, ReadOnlySpan<byte> contexts, ReadOnlySpan<byte> data)
     {
