@@ -270,6 +270,9 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
             _oldUpstairs.Add(Upstairs);
         }
         Upstairs = null;
+        // Its pooled connection went to the old server's socket.
+        _control?.Dispose();
+        _control = null;
         Upstairs = await NbdServerProcess.StartAsync(["--downstairs", string.Join(',', Downstairs.Select(d => d.EndPoint)),
             "--control", ControlPath, .. extraArgs]);
         Assert.That(Upstairs.Log, Does.Contain($"Control socket on {ControlPath}"), $"no control socket line in the nbd-server log:\n{Upstairs.Log}");
