@@ -22,7 +22,7 @@ public sealed partial class LiveRepairTests
     /// <summary>How long a replica's state may take to follow a kill or a restart (the reconnect backoff is at most 2 s).</summary>
     private static readonly TimeSpan StateTimeout = TimeSpan.FromSeconds(20);
 
-    /// <summary>How long a repair may take back to service (today's repair of 128 extents under load took up to 9 s, at 10-20 MiB/s on a busy 2-core machine).</summary>
+    /// <summary>How long a repair may take back to service (today's repair of 120 extents under load took up to 19 s, at 6-20 MiB/s on a busy 2-core machine).</summary>
     private static readonly TimeSpan RepairTimeout = TimeSpan.FromSeconds(45);
 
     private ReplicatedVolumeFixture? _volume;
@@ -70,11 +70,11 @@ public sealed partial class LiveRepairTests
 
     /// <summary>
     /// The volume of the tests that interrupt a repair: its first <see cref="InterruptedLoadRange"/>
-    /// take the random 4k load, the rest the bulk writes. 128 extents: today's repair (~40 MiB/s idle,
-    /// 10-20 under load on a busy 2-core machine) copies them in 3-13 s, so a test stays well under a
-    /// minute, and a repair many times faster still lasts long enough to be caught.
+    /// take the random 4k load, the rest the bulk writes. 96 extents: today's repair (~40 MiB/s idle,
+    /// 7-20 MiB/s under load on a busy 2-core machine) copies them in 2-14 s, so a test stays well
+    /// under a minute, and a repair many times faster still lasts long enough to be caught.
     /// </summary>
-    private const long InterruptedVolumeSize = 128 * MiB;
+    private const long InterruptedVolumeSize = 96 * MiB;
 
     private const long InterruptedLoadRange = 32 * MiB;
 
@@ -212,7 +212,7 @@ public sealed partial class LiveRepairTests
     [CancelAfter(120_000)]
     public async Task A_replica_killed_again_in_the_middle_of_its_repair_comes_back_and_ends_identical_with_no_wrong_block(CancellationToken cancellationToken)
     {
-        // The random 4k load on the first 32 MiB; while replica 1 is out, the other 96 MiB are
+        // The random 4k load on the first 32 MiB; while replica 1 is out, the other 64 MiB are
         // rewritten in 256 KiB blocks, so its repair has every extent of the volume to copy.
         ReplicatedVolumeFixture volume = await StartVolumeAsync("repair-refault", InterruptedVolumeSize, await RepairSlowerArgsAsync());
         VerifierProcess load = await StartLoadAsync("load.vlog", "--range", Bytes(InterruptedLoadRange), "--qd", "16", "--duration", "300", "--seed", "12");
