@@ -104,6 +104,21 @@ internal sealed class LoggedProcess : IDisposable
         return _process.ExitCode;
     }
 
+    /// <summary>Waits (bounded) for the process to end on its own; returns the exit code.</summary>
+    public async Task<int> WaitForExitAsync(TimeSpan timeout, CancellationToken cancellationToken = default)
+    {
+        try
+        {
+            await _process.WaitForExitAsync(cancellationToken).WaitAsync(timeout, cancellationToken);
+        }
+        catch (TimeoutException)
+        {
+            throw new TimeoutException($"process {_process.Id} did not exit within {timeout.TotalSeconds:0} s:\n{Log}");
+        }
+        _process.WaitForExit();
+        return _process.ExitCode;
+    }
+
     public void Dispose()
     {
         try
