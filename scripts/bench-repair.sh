@@ -11,10 +11,14 @@
 #                           part running before, during and after the fault: repair MiB/s and the
 #                           guest's write IOPS during the repair as % of its IOPS before the fault
 #   catch-up N s            nbd-server with its defaults (the changed-block record on); 4k random
-#                           writes over the written part, the replica gone N s (OUTAGES), the load
-#                           stopped as the replica restarts (CATCHUP_LOAD=keep: it goes on until
-#                           the replica is back): bytes the repair copied vs bytes the guest wrote
-#                           while the replica was gone, and the catch-up time
+#                           writes over the written part at CATCHUP_IOPS (default 2000: the same
+#                           bytes written whatever the build, and few enough that 10 s of them
+#                           leave most blocks of even the 1 GiB volume's written part alone, so
+#                           "what was written" and "every extent touched" differ; 0 = as fast as
+#                           it goes), the replica gone N s (OUTAGES), the load stopped as the
+#                           replica restarts (CATCHUP_LOAD=keep: it goes on until the replica is
+#                           back): bytes the repair copied vs bytes the guest wrote while the
+#                           replica was gone, and the catch-up time
 # Each measurement RUNS times, interleaved (run 1 of every size, then run 2, ...); each (run, size)
 # gets fresh regions. Prints every run as it goes and one table of medians at the end (also as TSV
 # to the file OUT, if set).
@@ -27,7 +31,7 @@
 # status field repairBytesDone, else the MiB of that log line (on builds before issue 12: extents
 # x extent size). Guest IOPS and bytes: the frontend's metrics nbd_frontend_requests_total{write}
 # and nbd_frontend_written_bytes_total, sampled at the fault, the restart and the end of repair
-# (exact windows; fio only makes the load, and its own totals go to the work dir's log).
+# (exact windows; fio only makes the load; its JSON reports stay in the work dir with KEEP=1).
 # If nbd-server does not know --change-record-max-bytes (builds before issue 12), the full-repair
 # runs go without it (today's repair always compares extents) and the output says so.
 #
@@ -38,8 +42,10 @@
 #   IODEPTH=32     fio queue depth of the load  BASE_SECONDS=5  load before the fault (IOPS baseline)
 #   FILL_FRACTION=0.25 REWRITE_FRACTION=0.5     EXTENT_BLOCKS=1024 (4 MiB extents of 4 KiB blocks)
 #   PORT_BASE=19500 (uses PORT_BASE+1..+5; must stay in 19500-19599)
-#   BIN_DIR=DIR    use nbd-server and nbd-downstairs from DIR (e.g. artifacts/publish/linux-x64 or
-#                  an older build, for a before/after); default: build Release from this tree
+#   BIN_DIR=DIR    use nbd-server and nbd-downstairs (executables, or .dll run with dotnet) from DIR,
+#                  e.g. artifacts/publish/linux-x64 or an older build for a before/after; default:
+#                  build Release from this tree
+#   CATCHUP_IOPS=2000  rate of the catch-up load (0: unlimited)   CATCHUP_LOAD=stop|keep
 #   REPAIR_TIMEOUT=S  longest wait for one repair (default 300 + 60 per GiB)
 #   COMPARE=1      compare the three regions (nbd-downstairs compare) after each (run, size)
 #   KEEP=1         keep the work dir (/tmp/bench-repair.*)
@@ -66,11 +72,13 @@ FILL_FRACTION=${FILL_FRACTION:-0.25}
 REWRITE_FRACTION=${REWRITE_FRACTION:-0.5}
 EXTENT_BLOCKS=${EXTENT_BLOCKS:-1024}
 CATCHUP_LOAD=${CATCHUP_LOAD:-stop}
+CATCHUP_IOPS=${CATCHUP_IOPS:-2000}
 POLL=${POLL:-0.1}
 PORT_BASE=${PORT_BASE:-19500}
 OUT=${OUT:-}
 read -r -a sizes <<<"$SIZES"
 read -r -a outages <<<"$OUTAGES"
+case $CATCHUP_IOPS in ''|*[!0-9]*) echo "bench-repair: CATCHUP_IOPS is a whole number" >&2; exit 2 ;; esac
 for v in "${sizes[@]}" "${outages[@]}" "$RUNS"; do
   case $v in ''|*[!0-9]*|0) echo "bench-repair: SIZES (GiB), OUTAGES (s) and RUNS are positive whole numbers, not '$v'" >&2; exit 2 ;; esac
 done
@@ -328,15 +336,17 @@ fio_write_seq() {   # fio_write_seq BYTES TIMEOUT TAG: 1M sequential writes of [
 }
 
 load_pid=""
-start_load() {   # start_load TAG MAXSECONDS: 4k random writes over the written part, in the background
+start_load() {   # start_load TAG MAXSECONDS [IOPS]: 4k random writes over the written part, in the background
+  local rate=()
+  [ "${3:-0}" -gt 0 ] && rate=(--rate_iops="$3")
   fio --name="$1" "${fio_common[@]}" --rw=randwrite --bs=4k --iodepth="$IODEPTH" --size="$fill" \
-    --time_based --runtime="$2" >"$dir/fio-$1.json" 2>"$dir/fio-$1.err" &
+    --time_based --runtime="$2" "${rate[@]}" >"$dir/fio-$1.json" 2>"$dir/fio-$1.err" &
   load_pid=$!
   bench_track "$load_pid"
   local w0 n
   w0=$(metric nbd_frontend_requests_total 'command="write"')
   for n in $(seq 100); do
-    [ "$(metric nbd_frontend_requests_total 'command="write"')" -gt $((w0 + 100)) ] && { sleep 1; return 0; }
+    [ "$(metric nbd_frontend_requests_total 'command="write"')" -gt $((w0 + 50)) ] && { sleep 1; return 0; }
     kill -0 "$load_pid" 2>/dev/null || break
     sleep 0.1
   done
@@ -400,7 +410,7 @@ measure_full() {   # measure_full SIZE_GIB RUN idle|load
 measure_catchup() {   # measure_catchup SIZE_GIB RUN OUTAGE_SECONDS
   local g=$1 r=$2 o=$3 b0 mark g0 g1 t_kill
   ensure_up default
-  start_load "catchup$o-$g-$r" $((o + repair_timeout + 600))
+  start_load "catchup$o-$g-$r" $((o + repair_timeout + 600)) "$CATCHUP_IOPS"
   g0=$(metric nbd_frontend_written_bytes_total)
   t_kill=$(now)
   kill_ds 1
@@ -439,7 +449,8 @@ one_size() {   # one_size SIZE_GIB RUN: fresh regions, fill, every measurement, 
   mkdir -p "$dir"
   control="$dir/control.sock"
   for i in 0 1 2; do
-    "${ds[@]}" create --data "$dir/ds$i" --size "$bytes" --block-size 4096 --extent-size "$EXTENT_BLOCKS" >/dev/null
+    "${ds[@]}" create --data "$dir/ds$i" --size "$bytes" --block-size 4096 --extent-size "$EXTENT_BLOCKS" >"$dir/create$i.out" 2>&1 \
+      || { cat "$dir/create$i.out" >&2; die "nbd-downstairs create failed"; }
     start_ds "$i"
   done
   start_up full
@@ -478,7 +489,7 @@ done
 echo
 echo "Repair benchmark: 3 nbd-downstairs + nbd-server on 127.0.0.1, ${EXTENT_BLOCKS} x 4 KiB extents, sparse regions with the first $(awk -v f="$FILL_FRACTION" 'BEGIN {print f * 100}') % written;"
 echo "replica 1 killed (SIGKILL) and restarted; full repair after rewriting $(awk -v f="$FILL_FRACTION" -v r="$REWRITE_FRACTION" 'BEGIN {print f * r * 100}') % of the volume while it was out;"
-echo "load: fio 4k randwrite iodepth $IODEPTH over the written part; catch-up load ${CATCHUP_LOAD}s at the restart. Medians of $RUNS run(s), runs interleaved."
+echo "load: fio 4k randwrite iodepth $IODEPTH over the written part; catch-up load at $([ "$CATCHUP_IOPS" -gt 0 ] && echo "$CATCHUP_IOPS IOPS" || echo "full speed"), ${CATCHUP_LOAD}s at the restart. Medians of $RUNS run(s), runs interleaved."
 echo "$full_note"
 echo "Bytes copied from: ${!sources[*]} (metric: nbd_replica_repair_bytes_total; status: repairBytesDone; log: event 3004's MiB, extents x extent size before issue 12)"
 echo "$(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end, $(uname -r), $(fio --version); took ${elapsed} s"
