@@ -63,6 +63,16 @@ internal sealed record ServeCommand
                                      with one replica left, writes wait this long then fail EIO (default 3)
             --scrub-interval SECONDS check every block of every replica this often, rewriting bad
                                      copies (default 604800 = 7 days; 0 = only `nbd-server scrub`)
+            --repair-rate-limit MIB  most MiB/s one replica's repair copies (default 0 = no limit)
+            --repair-duty-cycle D    share of the time a repair keeps busy while the guest does IO,
+                                     0 < D <= 1 (default 0.5; flat out while the guest is idle)
+            --repair-parallelism N   extents one repair copies at a time (default 4)
+            --change-record-max-bytes SIZE
+                                     most a changed-block record may mark for a replica out of
+                                     service; past it the record is dropped and the replica's
+                                     repair compares extents (default 16GiB; 0 = no record)
+            --change-record-granule SIZE
+                                     granule of that record (default 4KiB)
             --downstairs-tls-dir DIR mutual TLS to the downstairs: DIR holds ca-cert.pem,
                                      client-cert.pem and client-key.pem (make them with nbd-certs);
                                      each downstairs must present a certificate from that CA.
@@ -304,6 +314,21 @@ internal sealed record ServeCommand
                 case "--scrub-interval":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { ScrubInterval = TimeSpan.FromSeconds(ParseSecondsOrZero(Value(), arg)) } };
                     break;
+                case "--repair-rate-limit":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { RepairRateLimit = ParseNumber(Value(), arg) } };
+                    break;
+                case "--repair-duty-cycle":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { RepairDutyCycle = ParseNumber(Value(), arg) } };
+                    break;
+                case "--repair-parallelism":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { RepairParallelism = ParseInt(Value(), arg) } };
+                    break;
+                case "--change-record-max-bytes":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { ChangeRecordMaxBytes = ByteSize.Parse(Value(), arg) } };
+                    break;
+                case "--change-record-granule":
+                    command = command with { Engine = (command.Engine ?? new EngineOptions()) with { ChangeRecordGranuleBytes = checked((int)ByteSize.Parse(Value(), arg)) } };
+                    break;
                 case "--downstairs-tls-dir":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DownstairsTlsDir = Value() } };
                     break;
@@ -398,6 +423,11 @@ internal sealed record ServeCommand
         ["NoProgressTimeout"] = "--no-progress-timeout",
         ["DegradedWriteTimeout"] = "--degraded-write-timeout",
         ["ScrubInterval"] = "--scrub-interval",
+        ["RepairRateLimit"] = "--repair-rate-limit",
+        ["RepairDutyCycle"] = "--repair-duty-cycle",
+        ["RepairParallelism"] = "--repair-parallelism",
+        ["ChangeRecordMaxBytes"] = "--change-record-max-bytes",
+        ["ChangeRecordGranuleBytes"] = "--change-record-granule",
         ["LogThrottleInterval"] = "--log-interval",
         ["Generation"] = "--generation",
         ["MaxGenerationStep"] = "--max-generation-step",
@@ -441,6 +471,11 @@ internal sealed record ServeCommand
         double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) && value > 0
             ? value
             : throw new ArgumentException($"{setting}: '{text}' is not a positive number of seconds.");
+
+    private static double ParseNumber(string text, string setting) =>
+        double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) && value >= 0
+            ? value
+            : throw new ArgumentException($"{setting}: '{text}' is not a number (0 or more).");
 
     private static double ParseSecondsOrZero(string text, string setting) =>
         double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) && value >= 0
