@@ -314,7 +314,8 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
                 RepairCopy started = engine.RepairCopies.Begin(replica, target, extent);
                 // Decided as the copy starts: the record may have been dropped since the repair began.
                 started.Whole = !replica.Changes.Valid || target.Region.Extents[extent].Uncertain;
-                started.Taken = started.Whole ? null : replica.Changes.Take(extent);
+                // Taken either way: a whole copy brings the marked granules too (put back if it fails).
+                started.Taken = replica.Changes.Take(extent);
                 long bytes = started.Whole ? (long)engine.ExtentBlocks * engine.BlockSize
                     : started.Taken is null ? 0 : ChangeRecord.Count(started.Taken) * replica.Changes.GranuleBytes;
                 replica.RepairBytesTotal += bytes - Math.Min(estimate, bytes);
