@@ -237,10 +237,14 @@ internal static class StatusCommand
             text.AppendLine(c, $"starting, not serving yet: {startup.Phase}{(startup.ExtentTotal > 0 ? $" {startup.ExtentsDone}/{startup.ExtentTotal} extents, {startup.ExtentsRepaired} copies repaired" : "")}");
         }
         text.AppendLine(c, $"volume: {ByteSize.Format(status.Size)} in {status.ExtentCount} extents, block {status.BlockSize} B, generation {status.Generation}, flush {status.FlushNumber}, {status.InService}/3 replicas in service");
+        text.AppendLine(c, $"repair pace: {(status.RepairRateLimit > 0 ? $"{status.RepairRateLimit:0.#} MiB/s per replica" : "no rate limit")}, duty cycle {status.RepairDutyCycle:0.##} while the guest does IO");
         text.AppendLine(c, $"{"replica",-8}{"endpoint",-22}{"state",-11}{"jobs",7}{"bytes",12}{"done/s",9}{"done",11}{"errors",8}{"faults",8}  repair / last fault");
         foreach (ReplicaStatus r in status.Replicas)
         {
-            string repair = r.State == ReplicaState.Repairing ? $"{r.RepairDone}/{r.RepairTotal} extents" : "";
+            string repair = r.State == ReplicaState.Repairing
+                ? $"{r.RepairDone}/{r.RepairTotal} extents ({r.RepairMode}), {ByteSize.Format(r.RepairBytesDone)} of ~{ByteSize.Format(r.RepairBytesTotal)}"
+                    + (r.RepairBytesPerSecond is { } rate ? $" at {ByteSize.Format((long)rate)}/s, ~{r.RepairSecondsLeft:0} s left" : "")
+                : "";
             string fault = r.LastFault is null ? "" : $"last fault: {r.LastFault}";
             text.AppendLine(c, $"{r.Index,-8}{r.EndPoint,-22}{r.State,-11}{r.OutstandingJobs,7}{ByteSize.Format(r.OutstandingBytes),12}{r.CompletedPerSecond,9:0}{r.Completed,11}{r.Errors,8}{r.Faults,8}  {string.Join("  ", new[] { repair, fault }.Where(s => s.Length > 0))}");
         }

@@ -24,6 +24,10 @@ public sealed class EngineMetrics : IDisposable
         _meter.CreateObservableCounter("nbd.replica.faults", () => PerReplica(r => r.Faults), "{fault}", "Times the replica was taken out of service");
         _meter.CreateObservableGauge("nbd.replica.state", () => PerReplica(r => (int)r.State), null, "0 connecting, 1 active, 2 repairing, 3 faulted");
         _meter.CreateObservableGauge("nbd.replica.repair_remaining", () => PerReplica(r => r.RepairTotal - r.RepairDone), "{extent}", "Extents left to live-repair");
+        _meter.CreateObservableCounter("nbd.replica.repair_bytes", () => PerReplica(r => r.RepairBytesCopied), "By", "Bytes live repair copied to the replica");
+        _meter.CreateObservableCounter("nbd.replica.repair_duration", () => PerReplica(r => r.RepairSeconds), "s", "Time spent live-repairing the replica");
+        _meter.CreateObservableGauge("nbd.replica.repair_remaining_bytes", () => PerReplica(r => Math.Max(0, r.RepairBytesTotal - r.RepairBytesDone)), "By", "Bytes the running repair still expects to copy");
+        _meter.CreateObservableGauge("nbd.replica.change_record_bytes", () => PerReplica(r => r.ChangeRecordBytes ?? 0), "By", "Bytes the replica's changed-block record marks (what it missed while out)");
         _meter.CreateObservableGauge("nbd.volume.replicas_in_service", () => volume.GetStatus().InService, "{replica}");
     }
 

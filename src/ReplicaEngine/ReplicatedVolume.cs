@@ -469,6 +469,8 @@ public sealed class ReplicatedVolume : IBlockVolume
         {
             Scrub = _scrubber.Status,
             Startup = _startup,
+            RepairRateLimit = _engine.Pace.RateLimit,
+            RepairDutyCycle = _engine.Pace.DutyCycle,
         });
 
     public ScrubStatus Scrub => _scrubber.Status;
