@@ -396,7 +396,7 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
                 }
                 replica.RepairBytesCopied += bytes;
             });
-            await PaceAsync(engine, started, engine.Pace.DutyCycle, cancellationToken);
+            await PaceAsync(engine, started, engine.Pace.DutyCycle, cancellationToken, engine.Options.RepairParallelism);
         }
     }
 
@@ -405,14 +405,16 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
     /// the guest does IO: after a step that took t it pauses t·(1 − d)/d, at most
     /// <see cref="EngineOptions.RepairMaxPause"/>. With the guest idle it runs at <see cref="EngineOptions.IdleRepairDutyCycle"/>.
     /// </summary>
-    internal static async Task PaceAsync(Engine engine, long stepStarted, double busyDutyCycle, CancellationToken cancellationToken)
+    internal static async Task PaceAsync(Engine engine, long stepStarted, double busyDutyCycle, CancellationToken cancellationToken, int workers = 1)
     {
         EngineOptions options = engine.Options;
         bool guestBusy = engine.Time.GetElapsedTime(Volatile.Read(ref engine.LastGuestIo)) < GuestIdleAfter;
         double duty = guestBusy ? busyDutyCycle : options.IdleRepairDutyCycle;
         if (duty < 1)
         {
-            TimeSpan pause = engine.Time.GetElapsedTime(stepStarted) * ((1 - duty) / duty);
+            // With several copies side by side, each pauses that many times longer: the duty cycle
+            // is the whole repair's share of the time, not each copy's.
+            TimeSpan pause = engine.Time.GetElapsedTime(stepStarted) * ((1 - duty) / duty * Math.Max(1, workers));
             await Task.Delay(pause < options.RepairMaxPause ? pause : options.RepairMaxPause, engine.Time, cancellationToken);
         }
     }
