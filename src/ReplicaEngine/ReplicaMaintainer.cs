@@ -265,7 +265,7 @@ internal sealed class ReplicaMaintainer(Engine engine, IDownstairsConnector conn
             {
                 // While the guest does IO one copy runs (measured: four side by side took half the
                 // guest's IOPS in the slow-replica incident); the others join when it is idle.
-                while (worker > 0 && pacedBy is not null && GuestBusy(pacedBy) && !failed.IsCancellationRequested)
+                while (worker > 0 && pacedBy is not null && GuestBusy(pacedBy) && !failed.IsCancellationRequested && Volatile.Read(ref next) + 1 < extents.Count)
                 {
                     await Task.Delay(GuestIdleAfter, pacedBy.Time, failed.Token).ContinueWith(static _ => { }, TaskScheduler.Default);
                 }
