@@ -30,6 +30,10 @@ if (args is ["scrub", .. var scrubArgs])
 {
     return await StatusCommand.ScrubAsync(scrubArgs);
 }
+if (args is ["repair", .. var repairArgs])
+{
+    return await StatusCommand.RepairAsync(repairArgs);
+}
 if (args is ["status", .. var statusArgs])
 {
     return await StatusCommand.RunAsync(statusArgs);
@@ -104,7 +108,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
                 string path = command.Control ?? ControlServer.DefaultPath(create: true)
                     ?? throw new InvalidOperationException($"no directory for the control socket ({ControlServer.SystemRuntimeDirectory} and $XDG_RUNTIME_DIR unusable); give --control PATH");
                 _controlThrottle = new NbdServer.Common.Logging.LogThrottle(logger, command.Frontend.LogThrottleInterval);
-                _control = new ControlServer(path, v.GetStatus, () => v.StartScrub(), command.Http, _controlThrottle);
+                _control = new ControlServer(path, v.GetStatus, () => v.StartScrub(), v.SetRepairPace, command.Http, _controlThrottle);
                 _control.Start();
                 FrontendLog.ControlListening(logger, path);
             }, lifetime.ApplicationStopping);

@@ -28,6 +28,7 @@ internal sealed record ServeCommand
             nbd-server --downstairs A:P,B:P,C:P [OPTIONS]
             nbd-server status [--control PATH] [--watch] [--json]
             nbd-server scrub [--control PATH] [--wait]
+            nbd-server repair [--control PATH] [PACE]   (see `nbd-server repair --help`)
 
         DESCRIPTION
             Serves one export over NBD. Clients: nbd-client (Linux kernel), nbdinfo, nbdsh,
@@ -44,7 +45,7 @@ internal sealed record ServeCommand
         REPLICATION (with --downstairs)
             --generation N           activation generation (default: one above the highest any
                                      replica has seen; two upstairs must never share one)
-            --control PATH           the control socket (status, scrub), a Unix socket of mode 0600
+            --control PATH           the control socket (status, scrub, repair pace), mode 0600
                                      (default $RUNTIME_DIRECTORY/control.sock under systemd, else
                                      /run/nbd-server/control.sock if writable, else
                                      $XDG_RUNTIME_DIR/nbd-server/control.sock; see `nbd-server status`)

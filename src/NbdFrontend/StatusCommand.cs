@@ -199,6 +199,97 @@ internal static class StatusCommand
         }
     }
 
+    public const string RepairUsage = """
+        nbd-server repair - show or change the pace of live repair and reconciliation
+
+        SYNOPSIS
+            nbd-server repair [--control PATH] [--rate-limit MIB] [--duty-cycle F]
+
+        DESCRIPTION
+            A replica that returns is caught up by copies that share the disks and links with the
+            guest's IO. The pace bounds them: a rate limit per repaired replica, and the share of
+            the time the repair keeps busy while the guest does IO. A change applies to the running
+            repair within one chunk and to every later one; it lasts until the server restarts
+            (set --repair-rate-limit / --repair-duty-cycle in the config to keep it). Without an
+            option, prints the pace in force and each replica's repair.
+
+        OPTIONS
+            --control PATH        the server's control socket (default: the first that exists of
+                                  $RUNTIME_DIRECTORY/control.sock, /run/nbd-server/control.sock,
+                                  $XDG_RUNTIME_DIR/nbd-server/control.sock); it is mode 0600, so
+                                  run as root or as the server's user
+            --rate-limit MIB      MiB/s each repaired replica may copy; 0 removes the limit
+            --duty-cycle F        share of the time in (0, 1] a repair keeps busy while the guest
+                                  does IO; 1 copies flat out
+
+        EXIT STATUS
+            0 done, 1 no server or the server refused the value (the reason is printed), 2 usage error.
+        """;
+
+    /// <summary><c>nbd-server repair</c>: sets the repair pace through the control endpoint and prints the status.</summary>
+    public static async Task<int> RepairAsync(IReadOnlyList<string> args)
+    {
+        string? control = null;
+        var query = new List<string>();
+        for (int i = 0; i < args.Count; i++)
+        {
+            switch (args[i])
+            {
+                case "--control" when i + 1 < args.Count:
+                    if (ControlServer.RefuseTcp(args[++i], "--control") is { } refusal)
+                    {
+                        Console.Error.WriteLine($"nbd-server: {refusal}");
+                        return 2;
+                    }
+                    control = args[i];
+                    break;
+                case "--rate-limit" or "--duty-cycle" when i + 1 < args.Count:
+                    if (!double.TryParse(args[i + 1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value))
+                    {
+                        Console.Error.WriteLine($"nbd-server repair: {args[i]}: '{args[i + 1]}' is not a number.");
+                        return 2;
+                    }
+                    string key = args[i] == "--rate-limit" ? ControlServer.RateLimitKey : ControlServer.DutyCycleKey;
+                    query.Add(string.Create(CultureInfo.InvariantCulture, $"{key}={value}"));
+                    i++;
+                    break;
+                case "-h" or "--help":
+                    Console.WriteLine(RepairUsage);
+                    return 0;
+                default:
+                    Console.Error.WriteLine($"nbd-server repair: unknown option or missing value '{args[i]}' (see --help).");
+                    return 2;
+            }
+        }
+        control ??= DefaultControl();
+        using HttpClient http = Client(control);
+        try
+        {
+            string body;
+            if (query.Count > 0)
+            {
+                using HttpResponseMessage answer = await http.PostAsync(new Uri($"http://localhost/repair?{string.Join('&', query)}"), null);
+                body = await answer.Content.ReadAsStringAsync();
+                if (!answer.IsSuccessStatusCode)
+                {
+                    Console.Error.WriteLine($"nbd-server repair: refused: {body.Trim()}");
+                    return 1;
+                }
+            }
+            else
+            {
+                body = await http.GetStringAsync(StatusUri);
+            }
+            Console.Write(Format(JsonSerializer.Deserialize<EngineStatus>(body, ControlServer.Json)!));
+            return 0;
+        }
+        catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
+        {
+            Console.Error.WriteLine($"nbd-server repair: no server answers on {control} ({e.Message}).");
+            return 1;
+        }
+    }
+
     private static readonly Uri StatusUri = new("http://localhost/status");
     private static readonly Uri ScrubUri = new("http://localhost/scrub");
 

@@ -35,6 +35,9 @@ internal static partial class EngineLog
     [LoggerMessage(EventId = 3009, Level = LogLevel.Warning, Message = "Replica {Replica}: changed-block record dropped ({Reason}); its repair compares extents and copies each differing {ExtentMiB:0.#} MiB extent whole")]
     public static partial void ChangeRecordDropped(ILogger logger, int replica, string reason, double extentMiB);
 
+    [LoggerMessage(EventId = 3010, Level = LogLevel.Information, Message = "Repair pace set: {RateLimit}, duty cycle {DutyCycle:0.##} while the guest does IO")]
+    public static partial void RepairPaceSet(ILogger logger, string rateLimit, double dutyCycle);
+
     [LoggerMessage(EventId = 3050, Level = LogLevel.Information, Message = "Reconciliation: {Done}/{Total} extent copies made ({Repaired} so far), {Seconds:0} s so far")]
     public static partial void ReconcileProgress(ILogger logger, int done, int total, int repaired, double seconds);
 

@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Globalization;
 using System.Runtime.CompilerServices;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Volumes;
@@ -474,6 +475,21 @@ public sealed class ReplicatedVolume : IBlockVolume
         });
 
     public ScrubStatus Scrub => _scrubber.Status;
+
+    /// <summary>
+    /// The operator's live change of the repair pace (null: that part unchanged); the running
+    /// repair's copies read it at their next chunk. Answers why a value was refused, or null.
+    /// </summary>
+    public string? SetRepairPace(double? rateLimit, double? dutyCycle)
+    {
+        if (_engine.Pace.TrySet(rateLimit, dutyCycle) is { } refusal)
+        {
+            return refusal;
+        }
+        double rate = _engine.Pace.RateLimit;
+        EngineLog.RepairPaceSet(_engine.Logger, rate > 0 ? string.Create(CultureInfo.InvariantCulture, $"{rate:0.#} MiB/s per replica") : "no rate limit", _engine.Pace.DutyCycle);
+        return null;
+    }
 
     /// <summary>Starts a scrub unless one is running (see <see cref="Scrubber"/>).</summary>
     public Task StartScrub() => _startup is not null ? Task.CompletedTask : _scrubber.Start(_stopping.Token);

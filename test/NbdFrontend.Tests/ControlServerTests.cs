@@ -14,12 +14,14 @@ public sealed class ControlServerTests
 
     private string _dir = null!;
     private int _scrubs;
+    private readonly List<(double? RateLimit, double? DutyCycle)> _paces = [];
 
     [SetUp]
     public void SetUp()
     {
         _dir = Directory.CreateTempSubdirectory("nbd-control-").FullName;
         _scrubs = 0;
+        _paces.Clear();
     }
 
     [TearDown]
@@ -29,7 +31,7 @@ public sealed class ControlServerTests
 
     private ControlServer Start()
     {
-        var control = new ControlServer(SocketPath, () => Status, () => Interlocked.Increment(ref _scrubs));
+        var control = new ControlServer(SocketPath, () => Status, () => Interlocked.Increment(ref _scrubs), SetPace);
         control.Start();
         return control;
     }
@@ -130,6 +132,96 @@ public sealed class ControlServerTests
         Assert.That(output.ToString(), Does.Contain("generation 7"));
     }
 
+    /// <summary>Stands in for the engine's pace: records what it is given, refuses a duty cycle over 1 as it does.</summary>
+    private string? SetPace(double? rateLimit, double? dutyCycle)
+    {
+        if (dutyCycle > 1)
+        {
+            return $"duty cycle must be in (0, 1]; got {dutyCycle}";
+        }
+        lock (_paces)
+        {
+            _paces.Add((rateLimit, dutyCycle));
+        }
+        return null;
+    }
+
+    [TestCase("rate-limit=25&duty-cycle=0.5", 25.0, 0.5)]
+    [TestCase("rate-limit=0", 0.0, null)]
+    [TestCase("duty-cycle=1", null, 1.0)]
+    public async Task Repair_POST_sets_the_pace_it_names_and_answers_the_status(string query, double? rateLimit, double? dutyCycle)
+    {
+        await using ControlServer control = Start();
+        using HttpClient http = StatusCommand.Client(SocketPath);
+
+        using HttpResponseMessage response = await http.PostAsync(new Uri($"http://localhost/repair?{query}"), null);
+        string body = await response.Content.ReadAsStringAsync();
+
+        Assert.That(response.IsSuccessStatusCode, Is.True, body);
+        Assert.That(body, Does.Contain("\"generation\": 7"));
+        Assert.That(_paces, Is.EqualTo(new[] { (rateLimit, dutyCycle) }));
+    }
+
+    [TestCase("", "nothing to set")]
+    [TestCase("rate-limit=fast", "not a number")]
+    [TestCase("rate-limit=-5", "not a number")]
+    [TestCase("speed=5", "'speed' is not a pace setting")]
+    [TestCase("rate-limit=1&rate-limit=2", "given twice")]
+    [TestCase("duty-cycle=2", "duty cycle must be in (0, 1]")]
+    public async Task Repair_POST_with_a_bad_query_is_refused_with_400_and_the_reason_and_changes_nothing(string query, string reason)
+    {
+        await using ControlServer control = Start();
+        using HttpClient http = StatusCommand.Client(SocketPath);
+
+        using HttpResponseMessage response = await http.PostAsync(new Uri($"http://localhost/repair?{query}"), null);
+        string body = await response.Content.ReadAsStringAsync();
+
+        Assert.That((int)response.StatusCode, Is.EqualTo(400), body);
+        Assert.That(body, Does.Contain(reason));
+        Assert.That(_paces, Is.Empty);
+    }
+
+    [Test]
+    public async Task A_GET_of_repair_is_refused_and_sets_nothing()
+    {
+        await using ControlServer control = Start();
+        using HttpClient http = StatusCommand.Client(SocketPath);
+
+        using HttpResponseMessage response = await http.GetAsync(new Uri("http://localhost/repair?rate-limit=5"));
+
+        Assert.That((int)response.StatusCode, Is.EqualTo(405));
+        Assert.That(_paces, Is.Empty);
+    }
+
+    [Test]
+    public async Task Repair_command_sends_the_pace_prints_the_status_and_exits_1_when_refused_2_on_bad_usage()
+    {
+        await using ControlServer control = Start();
+        TextWriter stdout = Console.Out, stderr = Console.Error;
+        var output = new StringWriter();
+        var errors = new StringWriter();
+        Console.SetOut(output);
+        Console.SetError(errors);
+        int set, refused, usage, missing;
+        try
+        {
+            set = await StatusCommand.RepairAsync(["--control", SocketPath, "--rate-limit", "12.5", "--duty-cycle", "0.3"]);
+            refused = await StatusCommand.RepairAsync(["--control", SocketPath, "--duty-cycle", "3"]);
+            usage = await StatusCommand.RepairAsync(["--control", SocketPath, "--rate-limit", "lots"]);
+            missing = await StatusCommand.RepairAsync(["--control", SocketPath, "--duty-cycle"]);
+        }
+        finally
+        {
+            Console.SetOut(stdout);
+            Console.SetError(stderr);
+        }
+
+        Assert.That((set, refused, usage, missing), Is.EqualTo((0, 1, 2, 2)));
+        Assert.That(_paces, Is.EqualTo(new[] { ((double?)12.5, (double?)0.3) }));
+        Assert.That(output.ToString(), Does.Contain("generation 7").And.Contain("repair pace:"));
+        Assert.That(errors.ToString(), Does.Contain("refused: duty cycle must be in (0, 1]").And.Contain("'lots' is not a number"));
+    }
+
     [Test]
     public async Task Socket_file_is_removed_when_the_server_stops()
     {
@@ -155,6 +247,7 @@ public sealed class ControlServerTests
         {
             Assert.That(await StatusCommand.RunAsync(["--control", "127.0.0.1:10810"]), Is.EqualTo(2));
             Assert.That(await StatusCommand.ScrubAsync(["--control", "127.0.0.1:10810"]), Is.EqualTo(2));
+            Assert.That(await StatusCommand.RepairAsync(["--control", "127.0.0.1:10810"]), Is.EqualTo(2));
         }
         finally
         {
@@ -170,7 +263,7 @@ public sealed class ControlServerTests
     public async Task Requests_over_the_cap_do_not_wait_behind_silent_clients()
     {
         var limits = new NbdServer.Common.Hosting.LocalHttpLimits { MaxConnections = 1, Timeout = TimeSpan.FromMilliseconds(500) };
-        await using var control = new ControlServer(SocketPath, () => Status, null, limits);
+        await using var control = new ControlServer(SocketPath, () => Status, limits: limits);
         control.Start();
         using var silent = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         await silent.ConnectAsync(new UnixDomainSocketEndPoint(SocketPath));

@@ -18,8 +18,8 @@ public readonly record struct LocalHttpResponse(string Status, string ContentTyp
     public static LocalHttpResponse Text(string status, string text) => new(status, "text/plain", Encoding.UTF8.GetBytes(text + "\n"));
 }
 
-/// <summary>The parts of a request a <see cref="LocalHttpEndpoint"/> handler looks at.</summary>
-public readonly record struct LocalHttpRequest(string Method, string Path);
+/// <summary>The parts of a request a <see cref="LocalHttpEndpoint"/> handler looks at; <paramref name="Query"/> is the raw text after '?', or empty.</summary>
+public readonly record struct LocalHttpRequest(string Method, string Path, string Query = "");
 
 /// <summary>Limits of the operator's local HTTP endpoints (control socket, metrics).</summary>
 public sealed record LocalHttpLimits
@@ -198,7 +198,8 @@ public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, 
                 return null;
             }
         }
-        return new LocalHttpRequest(requestLine[0], requestLine[1].Split('?')[0]);
+        string[] target = requestLine[1].Split('?', 2);
+        return new LocalHttpRequest(requestLine[0], target[0], target.Length > 1 ? target[1] : "");
     }
 
     /// <summary>

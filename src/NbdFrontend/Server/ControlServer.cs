@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Net.Sockets;
 using System.Text.Json;
 using System.Text.Json.Serialization;
@@ -7,15 +8,31 @@ using NbdServer.ReplicaEngine;
 
 namespace NbdServer.Frontend.Server;
 
+/// <summary>Applies a repair pace change (null: that part unchanged); answers null, or why it was refused.</summary>
+internal delegate string? RepairPaceSetter(double? rateLimit, double? dutyCycle);
+
 /// <summary>
 /// The control endpoint, a Unix socket (mode 0600: only the server's user and root may connect):
 /// <c>GET /status</c> answers the engine status as JSON, <c>POST /scrub</c> starts a scrub and
-/// answers the status (<c>nbd-server status</c> / <c>nbd-server scrub</c>, or
+/// answers the status, <c>POST /repair?rate-limit=MIB&amp;duty-cycle=F</c> sets the repair pace and
+/// answers the status (<c>nbd-server status</c> / <c>scrub</c> / <c>repair</c>, or
 /// <c>curl --unix-socket /run/nbd-server/control.sock http://localhost/status</c>).
 /// There is no TCP form: it can change state, and a TCP port on loopback is open to every local user.
 /// </summary>
-internal sealed class ControlServer(string path, Func<EngineStatus> status, Action? startScrub = null, LocalHttpLimits? limits = null, LogThrottle? throttle = null) : IAsyncDisposable
+internal sealed class ControlServer(
+    string path,
+    Func<EngineStatus> status,
+    Action? startScrub = null,
+    RepairPaceSetter? setRepairPace = null,
+    LocalHttpLimits? limits = null,
+    LogThrottle? throttle = null) : IAsyncDisposable
 {
+    /// <summary>The query keys of <c>POST /repair</c>, named as the command line's flags.</summary>
+    public const string RateLimitKey = "rate-limit";
+    public const string DutyCycleKey = "duty-cycle";
+
+    private const string Routes = "GET /status, POST /scrub, POST /repair?rate-limit=MIB&duty-cycle=F";
+
     public const string SocketName = "control.sock";
 
     /// <summary>The socket's directory when systemd runs the service: <c>RuntimeDirectory=nbd-server</c>.</summary>
@@ -31,8 +48,9 @@ internal sealed class ControlServer(string path, Func<EngineStatus> status, Acti
     {
         { Method: "GET", Path: "/status" or "/" } => Status(status()),
         { Method: "POST", Path: "/scrub" } => StartScrub(startScrub, status),
-        { Path: "/status" or "/" or "/scrub" } => LocalHttpResponse.MethodNotAllowed("GET /status, POST /scrub"),
-        _ => LocalHttpResponse.NotFound("GET /status, POST /scrub"),
+        { Method: "POST", Path: "/repair" } => SetPace(request.Query, setRepairPace, status),
+        { Path: "/status" or "/" or "/scrub" or "/repair" } => LocalHttpResponse.MethodNotAllowed(Routes),
+        _ => LocalHttpResponse.NotFound(Routes),
     }, limits, throttle);
 
     public string Path => path;
@@ -48,6 +66,49 @@ internal sealed class ControlServer(string path, Func<EngineStatus> status, Acti
     {
         startScrub?.Invoke();
         return Status(status());
+    }
+
+    /// <summary>
+    /// <c>POST /repair?rate-limit=MIB&amp;duty-cycle=F</c>: either or both; a key not given keeps its
+    /// value. Anything else in the query, a value that is not a number or one out of range is
+    /// refused with 400 and the reason, and nothing changes.
+    /// </summary>
+    private static LocalHttpResponse SetPace(string query, RepairPaceSetter? setRepairPace, Func<EngineStatus> status)
+    {
+        if (setRepairPace is null)
+        {
+            return LocalHttpResponse.NotFound("this server has no repair to pace");
+        }
+        double? rateLimit = null;
+        double? dutyCycle = null;
+        foreach (string pair in query.Split('&', StringSplitOptions.RemoveEmptyEntries))
+        {
+            string[] kv = pair.Split('=', 2);
+            string key = Uri.UnescapeDataString(kv[0]);
+            string text = kv.Length == 2 ? Uri.UnescapeDataString(kv[1]) : "";
+            if (!double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value))
+            {
+                return LocalHttpResponse.Text("400 Bad Request", $"{key}: '{text}' is not a number");
+            }
+            switch (key)
+            {
+                case RateLimitKey when rateLimit is null:
+                    rateLimit = value;
+                    break;
+                case DutyCycleKey when dutyCycle is null:
+                    dutyCycle = value;
+                    break;
+                default:
+                    return LocalHttpResponse.Text("400 Bad Request", $"'{key}' is not a pace setting (or given twice); use {RateLimitKey} and {DutyCycleKey}");
+            }
+        }
+        if (rateLimit is null && dutyCycle is null)
+        {
+            return LocalHttpResponse.Text("400 Bad Request", $"nothing to set; give {RateLimitKey}=MIB and/or {DutyCycleKey}=F");
+        }
+        return setRepairPace(rateLimit, dutyCycle) is { } refusal
+            ? LocalHttpResponse.Text("400 Bad Request", refusal)
+            : Status(status());
     }
 
     /// <summary>
