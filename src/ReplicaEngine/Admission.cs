@@ -10,7 +10,8 @@ namespace NbdServer.ReplicaEngine;
 /// <item>backpressure: when the second-least-loaded replica in service is past <see cref="EngineOptions.BackpressureStart"/>
 /// of its budget (two slow replicas slow the guest, smoothly), or the most loaded one taking writes is past
 /// <see cref="EngineOptions.SlowReplicaBackpressureStart"/>, it is held back along a quadratic curve up to
-/// <see cref="EngineOptions.MaxAdmissionDelay"/>: one slow replica costs the guest at most a short delay, never a stall;</item>
+/// <see cref="EngineOptions.MaxAdmissionDelay"/> (two loaded) or <see cref="EngineOptions.SlowReplicaMaxAdmissionDelay"/>
+/// (one): one slow replica costs the guest at most a short delay, never a stall;</item>
 /// <item>at the full budget with only two in service, it waits for them to drain (the watchdog faults one that cannot);</item>
 /// <item>a write overlapping a range under read-modify-write, or an earlier parked write, waits for it (order is kept).</item>
 /// </list>
@@ -28,11 +29,10 @@ internal sealed class Admission(Engine engine, EngineOptions options, TimeProvid
     {
         long now = time.GetTimestamp();
         job.AdmitDeadline = now + (long)(options.DegradedWriteTimeout.TotalSeconds * time.TimestampFrequency);
-        double pressure = Pressure(job.Bytes);
-        if (pressure > 0)
+        TimeSpan delay = AdmissionDelay(job.Bytes);
+        if (delay > TimeSpan.Zero)
         {
-            long delay = Math.Max(1, (long)(options.MaxAdmissionDelay.TotalSeconds * pressure * pressure * time.TimestampFrequency));
-            job.NotBefore = now + delay;
+            job.NotBefore = now + Math.Max(1, (long)(delay.TotalSeconds * time.TimestampFrequency));
         }
         if (_parked.Count == 0 && CanGo(job, now) == Verdict.Go)
         {
@@ -182,8 +182,18 @@ internal sealed class Admission(Engine engine, EngineOptions options, TimeProvid
         return false;
     }
 
-    private double Pressure(long bytes) =>
-        Math.Max(Excess(SecondLeastLoad(bytes), options.BackpressureStart), Excess(HighestLoad(bytes), options.SlowReplicaBackpressureStart));
+    /// <summary>
+    /// The larger of the two curves: two loaded replicas may hold the guest back up to
+    /// <see cref="EngineOptions.MaxAdmissionDelay"/>; one alone only up to
+    /// <see cref="EngineOptions.SlowReplicaMaxAdmissionDelay"/>, past which it is left to fall
+    /// behind, be faulted at its budget and be caught up.
+    /// </summary>
+    private TimeSpan AdmissionDelay(long bytes)
+    {
+        double both = Excess(SecondLeastLoad(bytes), options.BackpressureStart);
+        double one = Excess(HighestLoad(bytes), options.SlowReplicaBackpressureStart);
+        return TimeSpan.FromTicks(Math.Max((long)(options.MaxAdmissionDelay.Ticks * both * both), (long)(options.SlowReplicaMaxAdmissionDelay.Ticks * one * one)));
+    }
 
     /// <summary>How far <paramref name="load"/> is past <paramref name="start"/>, on the way to a full budget: 0..1.</summary>
     private static double Excess(double load, double start) => Math.Clamp((load - start) / (1.0 - start), 0, 1);
