@@ -49,6 +49,9 @@
 #   REPAIR_TIMEOUT=S  longest wait for one repair (default 300 + 60 per GiB)
 #   COMPARE=1      compare the three regions (nbd-downstairs compare) after each (run, size)
 #   KEEP=1         keep the work dir (/tmp/bench-repair.*)
+#   UP_FLAGS="..." more nbd-server flags for every run, e.g. "--repair-duty-cycle 0.3"
+#   RECONCILE_GIB=64  startup reconciliation of a clean region set this large, then of one left dirty
+#                  by an upstairs killed under 4k random writes (0: skip; QUICK=1: 4)
 # Needs: dotnet (unless BIN_DIR), fio (>= 3.x with the nbd engine), curl, jq, python3, and 3 x SIZE x FILL_FRACTION of free space under /tmp (plus what repairs allocate).
 # This prints figures; it is not a test and asserts nothing. Figures from a busy machine mean little.
 set -euo pipefail
@@ -58,6 +61,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   SIZES=${SIZES:-1}
   RUNS=${RUNS:-1}
   OUTAGES=${OUTAGES:-10}
+  RECONCILE_GIB=${RECONCILE_GIB:-4}
   BASE_SECONDS=${BASE_SECONDS:-3}
 fi
 BENCH_NAME=bench-repair
@@ -199,6 +203,8 @@ up_mode=""
 start_up() {   # start_up MODE (full|default): nbd-server; waits until it serves with 3 replicas Active
   local mode=$1 before n extra=()
   [ "$mode" = full ] && extra=("${full_flags[@]}")
+  # shellcheck disable=SC2206 # UP_FLAGS is a list of words by design
+  extra+=(${UP_FLAGS:-})
   before=$(grep -c 'Serving NBD on' "$dir/up.log" 2>/dev/null || true)
   "${up[@]}" --downstairs "127.0.0.1:${ds_port[0]},127.0.0.1:${ds_port[1]},127.0.0.1:${ds_port[2]}" \
     --listen "127.0.0.1:$nbd_port" --control "$control" --metrics "127.0.0.1:$metrics_port" --export vol0 \
@@ -477,11 +483,48 @@ one_size() {   # one_size SIZE_GIB RUN: fresh regions, fill, every measurement, 
   say "${g} GiB run $r took $(( $(date +%s) - t_start )) s"
 }
 
+# ---- startup reconciliation: clean, then dirty
+reconcile_line=""
+measure_reconcile() {   # measure_reconcile SIZE_GIB: prints two lines of its own
+  local g=$1 t0 t1 line repaired written
+  dir="$work/reconcile-$g"
+  mkdir -p "$dir"
+  control="$dir/control.sock"
+  bytes=$(( g << 30 )); fill=$(( bytes / 16 ))
+  for i in 0 1 2; do
+    "${ds[@]}" create --data "$dir/ds$i" --size "$bytes" --block-size 4096 --extent-size "$EXTENT_BLOCKS" >"$dir/create$i.out" 2>&1 \
+      || { cat "$dir/create$i.out" >&2; die "nbd-downstairs create failed"; }
+    start_ds "$i"
+  done
+  start_up default
+  fio_write_seq "$fill" 600 "reconcile-fill"
+  stop_up
+  t0=$(now); start_up default; t1=$(now)
+  line=$(grep -o 'reconciled [0-9]* replicas, [0-9]* extents repaired' "$dir/up.log" | tail -1)
+  reconcile_line="clean ${g} GiB ($((bytes / 4096 / EXTENT_BLOCKS)) extents, $(mib "$fill") MiB written and flushed): start to serving with 3 in service $(fsub "$t1" "$t0") s (includes the .NET start and the status polls); ${line}"
+  say "$reconcile_line"
+  start_load "reconcile-dirty" 30
+  sleep 3
+  kill -KILL "$up_pid" 2>/dev/null || true
+  wait "$up_pid" 2>/dev/null || true
+  untrack "$up_pid"; up_pid=""; up_mode=""
+  stop_load
+  written=$(jq -r '[.jobs[].write.io_bytes] | add' "$dir/fio-reconcile-dirty.json" 2>/dev/null || echo NA)
+  t0=$(now); start_up default; t1=$(now)
+  line=$(grep -o 'reconciled [0-9]* replicas, [0-9]* extents repaired' "$dir/up.log" | tail -1)
+  reconcile_line+=$'\n'"dirty ${g} GiB (upstairs SIGKILLed after 3 s of 4k random writes over the first $(mib "$fill") MiB = $((fill / 4096 / EXTENT_BLOCKS)) extents, $(mib "$written") MiB written, no flush): start to serving $(fsub "$t1" "$t0") s; ${line}"
+  say "${reconcile_line##*$'\n'}"
+  stop_up
+  for i in 0 1 2; do [ -n "${ds_pid[$i]}" ] && stop_pid "${ds_pid[$i]}" 30; ds_pid[$i]=""; done
+  rm -rf "$dir/ds0" "$dir/ds1" "$dir/ds2"
+}
+
 started=$(date +%s)
 say "bench-repair: sizes ${SIZES} GiB, outages ${OUTAGES} s, ${RUNS} runs, load fio 4k randwrite iodepth $IODEPTH; work dir $work"
 for r in $(seq "$RUNS"); do
   for g in "${sizes[@]}"; do one_size "$g" "$r"; done
 done
+[ "${RECONCILE_GIB:-0}" -gt 0 ] && measure_reconcile "${RECONCILE_GIB:-0}"
 elapsed=$(( $(date +%s) - started ))
 
 # ---- the table
@@ -508,6 +551,7 @@ for row in "${rows[@]}"; do
   IFS=$'\t' read -r c1 c2 c3 c4 c5 c6 c7 c8 c9 c10 <<<"$row"
   printf '%-6s %-22s %9s %11s %8s %12s %9s %10s %10s %7s\n' "$c1" "$c2" "$c3" "$c4" "$c5" "$c6" "$c7" "$c8" "$c9" "$c10" | sed 's/\bNA\b/ -/g'
 done
+[ -n "$reconcile_line" ] && { echo; echo "Startup reconciliation:"; echo "$reconcile_line"; }
 if [ -n "$OUT" ]; then
   {
     printf 'size_gib\tmeasurement\trepair_s\tcopied_mib\tmib_per_s\twritten_mib\tcopied_per_written\tiops_before\tiops_during\tiops_kept_pct\n'

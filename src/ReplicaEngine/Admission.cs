@@ -10,8 +10,8 @@ namespace NbdServer.ReplicaEngine;
 /// <item>backpressure: when the second-least-loaded replica in service is past <see cref="EngineOptions.BackpressureStart"/>
 /// of its budget (two slow replicas slow the guest, smoothly), or the most loaded one taking writes is past
 /// <see cref="EngineOptions.SlowReplicaBackpressureStart"/>, it is held back along a quadratic curve up to
-/// <see cref="EngineOptions.MaxAdmissionDelay"/> (two loaded) or <see cref="EngineOptions.SlowReplicaMaxAdmissionDelay"/>
-/// (one): one slow replica costs the guest at most a short delay, never a stall;</item>
+/// <see cref="EngineOptions.MaxAdmissionDelay"/> (two loaded, or one under repair) or
+/// <see cref="EngineOptions.SlowReplicaMaxAdmissionDelay"/> (one Active): one slow replica costs the guest at most a short delay, never a stall;</item>
 /// <item>at the full budget with only two in service, it waits for them to drain (the watchdog faults one that cannot);</item>
 /// <item>a write overlapping a range under read-modify-write, or an earlier parked write, waits for it (order is kept).</item>
 /// </list>
@@ -183,16 +183,26 @@ internal sealed class Admission(Engine engine, EngineOptions options, TimeProvid
     }
 
     /// <summary>
-    /// The larger of the two curves: two loaded replicas may hold the guest back up to
-    /// <see cref="EngineOptions.MaxAdmissionDelay"/>; one alone only up to
-    /// <see cref="EngineOptions.SlowReplicaMaxAdmissionDelay"/>, past which it is left to fall
-    /// behind, be faulted at its budget and be caught up.
+    /// The larger of the curves: two loaded replicas may hold the guest back up to
+    /// <see cref="EngineOptions.MaxAdmissionDelay"/>, and so may one under repair (its disk takes
+    /// the copies too, by our doing; faulted at its budget it would start over, again and again);
+    /// one Active replica alone only up to <see cref="EngineOptions.SlowReplicaMaxAdmissionDelay"/>,
+    /// past which it is left to reach its budget, be faulted and be caught up.
     /// </summary>
     private TimeSpan AdmissionDelay(long bytes)
     {
         double both = Excess(SecondLeastLoad(bytes), options.BackpressureStart);
-        double one = Excess(HighestLoad(bytes), options.SlowReplicaBackpressureStart);
-        return TimeSpan.FromTicks(Math.Max((long)(options.MaxAdmissionDelay.Ticks * both * both), (long)(options.SlowReplicaMaxAdmissionDelay.Ticks * one * one)));
+        long delay = (long)(options.MaxAdmissionDelay.Ticks * both * both);
+        foreach (Replica replica in engine.Replicas)
+        {
+            if (replica.ReceivesWrites)
+            {
+                double one = Excess(Load(replica, bytes), options.SlowReplicaBackpressureStart);
+                TimeSpan top = replica.State == ReplicaState.Repairing ? options.MaxAdmissionDelay : options.SlowReplicaMaxAdmissionDelay;
+                delay = Math.Max(delay, (long)(top.Ticks * one * one));
+            }
+        }
+        return TimeSpan.FromTicks(delay);
     }
 
     /// <summary>How far <paramref name="load"/> is past <paramref name="start"/>, on the way to a full budget: 0..1.</summary>
@@ -204,19 +214,6 @@ internal sealed class Admission(Engine engine, EngineOptions options, TimeProvid
         (int deferredJobs, long deferredBytes) = engine.Deferred(replica);
         return Math.Max((replica.OutstandingJobs + deferredJobs + 1) / (double)options.MaxOutstandingJobs,
             (replica.OutstandingBytes + deferredBytes + bytes) / (double)options.MaxOutstandingBytes);
-    }
-
-    private double HighestLoad(long bytes)
-    {
-        double highest = 0;
-        foreach (Replica replica in engine.Replicas)
-        {
-            if (replica.ReceivesWrites)
-            {
-                highest = Math.Max(highest, Load(replica, bytes));
-            }
-        }
-        return highest;
     }
 
     private double SecondLeastLoad(long bytes)

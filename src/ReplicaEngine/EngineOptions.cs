@@ -109,7 +109,9 @@ public sealed record EngineOptions
     public double SlowReplicaBackpressureStart { get; init; } = 0.6;
 
     /// <summary>
-    /// The most one slow replica may delay each guest write or flush (the curve's top). At a queue
+    /// The most one slow Active replica may delay each guest write or flush (the curve's top; a
+    /// replica under repair gets <see cref="MaxAdmissionDelay"/>, or under a heavy load it would be
+    /// faulted at its budget and start its repair over, without end). At a queue
     /// depth of 32 and 5 ms a request, 2 ms slows the guest by at most about 30 %: enough to let a
     /// replica a little slower than the others keep up, not enough for a replica behind a slow
     /// link to halve the guest. Such a replica reaches its budget instead, is faulted, and
