@@ -111,7 +111,7 @@ internal sealed class GuestControl : IAsyncDisposable
             await stream.WriteAsync(Encoding.ASCII.GetBytes(answer + "\n"));
             client.Client.Shutdown(SocketShutdown.Send);
         }
-        catch (Exception e) when (e is IOException or SocketException)
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
         {
             // The guest gave up waiting; it fails on its side.
         }
@@ -140,7 +140,7 @@ internal sealed class GuestControl : IAsyncDisposable
                 }
             }
         }
-        catch (Exception e) when (e is OperationCanceledException or IOException or SocketException)
+        catch (Exception e) when (e is OperationCanceledException or IOException or SocketException or ObjectDisposedException)
         {
             return null;
         }
