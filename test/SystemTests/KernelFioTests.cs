@@ -14,9 +14,9 @@ namespace NbdServer.SystemTests;
 /// one connection and then four (<c>-C 4</c>, requests split at a lowered max_sectors_kb), each with
 /// a replica killed and restarted under the mixed job, which goes on until the replica is back in
 /// service; a replica stalled (SIGSTOP) for longer than the kernel's request timeout; nbd-server
-/// restarted under <c>nbd-client -nonetlink -persist</c>, which reconnects and reads back what it
-/// wrote before (with the device idle: see round 4 in fio-suite.sh for why). Afterwards the three
-/// regions must be identical.
+/// restarted under an idle <c>nbd-client -nonetlink -persist</c> device, after which what was
+/// written before reads back intact (Debian 12's nbd-client does not reconnect after a server
+/// restart: see round 4 in fio-suite.sh). Afterwards the three regions must be identical.
 /// </summary>
 [TestFixture]
 [Category("Kernel")]
@@ -32,9 +32,6 @@ public sealed partial class KernelFioTests
 
     /// <summary>How long a replica may take back into service: reconnect backoff (≤ 2 s) and a catch-up repair under the guest's load.</summary>
     private static readonly TimeSpan RepairTimeout = TimeSpan.FromSeconds(90);
-
-    /// <summary>How long nbd-client -persist may take to find the restarted nbd-server (it retries every second).</summary>
-    private static readonly TimeSpan ReconnectTimeout = TimeSpan.FromSeconds(30);
 
     /// <summary>The whole guest run (today about a minute on a busy 2-core machine); kernel-test.sh kills qemu after it.</summary>
     private const int GuestTimeoutSeconds = 330;
@@ -79,7 +76,7 @@ public sealed partial class KernelFioTests
         // The guest's own checks printed these; the host makes sure they ran.
         Assert.That(console, Does.Match(@"1M writes went out as \d+ requests for 65536 KiB \(max_sectors_kb 64\)"));
         Assert.That(Regex.Matches(console, @"mixed job: \d+ passes, each verified"), Has.Count.EqualTo(4));
-        Assert.That(console, Does.Contain("the blocks written before the restart read back intact through the new connection"));
+        Assert.That(console, Does.Contain("the blocks written before the restart read back intact"));
         Assert.That(_afterStall, Is.Not.Null);
         Assert.That(_afterStall!.Faults[0], Is.GreaterThanOrEqualTo(1), $"the stalled replica was taken out of service while stopped\n{_afterStall.Json}");
 
@@ -119,22 +116,9 @@ public sealed partial class KernelFioTests
                 await WaitForAsync(volume, s => s.AllActive, RepairTimeout, "all three replicas in service", cancellationToken);
                 break;
             case ["restart-upstairs"]:
-                {
-                    await volume.RestartUpstairsOnItsPortAsync();
-                    await WaitForAsync(volume, s => s.AllActive, RepairTimeout, "all three replicas in service after the restart", cancellationToken);
-                    // nbd-client -persist retries every second; the guest goes on once it is back.
-                    var clock = Stopwatch.StartNew();
-                    while (!volume.Upstairs!.Log.Contains("attached to export 'vol0'", StringComparison.Ordinal))
-                    {
-                        if (clock.Elapsed > ReconnectTimeout)
-                        {
-                            throw new TimeoutException($"nbd-client did not reconnect within {ReconnectTimeout.TotalSeconds:0} s of the restart");
-                        }
-                        await Task.Delay(100, cancellationToken);
-                    }
-                    Note($"the guest's nbd-client reconnected ({clock.Elapsed.TotalSeconds:0.0} s)");
-                    break;
-                }
+                await volume.RestartUpstairsOnItsPortAsync();
+                await WaitForAsync(volume, s => s.AllActive, RepairTimeout, "all three replicas in service after the restart", cancellationToken);
+                break;
             default:
                 throw new InvalidOperationException($"unknown request '{request}'");
         }
