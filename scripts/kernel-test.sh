@@ -15,6 +15,13 @@
 #   guest also attaches over TLS (nbd-client -certfile/-keyfile/-cacertfile -tlshostname) in a last
 #   round, so the server must offer TLS (tls on) with a certificate for KT_TLS_HOSTNAME (default
 #   localhost). The files reach the guest in a second initramfs archive, built per run.
+#   KT_SUITE=fio: instead of the file system rounds the guest runs the fio suite
+#   (scripts/kernel-test/fio-suite.sh with the job files of scripts/fio), which needs the Debian
+#   package fio; fio and its libraries travel in a cached archive of their own, so the default
+#   suite's initramfs stays small. KT_SUITE=bench: scripts/bench-kernel.sh's guest side
+#   (scripts/kernel-test/bench-suite.sh). KT_CTL_PORT: a TCP port on the host's 127.0.0.1 where the test
+#   makes the faults the fio suite asks for (see fio-suite.sh); KT_GUEST_ARGS: more kt.* settings
+#   for the guest (e.g. kt.rounds=12); KT_MEM: guest memory (default 512M).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +33,12 @@ log=${KT_LOG:-$cache/console.log}
 port=${1:-}
 tls_dir=${KT_TLS_DIR:-}
 tls_hostname=${KT_TLS_HOSTNAME:-localhost}
+suite=${KT_SUITE:-fs}
+ctl_port=${KT_CTL_PORT:-}
+guest_args=${KT_GUEST_ARGS:-}
+guest_mem=${KT_MEM:-512M}
+fio_template_dir="$root/scripts/fio"
+fio_suites=("$root/scripts/kernel-test/fio-suite.sh" "$root/scripts/kernel-test/bench-suite.sh")
 
 say() { echo "kernel-test: $*" >&2; }
 die() { say "$*"; exit 2; }
@@ -33,6 +46,12 @@ die() { say "$*"; exit 2; }
 for tool in qemu-system-x86_64 busybox cpio gzip dpkg-deb apt-get nbd-client mke2fs e2fsck ldd flock timeout; do
     command -v "$tool" >/dev/null || die "missing $tool (Debian: qemu-system-x86 busybox-static cpio nbd-client e2fsprogs)"
 done
+case "$suite" in
+    fs) ;;
+    fio | bench) command -v fio >/dev/null || die "missing fio (Debian: fio)" ;;
+    *) die "KT_SUITE must be fs, fio or bench, not '$suite'" ;;
+esac
+[ -z "$ctl_port" ] || [[ "$ctl_port" =~ ^[0-9]+$ ]] || die "bad KT_CTL_PORT '$ctl_port'"
 mkdir -p "$cache/debs"
 
 # ---------------------------------------------------------------- kernel
@@ -104,6 +123,18 @@ add_module() {
     load_order+=("$name")
 }
 
+# Dynamically linked host tools with the shared libraries ldd finds (same paths in the guest).
+# The file system staging tree is $staging.
+copy_with_libs() {
+    local bin=$1 lib
+    mkdir -p "$staging/sbin"
+    cp -L "$bin" "$staging/sbin/$(basename "$bin")"
+    for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
+        mkdir -p "$staging$(dirname "$lib")"
+        [ -e "$staging$lib" ] || cp -L "$lib" "$staging$lib"
+    done
+}
+
 initramfs="$cache/initramfs-$kver.cpio.gz"
 # Rebuild when the guest script, this script or the host tools change.
 key=$( { echo "$kver"; cat "$init_template" "$0"; ls -l --time-style=+%s "$(command -v nbd-client)" "$(command -v mke2fs)" "$(command -v e2fsck)" "$(command -v busybox)"; } | sha256sum | cut -c1-16)
@@ -118,15 +149,6 @@ if [ ! -e "$initramfs" ] || [ "$(cat "$initramfs.key" 2>/dev/null)" != "$key" ];
     done
     printf '%s\n' "${load_order[@]}" >"$staging/lib/modules/load-order"
 
-    # Dynamically linked host tools with the shared libraries ldd finds (same paths in the guest).
-    copy_with_libs() {
-        local bin=$1 lib
-        cp -L "$bin" "$staging/sbin/$(basename "$bin")"
-        for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
-            mkdir -p "$staging$(dirname "$lib")"
-            [ -e "$staging$lib" ] || cp -L "$lib" "$staging$lib"
-        done
-    }
     copy_with_libs "$(command -v nbd-client)"
     copy_with_libs "$(command -v mke2fs)"
     copy_with_libs "$(command -v e2fsck)"
@@ -148,6 +170,28 @@ if [ ! -e "$initramfs" ] || [ "$(cat "$initramfs.key" 2>/dev/null)" != "$key" ];
     say "modules: ${load_order[*]}"
 fi
 
+# The fio suite's archive: fio with its libraries (about 80 MiB: Debian's fio links the rbd,
+# gluster and rdma engines), the job files and the guest script. The kernel unpacks it over the
+# main initramfs; a library both hold is the same host file.
+fio_archive=""
+if [ "$suite" != fs ]; then
+    fio_archive="$cache/fio-$kver.cpio.gz"
+    fio_key=$( { cat "${fio_suites[@]}" "$fio_template_dir"/*.fio "$0"; ls -l --time-style=+%s "$(command -v fio)"; } | sha256sum | cut -c1-16)
+    if [ ! -e "$fio_archive" ] || [ "$(cat "$fio_archive.key" 2>/dev/null)" != "$fio_key" ]; then
+        say "building the fio archive"
+        staging="$cache/fio.tmp"
+        rm -rf "$staging"
+        mkdir -p "$staging/etc/fio" "$staging/etc/kt"
+        copy_with_libs "$(command -v fio)"
+        cp "$fio_template_dir"/*.fio "$staging/etc/fio/"
+        cp "${fio_suites[@]}" "$staging/etc/kt/"
+        (cd "$staging" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1) >"$fio_archive.tmp"
+        mv "$fio_archive.tmp" "$fio_archive"
+        echo "$fio_key" >"$fio_archive.key"
+        rm -rf "$staging"
+    fi
+fi
+
 flock -u 9
 
 # ---------------------------------------------------------------- TLS files (per run)
@@ -155,6 +199,10 @@ flock -u 9
 # archive of their own after the cached one, and the cached initramfs is never rebuilt for them.
 boot_initramfs=$initramfs
 tls_args=""
+if [ -n "$fio_archive" ] || [ -n "$tls_dir" ]; then
+    boot_initramfs=$(mktemp --suffix=.cpio.gz)
+    cat "$initramfs" ${fio_archive:+"$fio_archive"} >"$boot_initramfs"
+fi
 if [ -n "$tls_dir" ]; then
     for f in ca-cert.pem client-cert.pem client-key.pem; do
         [ -r "$tls_dir/$f" ] || die "KT_TLS_DIR=$tls_dir has no readable $f"
@@ -163,8 +211,7 @@ if [ -n "$tls_dir" ]; then
     mkdir -p "$tls_stage/etc/nbd-tls"
     cp "$tls_dir"/ca-cert.pem "$tls_dir"/client-cert.pem "$tls_dir"/client-key.pem "$tls_stage/etc/nbd-tls/"
     chmod 600 "$tls_stage/etc/nbd-tls/client-key.pem"
-    boot_initramfs=$(mktemp --suffix=.cpio.gz)
-    { cat "$initramfs"; (cd "$tls_stage" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1); } >"$boot_initramfs"
+    (cd "$tls_stage" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1) >>"$boot_initramfs"
     rm -rf "$tls_stage"
     tls_args="kt.tls=1 kt.tlshost=$tls_hostname"
 fi
@@ -172,7 +219,7 @@ fi
 # ---------------------------------------------------------------- server (only without PORT)
 server_pid=""
 cleanup() {
-    if [ -n "$tls_dir" ] && [ -n "${boot_initramfs:-}" ] && [ "$boot_initramfs" != "$initramfs" ]; then
+    if [ -n "${boot_initramfs:-}" ] && [ "$boot_initramfs" != "$initramfs" ]; then
         rm -f "$boot_initramfs"
     fi
     if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
@@ -208,9 +255,9 @@ mkdir -p "$(dirname "$log")"
 start=$(date +%s)
 set +e
 timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
-    -accel tcg -cpu max -smp 2 -m 512M \
+    -accel tcg -cpu max -smp 2 -m "$guest_mem" \
     -kernel "$vmlinuz" -initrd "$boot_initramfs" \
-    -append "console=ttyS0 panic=-1 loglevel=4 kt.host=10.0.2.2 kt.port=$port kt.export=vol0 $tls_args" \
+    -append "console=ttyS0 panic=-1 loglevel=4 kt.host=10.0.2.2 kt.port=$port kt.export=vol0 kt.suite=$suite ${ctl_port:+kt.ctl=$ctl_port} $tls_args $guest_args" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \
     -display none -monitor none -serial stdio -no-reboot \
     </dev/null >"$log" 2>&1
@@ -220,7 +267,11 @@ elapsed=$(( $(date +%s) - start ))
 
 if grep -q "^$marker" <(tr -d '\r' <"$log"); then
     grep '^kt: ===' <(tr -d '\r' <"$log") >&2 || true
-    say "PASSED in ${elapsed}s: the kernel nbd client attached, ran mkfs.ext4/mount/write/verify/e2fsck and detached"
+    if [ "$suite" != fs ]; then
+        say "PASSED in ${elapsed}s: the $suite suite (fio on /dev/nbd0 through the kernel nbd client)"
+    else
+        say "PASSED in ${elapsed}s: the kernel nbd client attached, ran mkfs.ext4/mount/write/verify/e2fsck and detached"
+    fi
     exit 0
 fi
 if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then

@@ -24,11 +24,15 @@ internal sealed class NbdServerProcess : IDisposable
 
     public string Uri(string export = "vol0") => $"nbd://127.0.0.1:{Port}/{export}";
 
-    /// <summary>Starts <c>nbd-server</c> with <paramref name="args"/> plus <c>--listen 127.0.0.1:0</c>.</summary>
+    /// <summary>
+    /// Starts <c>nbd-server</c> with <paramref name="args"/> plus <c>--listen 127.0.0.1:0</c>, unless
+    /// <paramref name="args"/> name a loopback port of their own (a restart where clients reconnect).
+    /// </summary>
     public static async Task<NbdServerProcess> StartAsync(params string[] args)
     {
         string dll = Path.Combine(AppContext.BaseDirectory, "nbd-server.dll");
-        LoggedProcess process = LoggedProcess.Start("dotnet", [dll, .. args, "--listen", "127.0.0.1:0"]);
+        string[] listen = args.Contains("--listen") ? [] : ["--listen", "127.0.0.1:0"];
+        LoggedProcess process = LoggedProcess.Start("dotnet", [dll, .. args, .. listen]);
         try
         {
             int port = await process.WaitForPortAsync(@"Serving NBD on 127\.0\.0\.1:(\d+)", TimeSpan.FromSeconds(30));

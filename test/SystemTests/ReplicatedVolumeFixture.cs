@@ -278,6 +278,19 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
         Assert.That(Upstairs.Log, Does.Contain($"Control socket on {ControlPath}"), $"no control socket line in the nbd-server log:\n{Upstairs.Log}");
     }
 
+    /// <summary>
+    /// Stops nbd-server (SIGTERM: it drains and flushes, as <c>systemctl restart</c> does) and starts
+    /// a new one on the same port, where a client that reconnects (<c>nbd-client -persist</c>) finds it.
+    /// </summary>
+    public async Task RestartUpstairsOnItsPortAsync(params string[] extraArgs)
+    {
+        NbdServerProcess old = Upstairs ?? throw new InvalidOperationException("nbd-server is not running");
+        int port = old.Port;
+        int code = await old.StopAsync(ProcessTimeout);
+        Assert.That(code, Is.EqualTo(0), $"nbd-server exit code on SIGTERM:\n{old.Log}");
+        await StartUpstairsAsync([.. extraArgs, "--listen", $"127.0.0.1:{port.ToString(CultureInfo.InvariantCulture)}"]);
+    }
+
     /// <summary>SIGKILL of nbd-server: nothing it held is flushed.</summary>
     public void KillUpstairs()
     {
