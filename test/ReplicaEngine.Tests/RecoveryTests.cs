@@ -95,6 +95,9 @@ public sealed class RecoveryTests
             {
                 writesDuringRepair++;
             }
+            // The fakes answer inline, so without this the loop never leaves its thread: the repair's
+            // continuations queued behind it waited minutes for a thread of the pool.
+            await Task.Yield();
         }
         await cluster.WaitForStateAsync(1, ReplicaState.Active);
         Assert.That(writesDuringRepair, Is.GreaterThan(5), "guest writes completed while the repair ran");
