@@ -12,6 +12,7 @@ packages=(
   qemu-system-x86                    # boots a Linux guest to test the kernel nbd client
   fio nbd-client fuse3 e2fsprogs     # fio ioengine=nbd, nbd-client, nbdfuse's mount, mkfs/e2fsck
   busybox-static cpio                # the guest's initramfs
+  prometheus                         # promtool: checks and unit-tests monitoring/nbd-alerts.yml
 )
 missing=()
 for p in "${packages[@]}"; do

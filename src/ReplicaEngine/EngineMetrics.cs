@@ -29,6 +29,8 @@ public sealed class EngineMetrics : IDisposable
         _meter.CreateObservableGauge("nbd.replica.repair_remaining_bytes", () => PerReplica(r => Math.Max(0, r.RepairBytesTotal - r.RepairBytesDone)), "By", "Bytes the running repair still expects to copy");
         _meter.CreateObservableGauge("nbd.replica.change_record_bytes", () => PerReplica(r => r.ChangeRecordBytes ?? 0), "By", "Bytes the replica's changed-block record marks (what it missed while out)");
         _meter.CreateObservableGauge("nbd.volume.replicas_in_service", () => volume.GetStatus().InService, "{replica}");
+        _meter.CreateObservableCounter("nbd.volume.scrub_checked_blocks", () => volume.ScrubTotals.Checked, "{block}", "Block copies scrubs checked against their stored hash");
+        _meter.CreateObservableCounter("nbd.volume.scrub_repaired_blocks", () => volume.ScrubTotals.Repaired, "{block}", "Bad block copies scrubs found and rewrote from a good one");
     }
 
     public void Dispose() => _meter.Dispose();

@@ -476,6 +476,9 @@ public sealed class ReplicatedVolume : IBlockVolume
 
     public ScrubStatus Scrub => _scrubber.Status;
 
+    /// <summary>Block copies every scrub since start checked and repaired.</summary>
+    public (long Checked, long Repaired) ScrubTotals => _scrubber.Totals;
+
     /// <summary>
     /// The operator's live change of the repair pace (null: that part unchanged); the running
     /// repair's copies read it at their next chunk. Answers why a value was refused, or null.

@@ -15,6 +15,11 @@ internal sealed class Scrubber(ReplicatedVolume volume, Engine engine)
     private readonly Lock _statusGate = new();
     private Task? _running;
     private ScrubStatus _status = new(false, 0, 0, 0, 0, null);
+    private long _checkedTotal;
+    private long _repairedTotal;
+
+    /// <summary>Block copies checked and repaired by every scrub since start (for metrics: they only grow).</summary>
+    public (long Checked, long Repaired) Totals => (Interlocked.Read(ref _checkedTotal), Interlocked.Read(ref _repairedTotal));
 
     public ScrubStatus Status
     {
@@ -81,6 +86,8 @@ internal sealed class Scrubber(ReplicatedVolume volume, Engine engine)
                     (long c, long r) = await ScrubChunkAsync(extent, first, count);
                     checkedBlocks += c;
                     repaired += r;
+                    Interlocked.Add(ref _checkedTotal, c);
+                    Interlocked.Add(ref _repairedTotal, r);
                     await ReplicaMaintainer.PaceAsync(engine, chunkStarted, engine.Options.ScrubDutyCycle, cancellationToken);
                 }
                 lock (_statusGate)

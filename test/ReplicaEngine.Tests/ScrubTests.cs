@@ -55,6 +55,7 @@ public sealed class ScrubTests
         Cluster.Advance(clock, interval - TimeSpan.FromSeconds(1));
         Assert.That((cluster.Volume.Scrub.Running, cluster.Volume.Scrub.ExtentsDone), Is.EqualTo((false, 0)), "no scrub before the interval");
         await cluster.AdvanceUntilAsync(clock, () => cluster.Volume.Scrub.BlocksRepaired == 1 && !cluster.Volume.Scrub.Running, "a periodic scrub repaired the rotted copy");
+        Assert.That(cluster.Volume.ScrubTotals, Is.EqualTo((cluster.Volume.Scrub.BlocksChecked, 1L)), "the metrics' totals count what the scrub did");
         Assert.That(cluster.Replicas[0].ReadBlock(21), Is.EqualTo(Cluster.Pattern(7, 21)));
     }
 
