@@ -41,12 +41,10 @@ internal static class StatusCommand
             switch (args[i])
             {
                 case "--control" when i + 1 < args.Count:
-                    if (ControlServer.RefuseTcp(args[++i], "--control") is { } refusal)
+                    if (!TryControl(args[++i], out control))
                     {
-                        Console.Error.WriteLine($"nbd-server: {refusal}");
                         return 2;
                     }
-                    control = args[i];
                     break;
                 case "--watch":
                     watch = true;
@@ -146,12 +144,10 @@ internal static class StatusCommand
             switch (args[i])
             {
                 case "--control" when i + 1 < args.Count:
-                    if (ControlServer.RefuseTcp(args[++i], "--control") is { } refusal)
+                    if (!TryControl(args[++i], out control))
                     {
-                        Console.Error.WriteLine($"nbd-server: {refusal}");
                         return 2;
                     }
-                    control = args[i];
                     break;
                 case "--wait":
                     wait = true;
@@ -236,12 +232,10 @@ internal static class StatusCommand
             switch (args[i])
             {
                 case "--control" when i + 1 < args.Count:
-                    if (ControlServer.RefuseTcp(args[++i], "--control") is { } refusal)
+                    if (!TryControl(args[++i], out control))
                     {
-                        Console.Error.WriteLine($"nbd-server: {refusal}");
                         return 2;
                     }
-                    control = args[i];
                     break;
                 case "--rate-limit" or "--duty-cycle" when i + 1 < args.Count:
                     if (!double.TryParse(args[i + 1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value))
@@ -288,6 +282,19 @@ internal static class StatusCommand
             Console.Error.WriteLine($"nbd-server repair: no server answers on {control} ({e.Message}).");
             return 1;
         }
+    }
+
+    /// <summary>The <c>--control</c> value of every subcommand: a socket path; an ADDRESS:PORT is refused with why.</summary>
+    private static bool TryControl(string value, out string? control)
+    {
+        if (ControlServer.RefuseTcp(value, "--control") is { } refusal)
+        {
+            Console.Error.WriteLine($"nbd-server: {refusal}");
+            control = null;
+            return false;
+        }
+        control = value;
+        return true;
     }
 
     private static readonly Uri StatusUri = new("http://localhost/status");
