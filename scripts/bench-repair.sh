@@ -192,6 +192,20 @@ start_ds() {   # start_ds I: (re)starts downstairs I on its port; waits (bounded
   die "downstairs $i did not listen on 127.0.0.1:${ds_port[$i]} within 30 s"
 }
 
+create_regions() {   # create_regions: three fresh regions of $bytes in $dir, their downstairs started
+  local i
+  for i in 0 1 2; do
+    "${ds[@]}" create --data "$dir/ds$i" --size "$bytes" --block-size 4096 --extent-size "$EXTENT_BLOCKS" >"$dir/create$i.out" 2>&1 \
+      || { cat "$dir/create$i.out" >&2; die "nbd-downstairs create failed"; }
+    start_ds "$i"
+  done
+}
+
+stop_all_ds() {
+  local i
+  for i in 0 1 2; do [ -n "${ds_pid[$i]}" ] && stop_pid "${ds_pid[$i]}" 30; ds_pid[$i]=""; done
+}
+
 kill_ds() {   # kill_ds I: SIGKILL, as a crash
   kill -KILL "${ds_pid[$1]}" 2>/dev/null || true
   wait "${ds_pid[$1]}" 2>/dev/null || true
@@ -462,11 +476,7 @@ one_size() {   # one_size SIZE_GIB RUN: fresh regions, fill, every measurement, 
   dir="$work/$g-$r"
   mkdir -p "$dir"
   control="$dir/control.sock"
-  for i in 0 1 2; do
-    "${ds[@]}" create --data "$dir/ds$i" --size "$bytes" --block-size 4096 --extent-size "$EXTENT_BLOCKS" >"$dir/create$i.out" 2>&1 \
-      || { cat "$dir/create$i.out" >&2; die "nbd-downstairs create failed"; }
-    start_ds "$i"
-  done
+  create_regions
   start_up full
   say "${g} GiB run $r: writing $(mib "$fill") MiB, rewriting $(mib "$rewrite") MiB while replica 1 is out"
   fio_write_seq "$fill" $((600 + 30 * g)) "fill-$g-$r"
@@ -474,7 +484,7 @@ one_size() {   # one_size SIZE_GIB RUN: fresh regions, fill, every measurement, 
   measure_full "$g" "$r" load
   for o in "${outages[@]}"; do measure_catchup "$g" "$r" "$o"; done
   stop_up
-  for i in 0 1 2; do [ -n "${ds_pid[$i]}" ] && stop_pid "${ds_pid[$i]}" 30; ds_pid[$i]=""; done
+  stop_all_ds
   if [ "${COMPARE:-0}" = 1 ]; then
     "${ds[@]}" compare "$dir/ds0" "$dir/ds1" "$dir/ds2" >"$dir/compare.out" 2>&1 \
       && say "  regions identical" || { tail -5 "$dir/compare.out" >&2; die "regions differ after ${g} GiB run $r"; }
@@ -486,16 +496,12 @@ one_size() {   # one_size SIZE_GIB RUN: fresh regions, fill, every measurement, 
 # ---- startup reconciliation: clean, then dirty
 reconcile_line=""
 measure_reconcile() {   # measure_reconcile SIZE_GIB: prints two lines of its own
-  local g=$1 t0 t1 line repaired written
+  local g=$1 t0 t1 line written
   dir="$work/reconcile-$g"
   mkdir -p "$dir"
   control="$dir/control.sock"
   bytes=$(( g << 30 )); fill=$(( bytes / 16 ))
-  for i in 0 1 2; do
-    "${ds[@]}" create --data "$dir/ds$i" --size "$bytes" --block-size 4096 --extent-size "$EXTENT_BLOCKS" >"$dir/create$i.out" 2>&1 \
-      || { cat "$dir/create$i.out" >&2; die "nbd-downstairs create failed"; }
-    start_ds "$i"
-  done
+  create_regions
   start_up default
   fio_write_seq "$fill" 600 "reconcile-fill"
   stop_up
@@ -509,13 +515,14 @@ measure_reconcile() {   # measure_reconcile SIZE_GIB: prints two lines of its ow
   wait "$up_pid" 2>/dev/null || true
   untrack "$up_pid"; up_pid=""; up_mode=""
   stop_load
-  written=$(jq -r '[.jobs[].write.io_bytes] | add' "$dir/fio-reconcile-dirty.json" 2>/dev/null || echo NA)
+  # fio, cut off by the dead server, may print its errors ahead of the JSON.
+  written=$(sed -n '/^{/,$p' "$dir/fio-reconcile-dirty.json" | jq -r '[.jobs[].write.io_bytes] | add' 2>/dev/null || echo NA)
   t0=$(now); start_up default; t1=$(now)
   line=$(grep -o 'reconciled [0-9]* replicas, [0-9]* extents repaired' "$dir/up.log" | tail -1)
   reconcile_line+=$'\n'"dirty ${g} GiB (upstairs SIGKILLed after 3 s of 4k random writes over the first $(mib "$fill") MiB = $((fill / 4096 / EXTENT_BLOCKS)) extents, $(mib "$written") MiB written, no flush): start to serving $(fsub "$t1" "$t0") s; ${line}"
   say "${reconcile_line##*$'\n'}"
   stop_up
-  for i in 0 1 2; do [ -n "${ds_pid[$i]}" ] && stop_pid "${ds_pid[$i]}" 30; ds_pid[$i]=""; done
+  stop_all_ds
   rm -rf "$dir/ds0" "$dir/ds1" "$dir/ds2"
 }
 
