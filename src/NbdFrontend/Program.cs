@@ -92,6 +92,8 @@ finally
 /// </summary>
 internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logger, IHostApplicationLifetime lifetime) : IHostedService, IAsyncDisposable
 {
+    private System.Runtime.InteropServices.PosixSignalRegistration? _reloadSignal;
+    private int _reloading;
     private IBlockVolume? _volume;
     private NbdListener? _listener;
     private ControlServer? _control;
@@ -100,6 +102,14 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
 
     public async Task StartAsync(CancellationToken cancellationToken)
     {
+        // Taken first: the variable must not reach anything this process starts.
+        HandoverState? handed = Handover.Take(logger);
+        // Registered before the long activation, so an early SIGHUP is refused instead of ending the process.
+        _reloadSignal = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGHUP, context =>
+        {
+            context.Cancel = true;
+            _ = Task.Run(ReloadAsync);
+        });
         if (command.Engine is { } engine)
         {
             // The control endpoint comes up first, so `nbd-server status` shows a long reconciliation's progress.
@@ -123,7 +133,60 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
         }
         var exports = new ExportRegistry([new NbdExport(command.ExportName, _volume, command.Description, command.ReadOnly)]);
         _listener = new NbdListener(exports, command.Frontend, logger);
-        _listener.Start();
+        _listener.Start(handed);
+    }
+
+    /// <summary>
+    /// SIGHUP (systemctl reload): a new image of this executable takes over every client between two
+    /// requests (see <see cref="Handover"/>). The volume is flushed and closed first, so the new
+    /// image's activation finds the replicas in agreement and reconciles nothing.
+    /// </summary>
+    private async Task ReloadAsync()
+    {
+        if (Interlocked.Exchange(ref _reloading, 1) != 0)
+        {
+            return;
+        }
+        NbdListener? listener = _listener;
+        string? refusal = listener is null ? "the server is still starting" : Handover.CannotReload();
+        if (refusal is not null || listener is null)
+        {
+            FrontendLog.ReloadRefused(logger, refusal ?? "");
+            Volatile.Write(ref _reloading, 0);
+            return;
+        }
+        using (SdNotify? notify = SdNotify.FromEnvironment())
+        {
+            notify?.Send("RELOADING=1");
+        }
+        FrontendLog.HandingOver(logger, listener.ConnectionCount, Environment.ProcessPath!);
+        (HandoverState state, IReadOnlyList<System.Net.Sockets.Socket> sockets, int closed) = await listener.HandOverAsync();
+        FrontendLog.HandedOver(logger, state.Sessions.Count, state.Listeners.Count, closed);
+        if (_control is not null)
+        {
+            await _control.DisposeAsync();
+        }
+        if (_volume is not null)
+        {
+            if ((_volume.Features & VolumeFeatures.ReadOnly) == 0)
+            {
+                try
+                {
+                    await _volume.FlushAsync(CancellationToken.None);
+                }
+                catch (VolumeException e)
+                {
+                    FrontendLog.FinalFlushFailed(logger, e.Message);
+                }
+            }
+            await _volume.DisposeAsync();
+        }
+        await Log.CloseAndFlushAsync();
+        string failure = Handover.Exec(state, sockets);
+        // Only reached when exec failed: the clients are stopped and the volume closed, so the one
+        // way on is a restart by the supervisor.
+        Console.Error.WriteLine($"nbd-server: reload failed: {failure}");
+        Environment.Exit(1);
     }
 
     public async Task StopAsync(CancellationToken cancellationToken)
@@ -148,6 +211,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
 
     public async ValueTask DisposeAsync()
     {
+        _reloadSignal?.Dispose();
         if (_listener is not null)
         {
             await _listener.DisposeAsync();

@@ -48,6 +48,27 @@ internal static partial class FrontendLog
     [LoggerMessage(EventId = 1014, Level = LogLevel.Debug, Message = "Connection {Id} closed before attaching to an export: {Reason}")]
     public static partial void UnattachedConnectionClosed(ILogger logger, long id, string reason);
 
+    [LoggerMessage(EventId = 1015, Level = LogLevel.Information, Message = "Connection {Id} from {Remote} resumed on export '{Export}' (handed over by the previous image)")]
+    public static partial void Resumed(ILogger logger, long id, string remote, string export);
+
+    [LoggerMessage(EventId = 1016, Level = LogLevel.Information, Message = "Reload (SIGHUP): handing {Connections} connection(s) over to a new image of {Path}")]
+    public static partial void HandingOver(ILogger logger, int connections, string path);
+
+    [LoggerMessage(EventId = 1017, Level = LogLevel.Information, Message = "Handover: {Sessions} session(s) and {Listeners} listener(s) go to the new image; {Closed} connection(s) closed (negotiating, TLS or not idle)")]
+    public static partial void HandedOver(ILogger logger, int sessions, int listeners, int closed);
+
+    [LoggerMessage(EventId = 1018, Level = LogLevel.Warning, Message = "Reload refused: {Reason}")]
+    public static partial void ReloadRefused(ILogger logger, string reason);
+
+    [LoggerMessage(EventId = 1019, Level = LogLevel.Information, Message = "Took over from the previous image: {Sessions} session(s), {Listeners} listener(s)")]
+    public static partial void TookOver(ILogger logger, int sessions, int listeners);
+
+    [LoggerMessage(EventId = 1020, Level = LogLevel.Error, Message = "The previous image's handover cannot be read ({Reason}); its clients are not served and must reconnect")]
+    public static partial void HandoverUnreadable(ILogger logger, string reason);
+
+    [LoggerMessage(EventId = 1021, Level = LogLevel.Warning, Message = "Handed-over {What} not used: {Reason}")]
+    public static partial void HandedNotUsed(ILogger logger, string what, string reason);
+
     [LoggerMessage(EventId = 1100, Level = LogLevel.Information, Message = "Control socket on {Path} (nbd-server status)")]
     public static partial void ControlListening(ILogger logger, string path);
 

@@ -50,8 +50,20 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private volatile bool _shuttingDown;
     private NegotiatedSession? _session;
 
-    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null, TimeProvider? time = null)
+    // Handover (see HandOverAsync): the request loop stops between two requests, never inside one.
+    private const string HandoverStop = "handed over to the next server image";
+    private readonly Lock _readGate = new();
+    private readonly TaskCompletionSource<HandedConnection?> _handedOver = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private bool _handingOver;
+    private bool _awaitingRequest;
+
+    /// <param name="resumed">
+    /// A session negotiated by an earlier image of the server and handed over: the handshake is
+    /// skipped and the connection starts in the transmission phase.
+    /// </param>
+    public NbdConnection(long id, Transport transport, ExportRegistry exports, FrontendOptions options, ByteBudget serverBudget, ILogger logger, LogThrottle? throttle = null, TlsServerPolicy? tls = null, TimeProvider? time = null, NegotiatedSession? resumed = null)
     {
+        _session = resumed;
         _tls = tls;
         Id = id;
         _transport = transport;
@@ -77,30 +89,18 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         string reason = "client disconnected";
         try
         {
-            using (var handshakeTimeout = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token, serverStopping))
+            if (_session is null)
             {
-                handshakeTimeout.CancelAfter(_options.HandshakeTimeout);
-                var negotiator = new NbdNegotiator(_transport, _exports, _options, Id, _logger, () => _shuttingDown || serverStopping.IsCancellationRequested, _tls, _throttle);
-                try
+                if (await NegotiateAsync(serverStopping) is { } refused)
                 {
-                    _session = await negotiator.NegotiateAsync(handshakeTimeout.Token);
-                }
-                catch (OperationCanceledException) when (!_aborted.IsCancellationRequested)
-                {
-                    reason = serverStopping.IsCancellationRequested ? "server shutting down during handshake" : $"handshake not finished within {_options.HandshakeTimeout.TotalSeconds:0} s";
-                    if (!serverStopping.IsCancellationRequested)
-                    {
-                        ReportDropped("handshake not finished within the handshake timeout", reason);
-                    }
+                    reason = refused;
                     return;
                 }
             }
-            if (_session is null)
+            else
             {
-                reason = "handshake ended without an export";
-                return;
+                FrontendLog.Resumed(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name);
             }
-            FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation, _transport.Tls is not null);
             FrontendMetrics.ConnectionAttached();
             try
             {
@@ -125,7 +125,21 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         finally
         {
             // Answer what was admitted before closing (DISC and shutdown both require the drain).
-            await WhenIdleAsync().WaitAsync(_options.ShutdownTimeout).ContinueWith(static _ => { }, TaskScheduler.Default);
+            Task idle = WhenIdleAsync();
+            await idle.WaitAsync(_options.ShutdownTimeout).ContinueWith(static _ => { }, TaskScheduler.Default);
+            HandedConnection? handed = null;
+            if (reason == HandoverStop && idle.IsCompletedSuccessfully && !_broken && !_aborted.IsCancellationRequested
+                && _transport.Detach() is var (socket, pending))
+            {
+                // Every admitted request is answered and nothing after them was taken: the client
+                // sees one stream of replies across the two images.
+                handed = new HandedConnection(socket, pending, _session!);
+            }
+            else if (reason == HandoverStop)
+            {
+                reason = _transport.Tls is not null ? "TLS sessions cannot be handed over; the client must reconnect" : "not idle at the handover";
+            }
+            _handedOver.TrySetResult(handed);
             _transport.Abort();
             if (_session is not null)
             {
@@ -145,11 +159,69 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
     }
 
+    /// <summary>The handshake; null once attached to an export, else why the connection ends.</summary>
+    private async Task<string?> NegotiateAsync(CancellationToken serverStopping)
+    {
+        using (var handshakeTimeout = CancellationTokenSource.CreateLinkedTokenSource(_aborted.Token, serverStopping))
+        {
+            handshakeTimeout.CancelAfter(_options.HandshakeTimeout);
+            var negotiator = new NbdNegotiator(_transport, _exports, _options, Id, _logger, () => _shuttingDown || serverStopping.IsCancellationRequested, _tls, _throttle);
+            try
+            {
+                _session = await negotiator.NegotiateAsync(handshakeTimeout.Token);
+            }
+            catch (OperationCanceledException) when (!_aborted.IsCancellationRequested)
+            {
+                string reason = serverStopping.IsCancellationRequested ? "server shutting down during handshake" : $"handshake not finished within {_options.HandshakeTimeout.TotalSeconds:0} s";
+                if (!serverStopping.IsCancellationRequested)
+                {
+                    ReportDropped("handshake not finished within the handshake timeout", reason);
+                }
+                return reason;
+            }
+        }
+        if (_session is null)
+        {
+            return "handshake ended without an export";
+        }
+        FrontendLog.Attached(_logger, Id, _transport.RemoteEndPoint, _session.Export.Name, _session.StructuredReplies, _session.BaseAllocation, _transport.Tls is not null);
+        return null;
+    }
+
     /// <summary>Stop taking work: new requests get ESHUTDOWN; completes once in-flight requests are answered.</summary>
     public Task BeginShutdownAsync()
     {
         _shuttingDown = true;
         return WhenIdleAsync();
+    }
+
+    /// <summary>
+    /// Stops this connection between two requests so its socket can be handed to the next image of
+    /// the server: no new request is taken, the admitted ones are answered, and the socket is
+    /// returned open with whatever was read from it and not taken. Null when the connection cannot
+    /// be handed over (still negotiating, TLS, broken, or not idle within the shutdown timeout):
+    /// then it is closed like at shutdown.
+    /// </summary>
+    public Task<HandedConnection?> HandOverAsync()
+    {
+        bool negotiating;
+        lock (_readGate)
+        {
+            _handingOver = true;
+            negotiating = _session is null;
+            if (_awaitingRequest)
+            {
+                // Parked between two requests: wake it. Only here, so the cancellation can never
+                // land on a read inside a request (its payload).
+                _transport.Input.CancelPendingRead();
+            }
+        }
+        if (negotiating)
+        {
+            // Not attached yet: nothing to keep; the client sees a closed connection and tries again.
+            Abort();
+        }
+        return _handedOver.Task;
     }
 
     /// <summary>Hard disconnect (after the shutdown grace period).</summary>
@@ -181,8 +253,33 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         PipeReader input = _transport.Input;
         while (true)
         {
-            ReadResult result = await input.ReadAsync(cancellationToken);
+            lock (_readGate)
+            {
+                if (_handingOver)
+                {
+                    return HandoverStop;
+                }
+                _awaitingRequest = true;
+            }
+            ReadResult result;
+            try
+            {
+                result = await input.ReadAsync(cancellationToken);
+            }
+            finally
+            {
+                lock (_readGate)
+                {
+                    _awaitingRequest = false;
+                }
+            }
             ReadOnlySequence<byte> buffer = result.Buffer;
+            if (Volatile.Read(ref _handingOver))
+            {
+                // What was read stays in the pipe for the next image, requests cut short included.
+                input.AdvanceTo(buffer.Start);
+                return HandoverStop;
+            }
             string? stop = null;
             _batchThread = Environment.CurrentManagedThreadId;
             try

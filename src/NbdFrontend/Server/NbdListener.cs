@@ -62,37 +62,163 @@ internal sealed class NbdListener : IAsyncDisposable
     /// <summary>Payload bytes all connections hold right now (the server-wide byte budget in use).</summary>
     public long BytesInFlight => _serverBudget.InUse;
 
-    public void Start()
+    /// <param name="handed">
+    /// What the previous image of this server handed over on reload: its listening sockets (used
+    /// when they are where this configuration listens) and its attached clients (resumed between
+    /// two requests). Null on a fresh start.
+    /// </param>
+    public void Start(HandoverState? handed = null)
     {
         string exports = string.Join(", ", _exports.All.Select(e => $"'{e.Name}' ({e.Volume.Size} bytes{(e.IsReadOnly ? ", read-only" : "")})"));
+        Socket? handedTcp = Adopt(handed, HandedListenerKind.Tcp);
+        Socket? handedUnix = Adopt(handed, HandedListenerKind.Unix);
         if (_options.UnixSocketPath is { } path)
         {
-            _unixSocket = UnixSocketListener.Bind(path, _options.UnixSocketFileMode(), _logger);
+            _unixSocket = TakeIfListeningOn(ref handedUnix, $"Unix socket {path}", s => s.LocalEndPoint?.ToString() == path)
+                ?? UnixSocketListener.Bind(path, _options.UnixSocketFileMode(), _logger);
             FrontendLog.ListeningUnix(_logger, path, _options.UnixSocketMode);
             _unixAcceptLoop = AcceptLoop.RunAsync(_unixSocket, Accepted, _stopping.Token);
         }
         if (_options.Listen is { } listen)
         {
-            var socket = new Socket(listen.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-            try
+            _socket = TakeIfListeningOn(ref handedTcp, $"TCP {listen}", s => listen.Equals(s.LocalEndPoint) || (listen.Port == 0 && listen.Address.Equals(((IPEndPoint?)s.LocalEndPoint)?.Address)));
+            if (_socket is null)
             {
-                socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-                socket.Bind(listen);
-                socket.Listen(128);
+                var socket = new Socket(listen.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+                try
+                {
+                    socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+                    socket.Bind(listen);
+                    socket.Listen(128);
+                }
+                catch
+                {
+                    socket.Dispose();
+                    throw;
+                }
+                _socket = socket;
             }
-            catch
-            {
-                socket.Dispose();
-                throw;
-            }
-            _socket = socket;
             FrontendLog.Listening(_logger, LocalEndPoint.ToString(), exports);
-            _acceptLoop = AcceptLoop.RunAsync(socket, Accepted, _stopping.Token);
+            _acceptLoop = AcceptLoop.RunAsync(_socket, Accepted, _stopping.Token);
         }
         else
         {
             FrontendLog.Listening(_logger, "no TCP port", exports);
         }
+        handedTcp?.Dispose();
+        handedUnix?.Dispose();
+        if (handed is not null)
+        {
+            int resumed = handed.Sessions.Count(Resume);
+            FrontendLog.TookOver(_logger, resumed, handed.Listeners.Count);
+        }
+    }
+
+    private Socket? Adopt(HandoverState? handed, HandedListenerKind kind)
+    {
+        if (handed?.Listeners.FirstOrDefault(l => l.Kind == kind) is not { } listener)
+        {
+            return null;
+        }
+        try
+        {
+            return new Socket(new SafeSocketHandle(listener.Fd, ownsHandle: true));
+        }
+        catch (SocketException e)
+        {
+            FrontendLog.HandedNotUsed(_logger, $"{kind} listener (descriptor {listener.Fd})", e.Message);
+            return null;
+        }
+    }
+
+    /// <summary>The handed listener when it listens where this configuration does (a changed address binds anew).</summary>
+    private Socket? TakeIfListeningOn(ref Socket? handed, string where, Func<Socket, bool> matches)
+    {
+        if (handed is null)
+        {
+            return null;
+        }
+        if (!matches(handed))
+        {
+            FrontendLog.HandedNotUsed(_logger, $"listener on {handed.LocalEndPoint}", $"this configuration listens on {where}");
+            return null;
+        }
+        Socket taken = handed;
+        handed = null;
+        return taken;
+    }
+
+    /// <summary>A client handed over between two requests: served from its next request on, no handshake.</summary>
+    private bool Resume(HandedSession handed)
+    {
+        Socket client;
+        try
+        {
+            client = new Socket(new SafeSocketHandle(handed.Fd, ownsHandle: true));
+        }
+        catch (SocketException e)
+        {
+            FrontendLog.HandedNotUsed(_logger, $"connection (descriptor {handed.Fd})", e.Message);
+            return false;
+        }
+        if (!_exports.TryGet(handed.ExportName, out NbdExport export))
+        {
+            FrontendLog.HandedNotUsed(_logger, $"connection to export '{handed.ExportName}'", "this configuration has no such export");
+            client.Dispose();
+            return false;
+        }
+        bool unix = client.AddressFamily == AddressFamily.Unix;
+        Interlocked.Increment(ref unix ? ref _unixConnections : ref _tcpConnections);
+        long id = Interlocked.Increment(ref _nextId);
+        var session = new NegotiatedSession(export, handed.Flags, handed.StructuredReplies, handed.BaseAllocation);
+        _ = RunConnection(id, new Transport(new NetworkStream(client, ownsSocket: true), client, ReadBufferSize, handed.Pending),
+            () => Interlocked.Decrement(ref unix ? ref _unixConnections : ref _tcpConnections), session);
+        return true;
+    }
+
+    /// <summary>
+    /// Reload: stops accepting (the listening sockets stay open, so clients queue in the backlog)
+    /// and stops every connection between two requests once what it admitted is answered. What
+    /// can be handed over is returned with its sockets; the rest is closed. This listener is done
+    /// afterwards: the next image serves from here.
+    /// </summary>
+    public async Task<(HandoverState State, IReadOnlyList<Socket> Sockets, int Closed)> HandOverAsync()
+    {
+        _stopping.Cancel();
+        if (_acceptLoop is not null)
+        {
+            await _acceptLoop;
+        }
+        if (_unixAcceptLoop is not null)
+        {
+            await _unixAcceptLoop;
+        }
+        var connections = _connections.Values.ToList();
+        HandedConnection?[] results = await Task.WhenAll(connections.Select(c => c.Connection.HandOverAsync()));
+        var sockets = new List<Socket>();
+        var listeners = new List<HandedListener>();
+        if (_socket is not null)
+        {
+            listeners.Add(new HandedListener(HandedListenerKind.Tcp, (int)_socket.Handle));
+            sockets.Add(_socket);
+        }
+        if (_unixSocket is not null)
+        {
+            listeners.Add(new HandedListener(HandedListenerKind.Unix, (int)_unixSocket.Handle));
+            sockets.Add(_unixSocket);
+        }
+        var sessions = new List<HandedSession>();
+        foreach (HandedConnection? handed in results)
+        {
+            if (handed is null)
+            {
+                continue;
+            }
+            NegotiatedSession s = handed.Session;
+            sessions.Add(new HandedSession((int)handed.Socket.Handle, s.Export.Name, s.Flags, s.StructuredReplies, s.BaseAllocation, handed.Pending));
+            sockets.Add(handed.Socket);
+        }
+        return (new HandoverState(listeners, sessions), sockets, results.Length - sessions.Count);
     }
 
     /// <summary>Serves an already-connected stream (in-process tests use a duplex pipe).</summary>
@@ -126,9 +252,9 @@ internal sealed class NbdListener : IAsyncDisposable
             () => Interlocked.Decrement(ref unix ? ref _unixConnections : ref _tcpConnections));
     }
 
-    private Task RunConnection(long id, Transport transport, Action? released = null)
+    private Task RunConnection(long id, Transport transport, Action? released = null, NegotiatedSession? resumed = null)
     {
-        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle, _tls, _time);
+        var connection = new NbdConnection(id, transport, _exports, _options, _serverBudget, _logger, _throttle, _tls, _time, resumed);
         var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         Task running = Task.Run(async () =>
         {

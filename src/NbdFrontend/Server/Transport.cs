@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.IO.Pipelines;
 using System.Net.Security;
 using System.Net.Sockets;
@@ -21,8 +22,16 @@ internal sealed class Transport : IAsyncDisposable
 
     /// <param name="stream">The connection (a NetworkStream, or an in-process duplex stream in tests).</param>
     /// <param name="socket">When present, sends use the socket's scatter/gather API directly.</param>
-    public Transport(Stream stream, Socket? socket, int readBufferSize)
+    /// <param name="pending">
+    /// Bytes read from this connection by an earlier image of the server and not taken by a request
+    /// yet (see <see cref="HandoverState"/>): they come first, then the socket.
+    /// </param>
+    public Transport(Stream stream, Socket? socket, int readBufferSize, byte[]? pending = null)
     {
+        if (pending is { Length: > 0 })
+        {
+            stream = new PrefixedStream(pending, stream);
+        }
         _stream = stream;
         _socket = socket;
         _gatherOnSocket = socket is not null;
@@ -124,6 +133,30 @@ internal sealed class Transport : IAsyncDisposable
     {
         await Input.CompleteAsync();
         Abort();
+    }
+
+    /// <summary>
+    /// Takes the socket out of this transport, open, with the bytes read from it that nobody took
+    /// (the reader must be stopped at a request boundary); the transport is closed without closing
+    /// the socket. Null when there is no socket to give (in-process stream) or it runs TLS, whose
+    /// session state cannot leave the process.
+    /// </summary>
+    public (Socket Socket, byte[] Pending)? Detach()
+    {
+        if (_socket is null || Tls is not null || Interlocked.Exchange(ref _closed, 1) != 0)
+        {
+            return null;
+        }
+        byte[] pending = [];
+        if (Input.TryRead(out ReadResult result))
+        {
+            pending = result.Buffer.ToArray();
+            Input.AdvanceTo(result.Buffer.End);
+        }
+        // The stream owns the socket: completing the reader leaves it open (leaveOpen), and the
+        // stream itself is dropped, not disposed.
+        Input.Complete();
+        return (_socket, pending);
     }
 
     // The reader never waits for a whole payload to be buffered (payloads are copied out as they

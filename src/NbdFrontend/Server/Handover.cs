@@ -1,0 +1,99 @@
+using System.Collections;
+using System.Globalization;
+using System.Net.Sockets;
+using Microsoft.Extensions.Logging;
+using Microsoft.Win32.SafeHandles;
+using NbdServer.Common.Posix;
+
+namespace NbdServer.Frontend.Server;
+
+/// <summary>
+/// Reload without dropping a client: the running image stops every connection between two
+/// requests, writes a <see cref="HandoverState"/> into a memory file and execs the same command
+/// line (a new binary, after an upgrade); the new image opens the volume again and resumes the
+/// connections where they stopped. The clients see a pause, never an error or a reconnect, so a
+/// kernel client keeps /dev/nbd0 and its filesystem through an upgrade of nbd-server.
+/// </summary>
+internal static class Handover
+{
+    /// <summary>The memory file's descriptor number, for the next image (not an NBD_SERVER_ setting).</summary>
+    public const string EnvironmentVariable = "NBD_HANDOVER_FD";
+
+    /// <summary>
+    /// The state the previous image left, or null on a fresh start. The variable is removed at once
+    /// so nothing this process starts inherits it.
+    /// </summary>
+    public static HandoverState? Take(ILogger logger)
+    {
+        string? text = Environment.GetEnvironmentVariable(EnvironmentVariable);
+        if (text is null)
+        {
+            return null;
+        }
+        Environment.SetEnvironmentVariable(EnvironmentVariable, null);
+        if (!int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int fd) || fd < 3)
+        {
+            FrontendLog.HandoverUnreadable(logger, $"{EnvironmentVariable}='{text}' is not a descriptor number");
+            return null;
+        }
+        try
+        {
+            using var file = new SafeFileHandle(fd, ownsHandle: true);
+            long length = RandomAccess.GetLength(file);
+            long limit = HandoverState.HeaderSize + ((long)HandoverState.MaxSessions * (HandoverState.SessionFixedSize + HandoverState.MaxNameBytes)) + (4L << 30);
+            if (length > limit)
+            {
+                FrontendLog.HandoverUnreadable(logger, $"{length} bytes, above the {limit}-byte limit");
+                return null;
+            }
+            byte[] bytes = new byte[length];
+            int read = RandomAccess.Read(file, bytes, 0);
+            if (!HandoverState.TryRead(bytes.AsSpan(0, read), out HandoverState? state, out string error))
+            {
+                FrontendLog.HandoverUnreadable(logger, error);
+                return null;
+            }
+            return state;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
+        {
+            FrontendLog.HandoverUnreadable(logger, e.Message);
+            return null;
+        }
+    }
+
+    /// <summary>Null when this process can exec itself again, else why not (checked before anything is stopped).</summary>
+    public static string? CannotReload() =>
+        Environment.ProcessPath is not { } path ? "the process's executable is unknown" : ProcessImage.CannotExecute(path);
+
+    /// <summary>
+    /// Replaces this process with a new image of the same command line, handing it
+    /// <paramref name="state"/> and the descriptors it names. Returns only when exec failed, with why.
+    /// </summary>
+    /// <param name="sockets">The sockets behind the descriptors: referenced until exec so none is closed by a finalizer.</param>
+    public static string Exec(HandoverState state, IReadOnlyList<Socket> sockets)
+    {
+        SafeFileHandle file = ProcessImage.CreateMemoryFile("nbd-server-handover");
+        RandomAccess.Write(file, state.ToBytes(), 0);
+        int fd = (int)file.DangerousGetHandle();
+        ProcessImage.KeepAcrossExec(fd);
+        foreach (HandedListener l in state.Listeners)
+        {
+            ProcessImage.KeepAcrossExec(l.Fd);
+        }
+        foreach (HandedSession s in state.Sessions)
+        {
+            ProcessImage.KeepAcrossExec(s.Fd);
+        }
+        var environment = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (DictionaryEntry e in Environment.GetEnvironmentVariables())
+        {
+            environment[(string)e.Key] = (string?)e.Value ?? "";
+        }
+        environment[EnvironmentVariable] = fd.ToString(CultureInfo.InvariantCulture);
+        string failure = ProcessImage.Exec(Environment.ProcessPath!, ProcessImage.CommandLine(), environment);
+        GC.KeepAlive(sockets);
+        GC.KeepAlive(file);
+        return failure;
+    }
+}
