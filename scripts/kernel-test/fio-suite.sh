@@ -6,15 +6,17 @@
 #      replica is back in service (live repair done), each pass verifying what it wrote;
 #   2. four connections (-C 4), max_sectors_kb lowered so every 1M request is split: the same;
 #   3. -timeout with a replica stalled (SIGSTOP) for longer than the timeout: no IO error;
-#   4. nbd-server restarted (SIGTERM, new process on the same port) under an idle -persist device:
+#   4. four connections, nbd-server reloaded twice (SIGHUP: a new image of the process takes the
+#      connections over between two requests) under the mixed job: no IO error, every pass verified;
+#   5. nbd-server restarted (SIGTERM, new process on the same port) under an idle -persist device:
 #      what was written before reads back intact (why idle, and why attached again: see the round).
 # The faults are made by the host test (KernelFioTests), asked over TCP: the guest sends one line
 # ("kill 1") to kt.ctl=PORT on the host and waits for "ok" (the host answers once it is done).
 # Without kt.ctl (a hand run of scripts/kernel-test.sh) the faults are skipped and said so.
-# The guest-side settings come from the kernel command line too: kt.rounds= (default 1234) picks rounds.
+# The guest-side settings come from the kernel command line too: kt.rounds= (default 12345) picks rounds.
 
 ctl_port=""
-rounds=1234
+rounds=12345
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kt.ctl=*) ctl_port=${arg#kt.ctl=} ;;
@@ -197,6 +199,23 @@ case "$rounds" in *3*)
 esac
 
 case "$rounds" in *4*)
+    # The way to upgrade or reconfigure nbd-server under a mounted device: `systemctl reload`.
+    # The kernel sees a pause of a fraction of a second, never a closed connection or an error.
+    step "round 4: -C 4, nbd-server reloaded twice (SIGHUP) under the mixed job"
+    dmesg -c >/dev/null
+    attach -C 4 -timeout 30
+    start_mixed
+    sleep 2
+    host_event "reload-upstairs"
+    sleep 2
+    host_event "reload-upstairs"
+    sleep 2
+    stop_mixed
+    check_kernel_log "4"
+    detach
+esac
+
+case "$rounds" in *5*)
     # -persist of Debian 12's nbd-client (3.24) does not survive an nbd-server restart: over netlink
     # it does nothing (nbd 3.27 adds it there, with a dead-connection timeout that holds IO), and
     # over the ioctl interface (-nonetlink) it reconnects only when NBD_DO_IT ends with an error,
@@ -204,7 +223,7 @@ case "$rounds" in *4*)
     # nbd-client exits, and requests in flight fail. So the restart comes while the device is idle,
     # the guest attaches again, re-verifies the blocks written before the restart (fio
     # --verify_only, same seed) and runs new mixed IO.
-    step "round 4: nbd-server restarted under -nonetlink -persist, blocks written before re-verified"
+    step "round 5: nbd-server restarted under -nonetlink -persist, blocks written before re-verified"
     dmesg -c >/dev/null
     attach -nonetlink -persist -timeout 30
     # A seed of its own: the blocks differ from what earlier rounds left there (same job, default seed).
@@ -227,7 +246,7 @@ case "$rounds" in *4*)
     start_mixed
     sleep 3
     stop_mixed
-    check_kernel_log "4" 'I/O error'
+    check_kernel_log "5" 'I/O error'
     detach
 esac
 

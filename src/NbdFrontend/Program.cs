@@ -39,6 +39,10 @@ if (args is ["status", .. var statusArgs])
     return await StatusCommand.RunAsync(statusArgs);
 }
 
+// The server from here on. Before anything slow: a SIGHUP's default action would end the process
+// (see ReloadSignal); the commands above keep it, so a terminal's hangup still ends them.
+ReloadSignal.Install();
+
 if (args.Any(a => a is "-h" or "--help"))
 {
     Console.WriteLine(ServeCommand.Usage);
@@ -70,6 +74,20 @@ try
     HostApplicationBuilder builder = Host.CreateApplicationBuilder();
     builder.Services.AddSerilog();
     builder.Services.AddSingleton(command);
+    // A reload execs this command line again: its settings are checked first, so a bad edit of the
+    // config file is refused while the clients are still served.
+    builder.Services.AddSingleton(new ReloadPreflight(() =>
+    {
+        try
+        {
+            ServeCommand.Parse(ConfigArgs.Build(args, ConfigArgs.OptionsIn(ServeCommand.Usage, "--ioengine"), ServeCommand.Flags, ServeCommand.EnvironmentPrefix, ServeCommand.DefaultConfigFile).Arguments);
+            return null;
+        }
+        catch (Exception e) when (e is ArgumentException or FormatException or OverflowException or IOException)
+        {
+            return $"the settings the new image would start with are refused: {e.Message}";
+        }
+    }));
     builder.Services.AddOperations(command.Metrics, command.Http);
     builder.Services.AddHostedService<NbdService>();
     using IHost host = builder.Build();
@@ -90,9 +108,8 @@ finally
 /// Opens the volume (a replicated one starts only after fencing and reconciliation), then serves it
 /// over NBD for the lifetime of the host. Ctrl-C / SIGTERM drain in-flight requests, flush, and exit.
 /// </summary>
-internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logger, IHostApplicationLifetime lifetime) : IHostedService, IAsyncDisposable
+internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight, ILogger<NbdService> logger, IHostApplicationLifetime lifetime) : IHostedService, IAsyncDisposable
 {
-    private System.Runtime.InteropServices.PosixSignalRegistration? _reloadSignal;
     private int _reloading;
     private IBlockVolume? _volume;
     private NbdListener? _listener;
@@ -104,12 +121,6 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
     {
         // Taken first: the variable must not reach anything this process starts.
         HandoverState? handed = Handover.Take(logger);
-        // Registered before the long activation, so an early SIGHUP is refused instead of ending the process.
-        _reloadSignal = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGHUP, context =>
-        {
-            context.Cancel = true;
-            _ = Task.Run(ReloadAsync);
-        });
         if (command.Engine is { } engine)
         {
             // The control endpoint comes up first, so `nbd-server status` shows a long reconciliation's progress.
@@ -134,6 +145,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
         var exports = new ExportRegistry([new NbdExport(command.ExportName, _volume, command.Description, command.ReadOnly)]);
         _listener = new NbdListener(exports, command.Frontend, logger);
         _listener.Start(handed);
+        ReloadSignal.OnReload(() => _ = Task.Run(ReloadAsync));
     }
 
     /// <summary>
@@ -148,7 +160,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
             return;
         }
         NbdListener? listener = _listener;
-        string? refusal = listener is null ? "the server is still starting" : Handover.CannotReload();
+        string? refusal = listener is null ? "the server is not serving" : Handover.CannotReload() ?? preflight.Check();
         if (refusal is not null || listener is null)
         {
             FrontendLog.ReloadRefused(logger, refusal ?? "");
@@ -211,7 +223,7 @@ internal sealed class NbdService(ServeCommand command, ILogger<NbdService> logge
 
     public async ValueTask DisposeAsync()
     {
-        _reloadSignal?.Dispose();
+        ReloadSignal.OnReload(null);
         if (_listener is not null)
         {
             await _listener.DisposeAsync();

@@ -155,7 +155,9 @@ internal sealed record ServeCommand
             Runs as a Type=notify service: READY=1 once the volume is serving (after reconciliation
             and listen), STOPPING=1 on SIGTERM, WATCHDOG=1 every WATCHDOG_USEC/2 when WatchdogSec=
             is set. Under the journal (JOURNAL_STREAM) log lines carry <N> syslog priorities and no
-            timestamps. SIGTERM drains in-flight requests and flushes before exit.
+            timestamps. SIGTERM drains in-flight requests and flushes before exit. SIGHUP (systemctl
+            reload) execs a new image of the process that takes every NBD connection over between
+            two requests (clients see a pause, not a disconnect; TLS sessions are closed).
 
         EXIT STATUS
             0 clean shutdown, 1 runtime error (replicas unreachable, address in use), 2 bad usage or setting.

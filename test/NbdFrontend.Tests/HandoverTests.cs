@@ -83,7 +83,7 @@ public sealed partial class HandoverTests
     {
         var volume = new Volumes.MemoryVolume(8L << 20);
         var exports = new ExportRegistry([new NbdExport("vol0", volume)]);
-        var options = new FrontendOptions { Listen = new IPEndPoint(IPAddress.Loopback, 0) };
+        var options = new FrontendOptions { Listen = new IPEndPoint(IPAddress.Loopback, 0), HandoverHandshakeGrace = TimeSpan.FromMilliseconds(300) };
         var firstLog = new CapturingLogger();
         await using var first = new NbdListener(exports, options, firstLog);
         first.Start();
@@ -97,7 +97,8 @@ public sealed partial class HandoverTests
         await client.SendRequestAsync(NbdCommand.Write, 4096, 4096, cookie: 1, payload: block);
         Assert.That((await client.ReadSimpleReplyAsync()).Error, Is.EqualTo(NbdError.None));
 
-        // A stranger still in the handshake is not handed over: it is closed, to reconnect.
+        // A stranger that does not finish its handshake within the grace is not handed over: it is
+        // closed, to connect again.
         using var negotiating = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
         await negotiating.ConnectAsync(endPoint);
         await using var stranger = new NbdTestClient(new NetworkStream(negotiating));
@@ -177,6 +178,32 @@ public sealed partial class HandoverTests
         byte[] written = new byte[payload.Length];
         await volume.ReadAsync(0, written, CancellationToken.None);
         Assert.That(written, Is.EqualTo(payload));
+        foreach (Socket s in sockets)
+        {
+            s.Dispose();
+        }
+    }
+
+    [Test]
+    public async Task A_client_that_finishes_its_handshake_during_the_grace_is_handed_over()
+    {
+        var exports = new ExportRegistry([new NbdExport("vol0", new Volumes.MemoryVolume(8L << 20))]);
+        await using var listener = new NbdListener(exports, new FrontendOptions { Listen = new IPEndPoint(IPAddress.Loopback, 0), HandoverHandshakeGrace = TimeSpan.FromSeconds(20) }, new CapturingLogger());
+        listener.Start();
+        using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await socket.ConnectAsync(listener.LocalEndPoint);
+        await using var client = new NbdTestClient(new NetworkStream(socket));
+        await client.ReadGreetingAsync();
+
+        Task<(HandoverState State, IReadOnlyList<Socket> Sockets, int Closed)> handover = listener.HandOverAsync();
+        await client.SendClientFlagsAsync(3);
+        await client.SendOptionAsync(NbdOption.Go, NbdTestClient.InfoRequest("vol0"));
+        List<NbdTestClient.OptionReply> replies = await client.ReadOptionRepliesAsync();
+        Assert.That(replies[^1].Type, Is.EqualTo(OptionReplyType.Ack));
+        (HandoverState state, IReadOnlyList<Socket> sockets, int closed) = await handover.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.That((state.Sessions.Count, closed), Is.EqualTo((1, 0)));
+        Assert.That(state.Sessions[0].ExportName, Is.EqualTo("vol0"));
         foreach (Socket s in sockets)
         {
             s.Dispose();

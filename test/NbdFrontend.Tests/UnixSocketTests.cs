@@ -78,7 +78,7 @@ public sealed class UnixSocketTests
         await using NbdListener first = Listener();
         first.Start();
         await using NbdListener second = Listener();
-        Assert.That(second.Start, Throws.InstanceOf<IOException>().With.Message.Contains("in use"));
+        Assert.That(() => second.Start(), Throws.InstanceOf<IOException>().With.Message.Contains("in use"));
         await using NbdTestClient client = Connect();
         Assert.That((await client.ConnectAsync("vol0")).Size, Is.EqualTo(16UL << 20), "the first server still serves");
     }
@@ -88,7 +88,7 @@ public sealed class UnixSocketTests
     {
         await File.WriteAllTextAsync(_path, "not a socket");
         await using NbdListener listener = Listener();
-        Assert.That(listener.Start, Throws.InstanceOf<IOException>().With.Message.Contains("not a socket"));
+        Assert.That(() => listener.Start(), Throws.InstanceOf<IOException>().With.Message.Contains("not a socket"));
         Assert.That(await File.ReadAllTextAsync(_path), Is.EqualTo("not a socket"));
     }
 

@@ -14,9 +14,11 @@ namespace NbdServer.SystemTests;
 /// one connection and then four (<c>-C 4</c>, requests split at a lowered max_sectors_kb), each with
 /// a replica killed and restarted under the mixed job, which goes on until the replica is back in
 /// service; a replica stalled (SIGSTOP) for longer than the kernel's request timeout; nbd-server
-/// restarted under an idle <c>nbd-client -nonetlink -persist</c> device, after which what was
-/// written before reads back intact (Debian 12's nbd-client does not reconnect after a server
-/// restart: see round 4 in fio-suite.sh). Afterwards the three regions must be identical.
+/// reloaded twice (SIGHUP: a new image takes the four connections over) under the mixed job, with
+/// no error in the guest; nbd-server restarted under an idle <c>nbd-client -nonetlink -persist</c>
+/// device, after which what was written before reads back intact (Debian 12's nbd-client does not
+/// reconnect after a server restart: see round 5 in fio-suite.sh). Afterwards the three regions
+/// must be identical.
 /// </summary>
 [TestFixture]
 [Category("Kernel")]
@@ -70,12 +72,14 @@ public sealed partial class KernelFioTests
 
         Assert.That(result.ExitCode, Is.EqualTo(0), $"kernel-test.sh failed\n{result}\n{volume.AllLogs()}");
         Assert.That(console, Does.Contain(SuccessMarker));
-        string[] expected = ["kill 1", "start 1", "kill 2", "start 2", "stop 0", "cont 0", "restart-upstairs"];
+        string[] expected = ["kill 1", "start 1", "kill 2", "start 2", "stop 0", "cont 0", "reload-upstairs", "restart-upstairs"];
         Assert.That(events.Select(e => EventLine().Match(e).Groups[1].Value), Is.SupersetOf(expected), string.Join('\n', events));
         Assert.That(events, Has.All.EndsWith("-> ok"), string.Join('\n', events));
         // The guest's own checks printed these; the host makes sure they ran.
         Assert.That(console, Does.Match(@"1M writes went out as \d+ requests for 65536 KiB \(max_sectors_kb 64\)"));
-        Assert.That(Regex.Matches(console, @"mixed job: \d+ passes, each verified"), Has.Count.EqualTo(4));
+        Assert.That(Regex.Matches(console, @"mixed job: \d+ passes, each verified"), Has.Count.EqualTo(5));
+        // Each "ok" means a new image of the same process took the guest's connections over (ReloadAsync checks).
+        Assert.That(events.Count(e => EventLine().Match(e).Groups[1].Value == "reload-upstairs"), Is.EqualTo(2), "two reloads during round 4's mixed job");
         Assert.That(console, Does.Contain("the blocks written before the restart read back intact"));
         Assert.That(_afterStall, Is.Not.Null);
         Assert.That(_afterStall!.Faults[0], Is.GreaterThanOrEqualTo(1), $"the stalled replica was taken out of service while stopped\n{_afterStall.Json}");
@@ -114,6 +118,10 @@ public sealed partial class KernelFioTests
                 break;
             case ["wait-active"]:
                 await WaitForAsync(volume, s => s.AllActive, RepairTimeout, "all three replicas in service", cancellationToken);
+                break;
+            case ["reload-upstairs"]:
+                await volume.ReloadUpstairsAsync();
+                await WaitForAsync(volume, s => s.AllActive, RepairTimeout, "all three replicas in service after the reload", cancellationToken);
                 break;
             case ["restart-upstairs"]:
                 await volume.RestartUpstairsOnItsPortAsync();

@@ -45,6 +45,29 @@ internal sealed class NbdServerProcess : IDisposable
         }
     }
 
+    /// <summary>Reloads handed over and taken over so far (each new image logs one line).</summary>
+    public int Reloads => System.Text.RegularExpressions.Regex.Count(Log, "Took over from the previous image");
+
+    /// <summary>
+    /// SIGHUP, as <c>systemctl reload</c> sends: the process execs a new image of itself, which takes
+    /// the clients over. Returns once the new image serves them; the process ID does not change.
+    /// </summary>
+    public async Task ReloadAsync(TimeSpan timeout)
+    {
+        int before = Reloads;
+        using (var kill = System.Diagnostics.Process.Start("kill", ["-HUP", ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture)]))
+        {
+            await kill.WaitForExitAsync();
+        }
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (Reloads == before)
+        {
+            Assert.That(HasExited, Is.False, $"nbd-server exited during the reload:\n{Log}");
+            Assert.That(clock.Elapsed, Is.LessThan(timeout), $"no new image took over within {timeout.TotalSeconds} s:\n{Log}");
+            await Task.Delay(50);
+        }
+    }
+
     /// <summary>Sends SIGTERM and waits for a clean exit; returns the exit code.</summary>
     public Task<int> StopAsync(TimeSpan timeout) => _process.TerminateAsync(timeout);
 

@@ -291,6 +291,18 @@ internal sealed partial class ReplicatedVolumeFixture : IDisposable
         await StartUpstairsAsync([.. extraArgs, "--listen", $"127.0.0.1:{port.ToString(CultureInfo.InvariantCulture)}"]);
     }
 
+    /// <summary>
+    /// SIGHUP of nbd-server (<c>systemctl reload</c>): a new image of the same process takes the
+    /// clients over without a disconnect. Returns once it serves them.
+    /// </summary>
+    public async Task ReloadUpstairsAsync()
+    {
+        await (Upstairs ?? throw new InvalidOperationException("nbd-server is not running")).ReloadAsync(ProcessTimeout);
+        // The pooled control connection went to the old image's socket.
+        _control?.Dispose();
+        _control = null;
+    }
+
     /// <summary>SIGKILL of nbd-server: nothing it held is flushed.</summary>
     public void KillUpstairs()
     {

@@ -17,6 +17,7 @@ public static partial class ProcessImage
     private const int F_SETFD = 2;
     private const int FD_CLOEXEC = 1;
     private const uint MFD_CLOEXEC = 1;
+    private const int SIG_UNBLOCK = 1;
     private const int SIG_SETMASK = 2;
 
     /// <summary>sigset_t of glibc: 1024 bits.</summary>
@@ -61,21 +62,42 @@ public static partial class ProcessImage
     public static string? CannotExecute(string path) =>
         access(path, 1 /* X_OK */) == 0 ? null : $"'{path}' cannot be executed: {Describe(Marshal.GetLastPInvokeError())}";
 
+    /// <summary>SIGHUP's number on Linux.</summary>
+    public const int SIGHUP = 1;
+
     /// <summary>
     /// Replaces this process with <paramref name="path"/>: returns only if that failed, with the
-    /// reason. The signal mask is cleared first (it survives exec, and the runtime blocks signals
-    /// on some of its threads).
+    /// reason. The new image starts with exactly <paramref name="blockedSignal"/> blocked (the mask
+    /// survives exec): such a signal arriving before the new image can handle it waits, pending,
+    /// instead of taking its default action, until <see cref="UnblockSignal"/>.
     /// </summary>
-    public static string Exec(string path, IReadOnlyList<string> arguments, IEnumerable<KeyValuePair<string, string>> environment)
+    public static string Exec(string path, IReadOnlyList<string> arguments, IEnumerable<KeyValuePair<string, string>> environment, int blockedSignal)
     {
-        Span<byte> empty = stackalloc byte[SigsetBytes];
-        empty.Clear();
-        _ = pthread_sigmask(SIG_SETMASK, empty, IntPtr.Zero);
+        Span<byte> mask = stackalloc byte[SigsetBytes];
+        mask.Clear();
+        SetBit(mask, blockedSignal);
+        _ = pthread_sigmask(SIG_SETMASK, mask, IntPtr.Zero);
         string?[] argv = [.. arguments, null];
         string?[] envp = [.. environment.Select(p => $"{p.Key}={p.Value}"), null];
         _ = execve(path, argv, envp);
         return $"execve '{path}' failed: {Describe(Marshal.GetLastPInvokeError())}";
     }
+
+    /// <summary>
+    /// Unblocks <paramref name="signal"/> in the calling thread, so a pending one is delivered now.
+    /// Threads inherit their creator's mask: call it on the main thread, which lives as long as the
+    /// process, and every signal of that kind goes to it.
+    /// </summary>
+    public static void UnblockSignal(int signal)
+    {
+        Span<byte> mask = stackalloc byte[SigsetBytes];
+        mask.Clear();
+        SetBit(mask, signal);
+        _ = pthread_sigmask(SIG_UNBLOCK, mask, IntPtr.Zero);
+    }
+
+    /// <summary>sigset_t: signal N is bit N-1, in native-endian 64-bit words (little-endian here).</summary>
+    private static void SetBit(Span<byte> mask, int signal) => mask[(signal - 1) / 8] |= (byte)(1 << ((signal - 1) % 8));
 
     private static string Describe(int errno) => $"{Errnos.Name(errno)} ({new Win32Exception(errno).Message})";
 

@@ -99,6 +99,13 @@ internal sealed record FrontendOptions
     /// <summary>How long shutdown waits for clients to drain and disconnect before closing them.</summary>
     public TimeSpan ShutdownTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
+    /// <summary>
+    /// At a reload, how long a client still in the handshake may take to finish it and be handed over
+    /// with the others (a real client needs milliseconds); after that it is closed and must connect
+    /// again. Bounds how long a stranger that never finishes can hold a reload.
+    /// </summary>
+    public TimeSpan HandoverHandshakeGrace { get; init; } = TimeSpan.FromSeconds(2);
+
     /// <summary>Repeated request failures are summarised once per this interval (a storm is a few lines with counts).</summary>
     public TimeSpan LogThrottleInterval { get; init; } = TimeSpan.FromSeconds(5);
 

@@ -91,7 +91,7 @@ internal static class Handover
             environment[(string)e.Key] = (string?)e.Value ?? "";
         }
         environment[EnvironmentVariable] = fd.ToString(CultureInfo.InvariantCulture);
-        string failure = ProcessImage.Exec(Environment.ProcessPath!, ProcessImage.CommandLine(), environment);
+        string failure = ProcessImage.Exec(Environment.ProcessPath!, ProcessImage.CommandLine(), environment, ProcessImage.SIGHUP);
         GC.KeepAlive(sockets);
         GC.KeepAlive(file);
         return failure;

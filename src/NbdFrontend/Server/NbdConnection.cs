@@ -38,6 +38,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     private readonly ILogger _logger;
     private readonly LogThrottle? _throttle;
     private readonly TlsServerPolicy? _tls;
+    private readonly TimeProvider _time;
     private readonly CancellationTokenSource _aborted = new();
 
     // Re-armed per payload / per send, so the deadlines cost no allocation per request.
@@ -72,6 +73,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         _serverBudget = serverBudget;
         _connectionBudget = new ByteBudget(options.MaxInFlightBytesPerConnection);
         _requestSlots = new SemaphoreSlim(options.MaxInFlightRequestsPerConnection);
+        _time = time ?? TimeProvider.System;
         _payloadDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
         _sendDeadline = new Deadline(_aborted.Token, time ?? TimeProvider.System);
         _logger = logger;
@@ -198,9 +200,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     /// <summary>
     /// Stops this connection between two requests so its socket can be handed to the next image of
     /// the server: no new request is taken, the admitted ones are answered, and the socket is
-    /// returned open with whatever was read from it and not taken. Null when the connection cannot
-    /// be handed over (still negotiating, TLS, broken, or not idle within the shutdown timeout):
-    /// then it is closed like at shutdown.
+    /// returned open with whatever was read from it and not taken. A connection still in the
+    /// handshake gets <see cref="FrontendOptions.HandoverHandshakeGrace"/> to finish it first.
+    /// Null when the connection cannot be handed over (handshake not done in time, TLS, broken, or
+    /// not idle within the shutdown timeout): then it is closed like at shutdown.
     /// </summary>
     public Task<HandedConnection?> HandOverAsync()
     {
@@ -218,10 +221,19 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
         if (negotiating)
         {
-            // Not attached yet: nothing to keep; the client sees a closed connection and tries again.
-            Abort();
+            _ = CloseIfStillNegotiatingAsync();
         }
         return _handedOver.Task;
+    }
+
+    private async Task CloseIfStillNegotiatingAsync()
+    {
+        Task handed = _handedOver.Task;
+        if (await Task.WhenAny(handed, Task.Delay(_options.HandoverHandshakeGrace, _time)) != handed && _session is null)
+        {
+            // Not attached in time: nothing to keep; the client sees a closed connection and tries again.
+            Abort();
+        }
     }
 
     /// <summary>Hard disconnect (after the shutdown grace period).</summary>

@@ -26,6 +26,10 @@ internal sealed class NbdListener : IAsyncDisposable
     private int _tcpConnections;
     private int _unixConnections;
     private readonly CancellationTokenSource _stopping = new();
+
+    // Accepting stops on its own at a reload, while connections still finish their handshakes.
+    private readonly CancellationTokenSource _accepting = new();
+    private bool _handedOver;
     private readonly TlsServerPolicy? _tls;
     private readonly TimeProvider _time;
     private Socket? _socket;
@@ -77,7 +81,7 @@ internal sealed class NbdListener : IAsyncDisposable
             _unixSocket = TakeIfListeningOn(ref handedUnix, $"Unix socket {path}", s => s.LocalEndPoint?.ToString() == path)
                 ?? UnixSocketListener.Bind(path, _options.UnixSocketFileMode(), _logger);
             FrontendLog.ListeningUnix(_logger, path, _options.UnixSocketMode);
-            _unixAcceptLoop = AcceptLoop.RunAsync(_unixSocket, Accepted, _stopping.Token);
+            _unixAcceptLoop = AcceptLoop.RunAsync(_unixSocket, Accepted, _accepting.Token);
         }
         if (_options.Listen is { } listen)
         {
@@ -99,7 +103,7 @@ internal sealed class NbdListener : IAsyncDisposable
                 _socket = socket;
             }
             FrontendLog.Listening(_logger, LocalEndPoint.ToString(), exports);
-            _acceptLoop = AcceptLoop.RunAsync(_socket, Accepted, _stopping.Token);
+            _acceptLoop = AcceptLoop.RunAsync(_socket, Accepted, _accepting.Token);
         }
         else
         {
@@ -184,7 +188,8 @@ internal sealed class NbdListener : IAsyncDisposable
     /// </summary>
     public async Task<(HandoverState State, IReadOnlyList<Socket> Sockets, int Closed)> HandOverAsync()
     {
-        _stopping.Cancel();
+        _handedOver = true;
+        _accepting.Cancel();
         if (_acceptLoop is not null)
         {
             await _acceptLoop;
@@ -278,10 +283,12 @@ internal sealed class NbdListener : IAsyncDisposable
     /// <summary>Stops accepting, answers in-flight requests, then closes every connection.</summary>
     public async Task StopAsync()
     {
-        if (_stopping.IsCancellationRequested)
+        if (_stopping.IsCancellationRequested || _handedOver)
         {
+            // Stopped already, or handed over: the sockets belong to the next image now.
             return;
         }
+        _accepting.Cancel();
         FrontendLog.ShuttingDown(_logger, _connections.Count);
         _socket?.Dispose();
         _unixSocket?.Dispose();
@@ -315,5 +322,6 @@ internal sealed class NbdListener : IAsyncDisposable
         await StopAsync();
         _throttle.Dispose();
         _stopping.Dispose();
+        _accepting.Dispose();
     }
 }
