@@ -125,4 +125,34 @@ public sealed class ReloadTests
         Assert.That(server.ProcessId, Is.EqualTo(pid));
         Assert.That(server.Reloads, Is.GreaterThanOrEqualTo(1), server.Log);
     }
+
+    [Test]
+    public async Task A_config_file_edited_into_a_bad_setting_refuses_the_reload_and_the_running_image_keeps_serving(CancellationToken cancellationToken)
+    {
+        RealClient.Require("/usr/bin/nbdinfo", "nbdinfo");
+        using var scratch = new ScratchDirectory("reload-config");
+        string config = scratch.File("nbd-server.json");
+        await File.WriteAllTextAsync(config, """{"description": "first"}""", cancellationToken);
+        using var server = await NbdServerProcess.StartAsync("--config", config, "--file", scratch.File("disk.img"), "--size", "16M");
+
+        await File.WriteAllTextAsync(config, """{"description": "second", "max-connections": "many"}""", cancellationToken);
+        using (var kill = System.Diagnostics.Process.Start("kill", ["-HUP", server.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture)]))
+        {
+            await kill.WaitForExitAsync(cancellationToken);
+        }
+        for (int i = 0; i < 100 && !server.Log.Contains("Reload refused", StringComparison.Ordinal); i++)
+        {
+            await Task.Delay(50, cancellationToken);
+        }
+        Assert.That(server.Log, Does.Contain("Reload refused: the settings the new image would start with are refused").And.Contain("max-connections"));
+        Assert.That(server.Reloads, Is.Zero);
+        ExternalTool.Result info = await RealClient.RunAsync("/usr/bin/nbdinfo", ["--json", server.Uri()], TimeSpan.FromSeconds(20));
+        Assert.That(info.ExitCode, Is.EqualTo(0), "the running image still serves");
+        Assert.That(info.Output, Does.Contain("\"first\""));
+
+        await File.WriteAllTextAsync(config, """{"description": "second"}""", cancellationToken);
+        await server.ReloadAsync(TimeSpan.FromSeconds(30));
+        info = await RealClient.RunAsync("/usr/bin/nbdinfo", ["--json", server.Uri()], TimeSpan.FromSeconds(20));
+        Assert.That(info.Output, Does.Contain("\"second\""), "the new image read the config file as it is now");
+    }
 }
