@@ -82,12 +82,15 @@ public sealed class ReloadTests
         Assert.That(compare.Output, Does.Contain("IDENTICAL"), compare.ToString());
     }
 
-    [Test]
-    public async Task A_burst_of_sighups_while_new_images_start_neither_ends_the_server_nor_fails_the_client(CancellationToken cancellationToken)
+    [TestCase(false, TestName = "A_burst_of_sighups_while_new_images_start_neither_ends_the_server_nor_fails_the_client_on_TCP")]
+    [TestCase(true, TestName = "A_burst_of_sighups_while_new_images_start_neither_ends_the_server_nor_fails_the_client_on_the_Unix_socket")]
+    public async Task A_burst_of_sighups_while_new_images_start_neither_ends_the_server_nor_fails_the_client(bool unix, CancellationToken cancellationToken)
     {
         RealClient.Require(Fio, "fio");
         using var scratch = new ScratchDirectory("reload-burst");
-        using var server = await NbdServerProcess.StartAsync("--file", scratch.File("disk.img"), "--size", "64M");
+        string socket = scratch.File("nbd.sock");
+        using var server = await NbdServerProcess.StartAsync(["--file", scratch.File("disk.img"), "--size", "64M", .. unix ? new[] { "--unix", socket } : []]);
+        string uri = unix ? $"nbd+unix:///vol0?socket={socket}" : server.Uri();
         int pid = server.ProcessId;
         string job = scratch.File("burst.fio");
         await File.WriteAllTextAsync(job, $"""
@@ -104,7 +107,7 @@ public sealed class ReloadTests
             verify_dump=0
 
             [burst]
-            """, cancellationToken);
+            """.Replace(server.Uri(), uri, StringComparison.Ordinal), cancellationToken);
 
         Task<ExternalTool.Result> fio = RealClient.RunAsync(Fio, [job], TimeSpan.FromSeconds(120));
         await Task.Delay(TimeSpan.FromSeconds(1), cancellationToken);

@@ -78,6 +78,8 @@ internal sealed class NbdListener : IAsyncDisposable
         Socket? handedUnix = Adopt(handed, HandedListenerKind.Unix);
         if (_options.UnixSocketPath is { } path)
         {
+            // Taken over with its file, whose mode stays as it was bound (a chmod by path could follow
+            // a symlink swapped in for the socket; see UnixSocketListener): a new unix-mode needs a restart.
             _unixSocket = TakeIfListeningOn(ref handedUnix, $"Unix socket {path}", s => s.LocalEndPoint?.ToString() == path)
                 ?? UnixSocketListener.Bind(path, _options.UnixSocketFileMode(), _logger);
             FrontendLog.ListeningUnix(_logger, path, _options.UnixSocketMode);
