@@ -55,6 +55,9 @@ public sealed class OperationsTests
         {
             File.CreateSymbolicLink(Path.Combine(destdir, "lib"), "usr/lib");
         }
+        // ExecReload= runs the system's kill(1), which every Debian root has (procps).
+        Directory.CreateDirectory(Path.Combine(destdir, "bin"));
+        File.Copy("/bin/kill", Path.Combine(destdir, "bin/kill"), overwrite: true);
         ExternalTool.Result verify = await ExternalTool.RunAsync("systemd-analyze",
             ["verify", $"--root={destdir}", "/etc/systemd/system/nbd-server.service", "nbd-downstairs@r0.service"], TimeSpan.FromMinutes(1));
         Assert.That(verify.ExitCode, Is.Zero, verify.ToString());
