@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Dumps one incident's per-second timeline for nbd-plot (it judges nothing; analyze.py does that).
 Usage: timeline.py WORKDIR OUTPREFIX [SUFFIX | all]
-Writes OUTPREFIX.csv (t_s,iops,latency_ms,errors: one row per verifier second, t_s = the middle of the
+Writes OUTPREFIX.csv (t_s,iops,latency_ms,errors[,probe_iops]: one row per verifier second, t_s = the middle of the
 second, in seconds from the fault's start) and OUTPREFIX.marks (lines "fault START,END",
 "repair START,END", "event SECONDS:LABEL", in the same seconds; read by inc_plot in lib.sh).
 SUFFIX selects one numbered fault of a chaos run (events fault_begin_N ...): then the timeline runs from
 10 s before that fault to 5 s after its repair (or to the next fault). "all": the whole run, every
 fault and repair marked, seconds from the first verifier second.
+probe_iops: the IOs of a second verifier (reads.out, twodown's read probe) in its second nearest to that
+one (empty if none within 0.5 s).
 Latency of a second = max(max_lat_ms, oldest_ms), as analyze.py reads it (a stuck IO counts while stuck).
 Repairs come from nbd-server's log (its "live repair started" and "back in service" lines, stamped with
 the time of day), within the log lines of each fault (the loglines marks); a log without them leaves
@@ -39,12 +41,21 @@ for l in lines('loglines'):
     p = l.split()
     if len(p) == 3 and p[1] == 'up':
         marks.setdefault(p[0], int(p[2]))
-buckets = []
-for l in lines('verify.out'):
-    kv = dict(KV.findall(l))
-    if 'summary' not in l and 'epoch' in kv and 'ios' in kv:
-        buckets.append((float(kv['epoch']), int(kv['ios']), max(float(kv['max_lat_ms']), float(kv['oldest_ms'])),
+
+
+def seconds(name):
+    out = []
+    for l in lines(name):
+        kv = dict(KV.findall(l))
+        if 'summary' not in l and 'epoch' in kv and 'ios' in kv:
+            out.append((float(kv['epoch']), int(kv['ios']), max(float(kv['max_lat_ms']), float(kv['oldest_ms'])),
                         int(kv.get('errors', 0))))
+    return out
+
+
+buckets = seconds('verify.out')
+# twodown's second client, reading the other half of the volume: its seconds beside the load's.
+probe = seconds('reads.out')
 up_log = lines('up.log')
 
 
@@ -118,13 +129,17 @@ rows = [b for b in buckets if lo <= b[0] - 0.5 <= hi]
 if not rows:
     sys.exit('timeline: no verifier seconds in the window')
 with open(prefix + '.csv', 'w') as f:
-    f.write('t_s,iops,latency_ms,errors\n')
+    f.write('t_s,iops,latency_ms,errors' + (',probe_iops' if probe else '') + '\n')
     last = None
     for e, ios, lat, err in rows:
         t = round(e - 0.5 - origin, 3)
         if last is not None and t <= last:
             continue  # the verifier never repeats a second; a clock step back must not break the CSV
-        f.write(f'{t},{ios},{lat:.1f},{err}\n')
+        row = f'{t},{ios},{lat:.1f},{err}'
+        if probe:
+            near = min(probe, key=lambda b: abs(b[0] - e))
+            row += f',{near[1]}' if abs(near[0] - e) < 0.5 else ','
+        f.write(row + '\n')
         last = t
 with open(prefix + '.marks', 'w') as f:
     f.write(''.join(m + '\n' for m in out_marks))

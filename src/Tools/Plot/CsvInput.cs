@@ -2,8 +2,9 @@ using System.Globalization;
 
 namespace NbdServer.Tools.Plotting;
 
-/// <summary>One second of an incident: where it sits on the time axis and what the guest saw.</summary>
-internal readonly record struct TimelinePoint(double Seconds, double Iops, double LatencyMs, double Errors);
+/// <summary>One second of an incident: where it sits on the time axis and what the guest saw.
+/// <paramref name="ProbeIops"/>: a second client's IOs in that second (NaN where it has none).</summary>
+internal readonly record struct TimelinePoint(double Seconds, double Iops, double LatencyMs, double Errors, double ProbeIops = double.NaN);
 
 /// <summary>One bar of a comparison chart: its panel (one unit each), its group on the x axis and its series (colour).</summary>
 internal readonly record struct BarValue(string Panel, string Group, string Series, double Value);
@@ -26,7 +27,7 @@ internal static class CsvInput
     /// <summary>Longest label kept (a panel, group or series name); longer ones do not fit a chart.</summary>
     public const int MaxLabelLength = 80;
 
-    public const string TimelineHeader = "t_s,iops,latency_ms[,errors]";
+    public const string TimelineHeader = "t_s,iops,latency_ms[,errors][,probe_iops]";
     public const string BarsHeader = "panel,group,series,value";
 
     public static bool TryReadTimeline(string path, out List<TimelinePoint> points, out string? error)
@@ -38,7 +39,8 @@ internal static class CsvInput
         }
         string[] header = lines[0].Split(',', StringSplitOptions.TrimEntries);
         int t = Array.IndexOf(header, "t_s"), iops = Array.IndexOf(header, "iops"),
-            lat = Array.IndexOf(header, "latency_ms"), err = Array.IndexOf(header, "errors");
+            lat = Array.IndexOf(header, "latency_ms"), err = Array.IndexOf(header, "errors"),
+            probe = Array.IndexOf(header, "probe_iops");
         if (t < 0 || iops < 0 || lat < 0)
         {
             error = $"{path}:1: the header must name the columns {TimelineHeader}, not '{lines[0]}'";
@@ -69,13 +71,20 @@ internal static class CsvInput
                 error = $"{path}:{i + 1}: errors must be a number >= 0: '{lines[i]}'";
                 return false;
             }
+            // An empty probe cell: that client had no second here (it started later or ended sooner).
+            double probeIops = double.NaN;
+            if (probe >= 0 && cells[probe].Length > 0 && (!TryNumber(cells[probe], out probeIops) || probeIops < 0))
+            {
+                error = $"{path}:{i + 1}: probe_iops must be empty or a number >= 0: '{lines[i]}'";
+                return false;
+            }
             if (seconds <= last)
             {
                 error = $"{path}:{i + 1}: t_s must increase from row to row ({seconds.ToString(CultureInfo.InvariantCulture)} after {last.ToString(CultureInfo.InvariantCulture)})";
                 return false;
             }
             last = seconds;
-            points.Add(new TimelinePoint(seconds, io, ms, errors));
+            points.Add(new TimelinePoint(seconds, io, ms, errors, probeIops));
         }
         if (points.Count == 0)
         {

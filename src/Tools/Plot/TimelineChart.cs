@@ -27,10 +27,14 @@ internal static class TimelineChart
     public static readonly Color RepairColor = Colors.Green.WithAlpha(0.12);
     private static readonly Color IopsColor = new(0x1f, 0x77, 0xb4);
     private static readonly Color LatencyColor = new(0xd6, 0x5f, 0x00);
+    private static readonly Color ProbeColor = new(0x6a, 0x3d, 0x9a);
     private static readonly Color RepairLineColor = new(0x2c, 0x8c, 0x2c);
 
     /// <summary>Same left-axis width on both panels, so their time axes line up.</summary>
     private const float LeftAxisPixels = 70;
+
+    /// <summary>Right-axis width on both panels when the top one carries the error axis.</summary>
+    private const float RightAxisPixels = 55;
 
     public static Multiplot Build(IReadOnlyList<TimelinePoint> points, TimelineMarks marks)
     {
@@ -77,14 +81,34 @@ internal static class TimelineChart
         var iops = top.Add.ScatterLine(xs, points.Select(p => p.Iops).ToArray(), IopsColor);
         iops.LineWidth = 2;
         iops.MarkerSize = 4;
-        iops.LegendText = "completed IOs per second";
+        iops.LegendText = "IOs completed per second";
         double iopsMax = points.Max(p => p.Iops);
-        if (points.Any(p => p.Errors > 0))
+        TimelinePoint[] probe = points.Where(p => !double.IsNaN(p.ProbeIops)).ToArray();
+        if (probe.Length > 0)
         {
-            var errors = top.Add.ScatterPoints(xs, points.Select(p => p.Errors).ToArray(), Colors.Red);
-            errors.MarkerSize = 6;
-            errors.LegendText = "IO errors per second";
-            iopsMax = Math.Max(iopsMax, points.Max(p => p.Errors));
+            var reads = top.Add.ScatterLine(probe.Select(p => p.Seconds).ToArray(), probe.Select(p => p.ProbeIops).ToArray(), ProbeColor);
+            reads.LineWidth = 2;
+            reads.MarkerSize = 4;
+            reads.LinePattern = LinePattern.Dashed;
+            reads.LegendText = "read probe's IOs per second";
+            iopsMax = Math.Max(iopsMax, probe.Max(p => p.ProbeIops));
+        }
+        TimelinePoint[] failed = points.Where(p => p.Errors > 0).ToArray();
+        if (failed.Length > 0)
+        {
+            // Errors are a handful per second against thousands of IOs: their own axis, on the right.
+            var errors = top.Add.ScatterPoints(failed.Select(p => p.Seconds).ToArray(), failed.Select(p => p.Errors).ToArray(), Colors.Red);
+            errors.MarkerSize = 7;
+            errors.MarkerShape = MarkerShape.FilledDiamond;
+            errors.LegendText = "IO errors per second (right axis)";
+            errors.Axes.YAxis = top.Axes.Right;
+            top.Axes.Right.Label.Text = "errors";
+            top.Axes.SetLimitsY(0, failed.Max(p => p.Errors) * 1.15, top.Axes.Right);
+            foreach (Plot plot in new[] { top, bottom })
+            {
+                plot.Axes.Right.MinimumSize = RightAxisPixels;
+                plot.Axes.Right.MaximumSize = RightAxisPixels;
+            }
         }
         top.Axes.SetLimitsY(0, Math.Max(1, iopsMax) * 1.15);
         top.Axes.Left.Label.Text = "IOPS";
@@ -92,7 +116,7 @@ internal static class TimelineChart
         var lat = bottom.Add.ScatterLine(xs, points.Select(p => p.LatencyMs).ToArray(), LatencyColor);
         lat.LineWidth = 2;
         lat.MarkerSize = 4;
-        lat.LegendText = "longest IO in the second (ms)";
+        lat.LegendText = "longest IO of the second, ms";
         bottom.Axes.SetLimitsY(0, Math.Max(1, points.Max(p => p.LatencyMs)) * 1.15);
         bottom.Axes.Left.Label.Text = "latency ms";
         bottom.Axes.Bottom.Label.Text = marks.XLabel;
@@ -115,6 +139,7 @@ internal static class TimelineChart
         lat.LegendText = "";
         bottom.Legend.IsVisible = false;
         top.ShowLegend(Edge.Top);
+        top.Legend.TightHorizontalWrapping = true;
         top.Legend.FontSize = 11;
         top.Legend.Margin = new PixelPadding(0);
         return mp;
