@@ -208,7 +208,7 @@ if [ -n "${OUT:-}" ] || [ -n "${PLOT:-}" ]; then
     # shellcheck source=lib/plot.sh
     source "$root/scripts/lib/plot.sh"
     awk -F'\t' 'BEGIN {print "panel,group,series,value"}
-      NR > 1 { name = ($2 == "qemu" ? "qemu-nbd" : $2)
+      NR > 1 { name = ($2 == "qemu" ? "qemu-nbd" : $2 == "tls" ? "ours over TLS" : $2 == "ab" ? "ours with AB_ENV" : $2)
                if ($1 ~ /4k$/) print "4k random: IOPS," $1 "," name "," $4
                else print "1M sequential: MiB/s," $1 "," name "," $3 }' "$work/results.tsv" >"$work/chart.csv"
     plot_bars "$work/chart.csv" "$PLOT" "bench.sh: fio nbd engine, iodepth $IODEPTH, ${RUNTIME}s x $RUNS, $SIZE (medians)"

@@ -315,7 +315,7 @@ inc_plot() {
     args=(--xlabel "seconds from the start of the load" --height 480)
     python3 "$INC_DIR/timeline.py" "$W" "$out" all 2>>"$W/plot.err" || { say "no picture: $(tail -1 "$W/plot.err")"; return 0; }
   else
-    title="$INC_NAME: $(awk -F'\t' -v s="${sfx:--}" '$1 == s {print $2; exit}' "$W/faults" 2>/dev/null)"
+    title="$INC_NAME: $(awk -F'\t' -v s="${sfx:--}" '$1 == s {print $2; exit}' "$W/faults" 2>/dev/null || true)"
     python3 "$INC_DIR/timeline.py" "$W" "$out" "$sfx" 2>>"$W/plot.err" || { say "no picture: $(tail -1 "$W/plot.err")"; return 0; }
   fi
   [ "$INC_SHORT" = 1 ] && title+=" (INCIDENT_SHORT=1)"

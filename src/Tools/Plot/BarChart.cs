@@ -57,7 +57,6 @@ internal static class BarChart
                         Value = v.Value,
                         FillColor = SeriesColors[s],
                         Label = Format(v.Value),
-                        CenterLabel = true,
                     });
                     bar.ValueLabelStyle.FontSize = 10;
                 }
@@ -68,7 +67,9 @@ internal static class BarChart
             plot.Axes.Title.Label.Text = panels[p];
             plot.Axes.Title.Label.FontSize = 13;
             plot.Axes.SetLimitsX(-0.75, groups.Count * stride - 1.25);
-            plot.Axes.SetLimitsY(0, Math.Max(1e-9, mine.Max(v => v.Value)) * 1.18);
+            // Head room for the value labels, and in the first panel for the legend above the bars.
+            double headroom = p == 0 ? 1.2 + 0.09 * series.Count : 1.12;
+            plot.Axes.SetLimitsY(0, Math.Max(1e-9, mine.Max(v => v.Value)) * headroom);
             plot.HideGrid();
             if (p == 0)
             {

@@ -31,6 +31,10 @@ internal static class PngWriter
         {
             plot.Font.Set(family);
             plot.Legend.FontName = family;
+            foreach (ScottPlot.Plottables.BarPlot bars in plot.GetPlottables().OfType<ScottPlot.Plottables.BarPlot>())
+            {
+                bars.ValueLabelStyle.FontName = family;
+            }
         }
         // The panels are rendered on a surface of their own: a multiplot paints its whole canvas.
         using SKSurface panelSurface = SKSurface.Create(new SKImageInfo(width, height - top, SKColorType.Rgba8888, SKAlphaType.Premul));
