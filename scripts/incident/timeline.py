@@ -10,9 +10,10 @@ fault and repair marked, seconds from the first verifier second.
 probe_iops: the IOs of a second verifier (reads.out, twodown's read probe) in its second nearest to that
 one (empty if none within 0.5 s).
 Latency of a second = max(max_lat_ms, oldest_ms), as analyze.py reads it (a stuck IO counts while stuck).
-Repairs come from nbd-server's log (its "live repair started" and "back in service" lines, stamped with
-the time of day), within the log lines of each fault (the loglines marks); a log without them leaves
-the repair unmarked rather than guessed."""
+Repairs and faults come from nbd-server's log (stamped with the time of day): each "back in service
+after repairing ... in S s" line is a repair of S seconds ending there, each FAULTED / "faulted again"
+line a moment; only lines within each fault's log lines (the loglines marks). A log without them
+leaves the repair unmarked rather than guessed."""
 import datetime
 import re
 import sys
@@ -21,6 +22,9 @@ work, prefix = sys.argv[1], sys.argv[2]
 sel = sys.argv[3] if len(sys.argv) > 3 else ''
 KV = re.compile(r'(\w+)=(\S+)')
 CLOCK = re.compile(r'^(\d\d):(\d\d):(\d\d)\.(\d{3}) ')
+REPLICA = re.compile(r'Replica \d+')
+REPAIRED = re.compile(r'back in service after repairing .* in ([0-9.]+) s')
+MAX_EVENTS = 8  # "replica faulted" lines drawn per fault; a flapping replica would draw a fence
 
 
 def lines(name):
@@ -74,25 +78,28 @@ def clock_to_epoch(line, near):
 
 
 def fault_marks(sfx):
-    """(fault window, repair window or None, [faulted moments]) of the fault with this suffix, as epochs."""
+    """(fault window, [repair windows], [faulted moments]) of the fault with this suffix, as epochs.
+    A repair is drawn from nbd-server's own account, "Replica N back in service after repairing ... in
+    S s": it ran for the S seconds before that line. Attempts cut short (a full disk faults the
+    replica again at its first write) show as their "faulted again" lines, not as repairs."""
     fb, fe = events.get('fault_begin' + sfx), events.get('fault_end' + sfx)
     if fb is None or fe is None:
         return None
     first = marks.get('fault_begin' + sfx, 0)
     last = marks.get('recovered' + sfx, len(up_log))
-    start = end = None
-    faulted = []
+    repairs, faulted = [], []
     for l in up_log[first:last]:
-        if 'FAULTED' in l:
-            t = clock_to_epoch(l, fb)
-            if t is not None:
-                faulted.append(t)
-        elif 'live repair started' in l and start is None:
-            start = clock_to_epoch(l, fb)
-        elif 'back in service' in l:
-            end = clock_to_epoch(l, fb)
-    repair = (start, end) if start is not None and end is not None and end >= start else None
-    return (fb, fe), repair, faulted
+        if not REPLICA.search(l):
+            continue
+        t = clock_to_epoch(l, fb)
+        if t is None:
+            continue
+        done = REPAIRED.search(l)
+        if done:
+            repairs.append((t - float(done[1]), t))
+        elif 'FAULTED' in l or 'faulted again' in l:
+            faulted.append(t)
+    return (fb, fe), repairs, faulted
 
 
 if sel == 'all':
@@ -117,12 +124,12 @@ for sfx in suffixes:
     fm = fault_marks(sfx)
     if fm is None:
         continue
-    (fb, fe), repair, faulted = fm
+    (fb, fe), repairs, faulted = fm
     out_marks.append(f'fault {fb - origin:.2f},{fe - origin:.2f}')
-    if repair:
-        out_marks.append(f'repair {repair[0] - origin:.2f},{repair[1] - origin:.2f}')
+    for start, end in repairs:
+        out_marks.append(f'repair {start - origin:.2f},{end - origin:.2f}')
     if sel != 'all':
-        for t in faulted[:3]:
+        for t in faulted[:MAX_EVENTS]:
             out_marks.append(f'event {t - origin:.2f}:replica faulted')
 
 rows = [b for b in buckets if lo <= b[0] - 0.5 <= hi]
