@@ -154,6 +154,18 @@ public sealed class PlotCommandTests
     }
 
     [Test]
+    public void Errors_and_a_probe_with_missing_seconds_are_drawn()
+    {
+        string csv = WriteCsv("probe.csv", "t_s,iops,latency_ms,errors,probe_iops\n0,100,5,0,\n1,0,3000,12,900\n2,50,400,0,800\n");
+        string png = Path.Combine(_dir, "probe.png");
+
+        var (code, _, stderr) = Run("timeline", "--csv", csv, "--out", png, "--fault", "0.5,1.5");
+
+        Assert.That(code, Is.EqualTo(PlotCommand.Ok), stderr);
+        Assert.That(PngSize(File.ReadAllBytes(png)), Is.EqualTo((1000, 560)), "the default size");
+    }
+
+    [Test]
     public void Non_numeric_cell_exits_2_naming_the_file_and_line_and_writes_nothing()
     {
         string csv = WriteCsv("bad.csv", "t_s,iops,latency_ms\n0,100,5\n1,lots,5\n");
