@@ -19,6 +19,8 @@
 #
 # Usage: scripts/bench-kernel.sh       RUNTIME=10 (seconds per run) RUNS=3 SIZE_MIB=256 CONNS=1
 #                                      (nbd-client -C); RUNTIME=3 RUNS=1 for a quick look
+#                                      OUT=FILE: the medians as TSV (job, figure, server, value);
+#                                      PLOT=FILE.png: them as a chart (nbd-plot bars)
 # Needs: dotnet, fio, qemu-nbd (qemu-utils), nbdkit, nbdinfo (libnbd-bin), and what
 # scripts/kernel-test.sh needs. This prints figures; it is not a test and asserts nothing.
 set -euo pipefail
@@ -100,6 +102,14 @@ for job in seqwrite-1m randwrite-4k mixed-70-30; do
     q=$(figure qemu-nbd "$job")
     n=$(figure nbdkit "$job")
     printf '%-13s %-12s | %10.1f | %10.1f | %10.1f | %13s | %11s\n' "$job" "$what" "$o" "$q" "$n" "$(ratio "$o" "$q")" "$(ratio "$o" "$n")"
+    printf '%s\t%s\tours\t%.1f\n%s\t%s\tqemu-nbd\t%.1f\n%s\t%s\tnbdkit\t%.1f\n' "$job" "$what" "$o" "$job" "$what" "$q" "$job" "$what" "$n" >>"$W/results.tsv"
 done
+if [ -n "${OUT:-}" ]; then { printf 'job\tfigure\tserver\tvalue\n'; cat "$W/results.tsv"; } >"$OUT"; echo "TSV: $OUT"; fi
+if [ -n "${PLOT:-}" ]; then
+    # shellcheck source=lib/plot.sh
+    source "$root/scripts/lib/plot.sh"
+    awk -F'\t' 'BEGIN {print "panel,group,series,value"} {print $1 ": " $2 "," $1 "," $3 "," $4}' "$W/results.tsv" >"$W/chart.csv"
+    plot_bars "$W/chart.csv" "$PLOT" "bench-kernel.sh: kernel nbd-client in a TCG guest, ${RUNTIME}s x $RUNS (medians; read the ratios)"
+fi
 echo
 inc_stop_clean

@@ -41,6 +41,8 @@
 #   OUTAGES="10 60" catch-up outages, seconds   OUT=FILE     also write the medians as TSV
 #   IODEPTH=32     fio queue depth of the load  BASE_SECONDS=5  load before the fault (IOPS baseline)
 #   FILL_FRACTION=0.25 REWRITE_FRACTION=0.5     EXTENT_BLOCKS=1024 (4 MiB extents of 4 KiB blocks)
+#   PLOT=FILE.png  the medians as a chart (nbd-plot bars: repair seconds, and what catch-up copied per
+#                  byte written), one colour per region size
 #   PORT_BASE=19500 (uses PORT_BASE+1..+5; must stay in 19500-19599)
 #   BIN_DIR=DIR    use nbd-server and nbd-downstairs (executables, or .dll run with dotnet) from DIR,
 #                  e.g. artifacts/publish/linux-x64 or an older build for a before/after; default:
@@ -565,4 +567,14 @@ if [ -n "$OUT" ]; then
     printf '%s\n' "${rows[@]}"
   } >"$OUT"
   echo "TSV: $OUT"
+fi
+if [ -n "${PLOT:-}" ]; then
+  # shellcheck source=lib/plot.sh
+  source "$root/scripts/lib/plot.sh"
+  # Labels lose their commas (the chart's CSV has no quoting); NA cells are left out.
+  printf '%s\n' "${rows[@]}" | awk -F'\t' 'BEGIN {print "panel,group,series,value"}
+    { m = $2; gsub(/, /, " ", m)
+      if ($3 != "NA") print "repair time: s," m "," $1 " GiB," $3
+      if ($7 != "NA") print "catch-up: copied per byte written," m "," $1 " GiB," $7 }' >"$work/chart.csv"
+  plot_bars "$work/chart.csv" "$PLOT" "bench-repair.sh: live repair, medians of $RUNS run(s)"
 fi

@@ -16,6 +16,8 @@
 # (VmHWM) of every process, and the CPU seconds each process used.
 #
 # Usage: scripts/bench.sh            (RUNTIME=3 RUNS=1 for a quick check; SIZE=1G; IODEPTH=32; TLS=0)
+#        OUT=FILE writes the medians as TSV (workload, server, mib_s, iops); PLOT=FILE.png draws them
+#        (nbd-plot bars: 4k IOPS and 1M MiB/s, every server side by side).
 #        AB_ENV="VAR=value ..." adds a volume "ab" whose nbd-server runs with those environment
 #        variables (e.g. AB_ENV=DOTNET_GCConserveMemory=7): an interleaved A/B of a runtime setting.
 # Needs: dotnet, fio (>= 3.x with the nbd engine), qemu-nbd (qemu-utils), nbdcopy, nbdinfo, jq.
@@ -189,3 +191,26 @@ for k in "${!names[@]}"; do
   cpu=$(awk -v a="$(cpu_seconds "${all_pids[$k]}")" -v b="${cpu_before[$k]}" 'BEGIN {printf "%.1f", a - b}')
   printf '%-14s %14d %16s\n' "${names[$k]}" $((rss / 1024)) "$cpu"
 done
+
+# ---- machine-readable medians and the chart (both optional; neither changes a figure above)
+if [ -n "${OUT:-}" ] || [ -n "${PLOT:-}" ]; then
+  {
+    printf 'workload\tserver\tmib_s\tiops\n'
+    for w in "${bench_workloads[@]}"; do
+      for s in "${servers[@]}"; do
+        read -r bw iops < <(bench_median_of "$s" "$w")
+        printf '%s\t%s\t%.1f\t%.0f\n' "$w" "$s" "$bw" "$iops"
+      done
+    done
+  } >"$work/results.tsv"
+  if [ -n "${OUT:-}" ]; then cp "$work/results.tsv" "$OUT"; echo "TSV: $OUT"; fi
+  if [ -n "${PLOT:-}" ]; then
+    # shellcheck source=lib/plot.sh
+    source "$root/scripts/lib/plot.sh"
+    awk -F'\t' 'BEGIN {print "panel,group,series,value"}
+      NR > 1 { name = ($2 == "qemu" ? "qemu-nbd" : $2 == "tls" ? "ours over TLS" : $2 == "ab" ? "ours with AB_ENV" : $2)
+               if ($1 ~ /4k$/) print "4k random: IOPS," $1 "," name "," $4
+               else print "1M sequential: MiB/s," $1 "," name "," $3 }' "$work/results.tsv" >"$work/chart.csv"
+    plot_bars "$work/chart.csv" "$PLOT" "bench.sh: fio nbd engine, iodepth $IODEPTH, ${RUNTIME}s x $RUNS, $SIZE (medians)"
+  fi
+fi

@@ -5,6 +5,9 @@
 # test-only fault injector test/Shared/faultio.c, preloaded), each on a random replica. After each fault it waits for all replicas to
 # be back in service and prints that fault's INCIDENT line; at the end it verifies the whole device
 # against the write log and compares the three regions (last INCIDENT line).
+# Pictures (when nbd-plot is built; see scripts/incident/lib.sh): the whole run with every fault shaded
+# (chaos.png) and each fault's own timeline (chaos-N.png, the first CHAOS_PLOTS faults, default 30), in
+# INCIDENT_PLOT_DIR.
 # Usage: scripts/chaos.sh [DURATION]
 source "$(dirname "$0")/incident/lib.sh"
 DURATION=${1:-600}
@@ -47,4 +50,6 @@ done
 INC_SUFFIX=""
 inc_stop_load
 fact faults "$k"
+inc_plot "" chaos all
+for n in $(seq 1 "$(( k < ${CHAOS_PLOTS:-30} ? k : ${CHAOS_PLOTS:-30} ))"); do inc_plot "_$n" "chaos-$n"; done
 inc_finish none

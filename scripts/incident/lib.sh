@@ -6,6 +6,10 @@
 # INCIDENT_NO_BUILD=1 (use the existing Release build), INCIDENT_BIN_DIR (see below), INCIDENT_SIZE
 # (region size, default 64MiB), INCIDENT_TLS=1 (mutual TLS on every upstairs-downstairs link, with
 # certificates made by nbd-certs in the work dir; the proxies of slow/stuck pass TLS through as bytes).
+# Pictures: when nbd-plot is built (src/Tools/Plot), each scenario with a load through its fault also
+# draws its per-second timeline as PNG (with the CSV it was drawn from) into INCIDENT_PLOT_DIR (default
+# artifacts/plots); INCIDENT_PLOT=0 skips them. A picture is output, never a verdict: a plotting
+# failure is one line on stderr and changes nothing else.
 set -euo pipefail
 
 INC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -14,6 +18,7 @@ INC_BIN_DS="$INC_ROOT/src/Downstairs/bin/Release/net10.0/nbd-downstairs.dll"
 INC_BIN_UP="$INC_ROOT/src/NbdFrontend/bin/Release/net10.0/nbd-server.dll"
 INC_BIN_CERTS="$INC_ROOT/src/Tools/Certs/bin/Release/net10.0/nbd-certs.dll"
 INC_BIN_VERIFY="$INC_ROOT/src/Tools/Verify/bin/Release/net10.0/nbd-verify.dll"
+INC_BIN_PLOT="$INC_ROOT/src/Tools/Plot/bin/Release/net10.0/nbd-plot.dll"
 # INCIDENT_BIN_DIR: a directory holding nbd-server.dll, nbd-downstairs.dll, nbd-certs.dll and
 # nbd-verify.dll (the test suite's output directory); then nothing is built.
 if [ -n "${INCIDENT_BIN_DIR:-}" ]; then
@@ -21,7 +26,9 @@ if [ -n "${INCIDENT_BIN_DIR:-}" ]; then
   INC_BIN_UP="$INCIDENT_BIN_DIR/nbd-server.dll"
   INC_BIN_CERTS="$INCIDENT_BIN_DIR/nbd-certs.dll"
   INC_BIN_VERIFY="$INCIDENT_BIN_DIR/nbd-verify.dll"
+  [ -f "$INCIDENT_BIN_DIR/nbd-plot.dll" ] && INC_BIN_PLOT="$INCIDENT_BIN_DIR/nbd-plot.dll"
 fi
+INC_PLOT_DIR=${INCIDENT_PLOT_DIR:-$INC_ROOT/artifacts/plots}
 INC_TLS=${INCIDENT_TLS:-0}
 INC_SHORT=${INCIDENT_SHORT:-0}
 INC_SIZE=${INCIDENT_SIZE:-64MiB}
@@ -50,6 +57,10 @@ inc_build() {
     done
   done
   rm -f "/tmp/incident-build.$$.log"
+  # The plotter is optional: without it the scenarios run the same, only without pictures.
+  [ "${INCIDENT_PLOT:-1}" = 1 ] && { dotnet build "$INC_ROOT/src/Tools/Plot/Plot.csproj" -c Release -v quiet -nologo >/dev/null 2>&1 \
+    || echo "incident: nbd-plot did not build; no pictures this run" >&2; }
+  return 0
 }
 
 inc_init() {
@@ -237,7 +248,7 @@ inc_stop_load() {
   inc_wait_load
 }
 
-inc_fault_begin() { inc_log_marks fault_begin; event fault_begin; say "fault: $*"; }
+inc_fault_begin() { inc_log_marks fault_begin; event fault_begin; printf '%s\t%s\n' "${INC_SUFFIX:--}" "$*" >>"$W/faults"; say "fault: $*"; }
 inc_fault_end() { event fault_end; say "fault removed"; }
 
 inc_status() { curl -s --max-time 2 --unix-socket "$UP_CONTROL" http://localhost/status || true; }
@@ -291,6 +302,32 @@ inc_compare() {
   if [ "$rc" = 0 ]; then fact regions_equal yes; else fact regions_equal no; say "compare: $(tail -5 "$W/compare.out" | tr '\n' ' ')"; fi
 }
 
+# inc_plot SUFFIX NAME [all]: draws the timeline of the fault with that event suffix ("" or _N; with
+# "all", SUFFIX is ignored and the whole run is drawn, every fault marked) as INC_PLOT_DIR/NAME.png, from
+# NAME.csv and NAME.marks written by timeline.py beside it. Never fails the scenario.
+inc_plot() {
+  [ "${INCIDENT_PLOT:-1}" = 1 ] || return 0
+  [ -f "$INC_BIN_PLOT" ] || { say "no picture: nbd-plot is not built ($INC_BIN_PLOT)"; return 0; }
+  local sfx=$1 out="$INC_PLOT_DIR/$2" what=${3:-one} title k v args=()
+  mkdir -p "$INC_PLOT_DIR" 2>/dev/null || { say "no picture: cannot create $INC_PLOT_DIR"; return 0; }
+  if [ "$what" = all ]; then
+    title="$INC_NAME: $(wc -l <"$W/faults" 2>/dev/null || echo 0) faults"
+    args=(--xlabel "seconds from the start of the load" --height 480)
+    python3 "$INC_DIR/timeline.py" "$W" "$out" all 2>>"$W/plot.err" || { say "no picture: $(tail -1 "$W/plot.err")"; return 0; }
+  else
+    title="$INC_NAME: $(awk -F'\t' -v s="${sfx:--}" '$1 == s {print $2; exit}' "$W/faults" 2>/dev/null || true)"
+    python3 "$INC_DIR/timeline.py" "$W" "$out" "$sfx" 2>>"$W/plot.err" || { say "no picture: $(tail -1 "$W/plot.err")"; return 0; }
+  fi
+  [ "$INC_SHORT" = 1 ] && title+=" (INCIDENT_SHORT=1)"
+  while read -r k v; do [ -n "$k" ] && args+=("--$k" "$v"); done <"$out.marks"
+  if timeout 60 dotnet "$INC_BIN_PLOT" timeline --csv "$out.csv" --out "$out.png" --title "$title" "${args[@]}" >>"$W/plot.out" 2>>"$W/plot.err"; then
+    say "picture: $out.png"
+  else
+    say "no picture: $(tail -1 "$W/plot.err" 2>/dev/null)"
+  fi
+  return 0
+}
+
 # inc_finish BARSET: waits for the load, stops cleanly, compares, prints the summary line.
 # BARSET: "full" (scenarios 1-5: ≥50% of median, latency < 2 s) or "basic" (> 0 IOs/s only) or "none".
 inc_finish() {
@@ -306,5 +343,7 @@ inc_finish() {
     fact repair_mib "$(echo "$rep" | sed 's/.*(\([0-9.]*\) MiB.*/\1/')"
     fact repair_engine_s "$(echo "$rep" | sed 's/.* in \([0-9.]*\) s/\1/')"
   fi
+  # A picture of every scenario that ran its load through the fault (not rot, upcrash or chaos' end).
+  if [ "$bars" != none ]; then inc_plot "" "$INC_NAME"; fi
   python3 "$INC_DIR/analyze.py" "$W" "$INC_NAME" "$bars"
 }

@@ -1,0 +1,3 @@
+using NbdServer.Tools.Plotting;
+
+return PlotCommand.Run(args, Console.Out, Console.Error);
