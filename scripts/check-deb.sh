@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs a .deb made by scripts/package-deb.sh into a clean Debian 12 chroot and checks it the way
 # an operator meets it: `dpkg -i`; the "nbd" user, /var/lib/nbd-server, /etc/nbd-server and its
-# 0700 tls/; `nbd-server --help` and `nbd-downstairs --help` run inside the chroot;
-# `systemd-analyze verify` passes on the installed units; `dpkg -r` leaves only the conffiles and
+# 0700 tls/; every executable's --help runs inside the chroot; `systemd-analyze verify` passes on
+# the installed units; installing again keeps an edited conffile; `dpkg -r` leaves only the conffiles and
 # the state directory, and `dpkg -P` leaves nothing at all (every path and the user and group
 # databases as they were before the install). Then once more with replica data in
 # /var/lib/nbd-server: purge keeps the data and the user who owns it.
@@ -15,7 +15,6 @@
 # NBD_DEB_NO_CHROOT=1 forces that fallback (to test it).
 # Last line: "check-deb.sh: PASS (chroot)", "check-deb.sh: PASS (WEAKER: ...)" or a failure.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
 deb=${1:?usage: scripts/check-deb.sh PACKAGE.deb}
 deb=$(realpath "$deb")
 [ "$(id -u)" -eq 0 ] || { echo "check-deb.sh: run as root (chroot, dpkg)" >&2; exit 2; }
@@ -38,7 +37,7 @@ trap cleanup EXIT
 # The chroot gets the package's own Depends (so `dpkg -i` needs no network) and systemd; the
 # tarball's name carries that list, so a package with new dependencies builds a new one.
 depends=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -e 's/([^)]*)//g' -e 's/|.*//' -e 's/ //g' | grep -v '^$' | sort -u)
-include=$(printf '%s\n' $depends systemd | sort -u | paste -sd, -)
+include=$(printf '%s\n' "$depends" systemd | sort -u | paste -sd, -)
 tarball="$cache/bookworm-minbase-$(echo "$include" | md5sum | cut -c1-12).tar"
 
 make_chroot() {
@@ -107,6 +106,13 @@ if reason=$(make_chroot); then
     bad "systemd-analyze verify: $out"
   fi
 
+  # Upgrade (here: the same version again): an operator's edit of a conffile survives, and the
+  # postinst asks for restarts instead of doing them.
+  in_chroot 'echo "// local edit" >>/etc/nbd-server/nbd-server.json'
+  if out=$(in_chroot "dpkg -i /tmp/$package.deb" 2>&1); then ok "dpkg -i again (upgrade path)"; else bad "dpkg -i again: $out"; fi
+  if echo "$out" | grep -q "restart nbd-server"; then ok "the upgrade asks for restarts"; else bad "the upgrade said: $out"; fi
+  check "the upgrade kept the edited conffile" in_chroot 'grep -q "^// local edit" /etc/nbd-server/nbd-server.json'
+
   if out=$(in_chroot "dpkg -r $package" 2>&1); then ok "dpkg -r"; else bad "dpkg -r: $out"; fi
   echo "$out" | sed 's/^/  | /'
   snapshot >"$work/removed"
@@ -144,7 +150,7 @@ else
   else
     bad "dpkg --unpack: $out"
   fi
-  [ "$(stat -c %a "$scratch/etc/nbd-server/tls")" = 700 ] && ok "/etc/nbd-server/tls 700" || bad "/etc/nbd-server/tls mode"
+  if [ "$(stat -c %a "$scratch/etc/nbd-server/tls")" = 700 ]; then ok "/etc/nbd-server/tls 700"; else bad "/etc/nbd-server/tls mode"; fi
   if out=$("$scratch/usr/bin/nbd-server" --help 2>&1); then ok "nbd-server --help (host, not chroot)"; else bad "nbd-server --help: $out"; fi
   mkdir -p "$scratch/usr/lib/systemd"
   cp -r /usr/lib/systemd/system "$scratch/usr/lib/systemd/"

@@ -74,7 +74,9 @@ fi
 binaries=(nbd-server nbd-downstairs nbd-certs nbd-verify)
 if [ -z "$from" ]; then
   from="$root/artifacts/publish/$rid"
-  "$root/scripts/publish.sh" --rid "$rid" --output "$from" $([ "$r2r" = true ] || echo --no-r2r)
+  publish=("$root/scripts/publish.sh" --rid "$rid" --output "$from")
+  [ "$r2r" = true ] || publish+=(--no-r2r)
+  "${publish[@]}"
 fi
 for b in "${binaries[@]}"; do
   [ -x "$from/$b" ] || { echo "package-deb.sh: $from/$b missing (scripts/publish.sh)" >&2; exit 1; }
@@ -105,14 +107,12 @@ done
 
 # Man pages (docs/man/NAME.SECTION, when the CLI provides them) and bash completions (from
 # `BINARY completion bash`, when the executable has that command).
-mans=()
 shopt -s nullglob
 for page in "$root"/docs/man/*.[1-8]; do
   name=$(basename "$page"); section=${name##*.}
   install -d "$stage/usr/share/man/man$section"
   gzip -9n <"$page" >"$stage/usr/share/man/man$section/$name.gz"
   chmod 0644 "$stage/usr/share/man/man$section/$name.gz"
-  mans+=("$name")
 done
 shopt -u nullglob
 for b in "${binaries[@]}"; do
@@ -214,8 +214,8 @@ deb="$out/${package}_${version}_${arch}.deb"
 dpkg-deb --root-owner-group -Z"$compress" ${level:+-z"$level"} --build "$stage" "$deb" >/dev/null
 
 if [ "$check" = true ]; then
-  # Errors and unaccepted warnings fail; info and pedantic tags are printed only.
-  lintian --fail-on error,warning --display-level '>=info' "$deb" || {
+  # Errors and unaccepted warnings fail; the accepted ones are shown (O:), info tags are not.
+  lintian --fail-on error,warning --display-level '>=warning' --show-overrides "$deb" || {
     echo "package-deb.sh: lintian found errors or warnings not accepted in this script" >&2; exit 1; }
 fi
 echo "$deb"
