@@ -99,7 +99,9 @@ if reason=$(make_chroot); then
   for b in nbd-server nbd-downstairs nbd-certs nbd-verify; do
     if out=$(in_chroot "$b --help" 2>&1) && [ -n "$out" ]; then ok "$b --help (in the chroot)"; else bad "$b --help: $out"; fi
   done
-  check "nbd-certs makes a CA in the chroot" in_chroot 'nbd-certs ca --dir /tmp/ca >/dev/null && [ -s /tmp/ca/ca-cert.pem ]'
+  check "nbd-certs makes a CA in the chroot (OpenSSL from libssl3)" in_chroot 'nbd-certs ca --dir /tmp/ca >/dev/null && [ -s /tmp/ca/ca-cert.pem ]'
+  check "user nbd makes a region with nbd-downstairs create, nbd-downstairs info reads it" \
+    in_chroot 'install -d -o nbd -g nbd /tmp/nbd && runuser -u nbd -- nbd-downstairs create --data /tmp/nbd/r0 --size 16MiB >/dev/null && nbd-downstairs info --data /tmp/nbd/r0 >/dev/null'
   if out=$(in_chroot 'systemd-analyze verify nbd-server.service nbd-downstairs@r0.service' 2>&1) && [ -z "$out" ]; then
     ok "systemd-analyze verify nbd-server.service nbd-downstairs@r0.service"
   else

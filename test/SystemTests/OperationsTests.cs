@@ -171,7 +171,7 @@ public sealed class OperationsTests
     /// scripts/publish.sh (without ReadyToRun: its compile takes minutes on a small machine) into
     /// artifacts/publish-test, reused while no source file is newer than the binaries.
     /// </summary>
-    internal static async Task<string> PublishAsync()
+    private static async Task<string> PublishAsync()
     {
         string output = Path.Combine(Repository.Root, "artifacts/publish-test/linux-x64");
         string[] binaries = [Path.Combine(output, "nbd-server"), Path.Combine(output, "nbd-downstairs"), Path.Combine(output, "nbd-certs"), Path.Combine(output, "nbd-verify")];
