@@ -137,13 +137,13 @@ if [ "$shared" = true ]; then
   find "$from" -maxdepth 1 -type f ! -name '*.pdb' ! -name libcoreclrtraceptprovider.so \
     -exec install -m 0644 -t "$stage$libdir" {} +
   for b in "${binaries[@]}" createdump; do
-    [ -e "$stage$libdir/$b" ] && chmod 0755 "$stage$libdir/$b"
+    if [ -e "$stage$libdir/$b" ]; then chmod 0755 "$stage$libdir/$b"; fi
   done
   for b in "${binaries[@]}"; do
     ln -s "../lib/$package/$b" "$stage/usr/bin/$b"
   done
   elves=("$stage$libdir"/nbd-* "$stage$libdir"/*.so)
-  [ -e "$stage$libdir/createdump" ] && elves+=("$stage$libdir/createdump")
+  if [ -e "$stage$libdir/createdump" ]; then elves+=("$stage$libdir/createdump"); fi
 else
   for b in "${binaries[@]}"; do
     install -m 0755 "$from/$b" "$stage/usr/bin/$b"
