@@ -13,6 +13,7 @@ packages=(
   fio nbd-client fuse3 e2fsprogs     # fio ioengine=nbd, nbd-client, nbdfuse's mount, mkfs/e2fsck
   busybox-static cpio                # the guest's initramfs
   prometheus                         # promtool: checks and unit-tests monitoring/nbd-alerts.yml
+  dpkg-dev lintian mmdebstrap        # scripts/package-deb.sh, its lintian check, check-deb.sh's chroot
 )
 missing=()
 for p in "${packages[@]}"; do
