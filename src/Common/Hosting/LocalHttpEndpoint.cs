@@ -1,39 +1,95 @@
+using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
 using System.Text;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 using NbdServer.Common.Logging;
-using NbdServer.Common.Net;
 using NbdServer.Common.Posix;
 
 namespace NbdServer.Common.Hosting;
 
-/// <summary>An answer of a <see cref="LocalHttpEndpoint"/>.</summary>
-public readonly record struct LocalHttpResponse(string Status, string ContentType, byte[] Body)
+/// <summary>
+/// An answer of a <see cref="LocalHttpEndpoint"/> route: status code, content type, body. An
+/// <see cref="IResult"/>, so a minimal-API route returns it as it is.
+/// </summary>
+public readonly record struct LocalHttpResponse(int StatusCode, string ContentType, byte[] Body) : IResult
 {
-    public static LocalHttpResponse NotFound(string hint) => Text("404 Not Found", hint);
+    public const string PlainText = "text/plain; charset=utf-8";
 
-    public static LocalHttpResponse MethodNotAllowed(string hint) => Text("405 Method Not Allowed", hint);
+    public static LocalHttpResponse NotFound(string hint) => Text(StatusCodes.Status404NotFound, hint);
 
-    public static LocalHttpResponse Text(string status, string text) => new(status, "text/plain", Encoding.UTF8.GetBytes(text + "\n"));
+    public static LocalHttpResponse MethodNotAllowed(string hint) => Text(StatusCodes.Status405MethodNotAllowed, hint);
+
+    public static LocalHttpResponse BadRequest(string reason) => Text(StatusCodes.Status400BadRequest, reason);
+
+    public static LocalHttpResponse Text(int statusCode, string text) => new(statusCode, PlainText, Encoding.UTF8.GetBytes(text + "\n"));
+
+    /// <summary>The status given as its line ("400 Bad Request"), as the routes written for the HTTP/1.0 responder did.</summary>
+    public static LocalHttpResponse Text(string status, string text) =>
+        Text(int.Parse(status.AsSpan(0, 3), NumberStyles.None, CultureInfo.InvariantCulture), text);
+
+    public Task ExecuteAsync(HttpContext httpContext)
+    {
+        httpContext.Response.StatusCode = StatusCode;
+        httpContext.Response.ContentType = ContentType;
+        httpContext.Response.ContentLength = Body.Length;
+        return httpContext.Response.Body.WriteAsync(Body, httpContext.RequestAborted).AsTask();
+    }
 }
 
-/// <summary>The parts of a request a <see cref="LocalHttpEndpoint"/> handler looks at; <paramref name="Query"/> is the raw text after '?', or empty.</summary>
-public readonly record struct LocalHttpRequest(string Method, string Path, string Query = "");
+/// <summary>The parts of a request a route looks at; <paramref name="Query"/> is the raw text after '?', or empty.</summary>
+public readonly record struct LocalHttpRequest(string Method, string Path, string Query = "")
+{
+    public static LocalHttpRequest From(HttpRequest request) =>
+        new(request.Method, request.Path.Value ?? "", request.QueryString.HasValue ? request.QueryString.Value![1..] : "");
+}
 
-/// <summary>Limits of the operator's local HTTP endpoints (control socket, metrics).</summary>
+/// <summary>Limits of the operator's local HTTP endpoints (control socket, metrics), set on Kestrel.</summary>
 public sealed record LocalHttpLimits
 {
     /// <summary>
-    /// Requests served at once; more connections are closed at accept. Eight is plenty for a
-    /// status watcher, a scrub command and a Prometheus scrape, and bounds what a local client that
-    /// opens connections and never speaks can hold (a socket and a 4 KiB buffer each).
+    /// A request body's largest size. The control routes take their arguments in the query and
+    /// have no body; 4 KiB leaves room for a small JSON document and refuses (413) anything that
+    /// would make the daemon buffer more for a local client.
+    /// </summary>
+    public const int MaxRequestBodyBytes = 4096;
+
+    /// <summary>The request line (method, path and query): a route's whole query fits with room to spare.</summary>
+    public const int MaxRequestLineBytes = 4096;
+
+    /// <summary>All request headers together: curl, HttpClient and a Prometheus scraper send under 1 KiB.</summary>
+    public const int MaxRequestHeadersBytes = 8192;
+
+    /// <summary>Request headers counted one by one (Kestrel's default is 100).</summary>
+    public const int MaxRequestHeaderCount = 32;
+
+    /// <summary>
+    /// The slowest a client may send a body or read an answer, in bytes per second, once
+    /// <see cref="Timeout"/> has passed: below this the connection is closed. Kestrel's own default
+    /// rate; a client on this host that reads at all reads far faster.
+    /// </summary>
+    public const int MinDataBytesPerSecond = 240;
+
+    /// <summary>
+    /// Connections served at once; more are closed at accept. Eight is plenty for a status
+    /// watcher, a scrub command and a Prometheus scrape, and bounds what a local client that
+    /// opens connections and never speaks can hold.
     /// </summary>
     public int MaxConnections { get; init; } = 8;
 
     /// <summary>
-    /// Time one exchange may take: reading the request and sending the whole answer. A client
-    /// that never sends, or never reads its answer, is dropped after this.
+    /// Time a client may take to send a request's headers, to send its next request on a kept-alive
+    /// connection, and (as the grace period of <see cref="MinDataBytesPerSecond"/>) to start reading
+    /// its answer. A client that never sends, or never reads its answer, is dropped after this
+    /// (Kestrel checks once a second, so up to a second later).
     /// </summary>
     public TimeSpan Timeout { get; init; } = TimeSpan.FromSeconds(5);
 
@@ -48,19 +104,48 @@ public sealed record LocalHttpLimits
             throw new ArgumentException($"Timeout must be positive (was {Timeout}).");
         }
     }
+
+    /// <summary>These limits on a Kestrel server.</summary>
+    internal void Apply(KestrelServerOptions kestrel)
+    {
+        kestrel.AddServerHeader = false;
+        KestrelServerLimits l = kestrel.Limits;
+        l.MaxConcurrentConnections = MaxConnections;
+        l.MaxConcurrentUpgradedConnections = 0;
+        l.MaxRequestBodySize = MaxRequestBodyBytes;
+        l.MaxRequestLineSize = MaxRequestLineBytes;
+        l.MaxRequestHeadersTotalSize = MaxRequestHeadersBytes;
+        l.MaxRequestHeaderCount = MaxRequestHeaderCount;
+        // What one connection may hold in buffers either way: its whole request, and an answer's worth.
+        l.MaxRequestBufferSize = MaxRequestLineBytes + MaxRequestHeadersBytes + MaxRequestBodyBytes;
+        l.RequestHeadersTimeout = Timeout;
+        l.KeepAliveTimeout = Timeout;
+        l.MinRequestBodyDataRate = new MinDataRate(MinDataBytesPerSecond, Timeout);
+        l.MinResponseDataRate = new MinDataRate(MinDataBytesPerSecond, Timeout);
+    }
 }
 
 /// <summary>
-/// The smallest HTTP/1.0 responder that serves the operator's local endpoints (status and scrub on
-/// a Unix socket, Prometheus metrics on a loopback TCP port): one request per connection, the
-/// request head read from at most 4 KiB, one deadline for the whole exchange (request and answer),
-/// at most <see cref="LocalHttpLimits.MaxConnections"/> at once, one gather send for header and
-/// body. On TCP the Host header must name a loopback address, <c>localhost</c> or the bound
-/// address: a web page that rebinds its own DNS name to 127.0.0.1 sends its own name as Host and
-/// is refused, so a browser can't be used to read the endpoint.
+/// An operator's local HTTP endpoint served by Kestrel (ASP.NET Core minimal APIs): the control
+/// socket (a Unix socket) or the metrics port (TCP). HTTP/1.1 only, limits from
+/// <see cref="LocalHttpLimits"/>, a request body read (and so bounded, 413 past the limit) before
+/// any route sees the request. A Unix socket's file has <see cref="SocketMode"/> from the moment
+/// it appears (<see cref="UnixSocketFile.Listen"/>; Kestrel is handed the listening socket). On
+/// TCP the Host header must name a loopback address, <c>localhost</c> or the bound address: a web
+/// page that rebinds its own DNS name to 127.0.0.1 sends its own name as Host and is refused, so a
+/// browser can't be used to read the endpoint.
 /// </summary>
-/// <remarks>Refusals (over the cap, a bad request or Host) go to <c>throttle</c> when given: a storm is a summary.</remarks>
-public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, LocalHttpResponse> handle, LocalHttpLimits? limits = null, LogThrottle? throttle = null) : IAsyncDisposable
+/// <remarks>
+/// Refusals (a foreign Host) and Kestrel's own warnings (a connection over the cap) go to
+/// <c>throttle</c> when given, else nowhere: a storm is a summary.
+/// </remarks>
+public sealed partial class LocalHttpEndpoint(
+    EndPoint endPoint,
+    Action<IEndpointRouteBuilder> routes,
+    LocalHttpLimits? limits = null,
+    LogThrottle? throttle = null,
+    Action<IServiceCollection>? services = null,
+    string? notFoundHint = null) : IAsyncDisposable
 {
     /// <summary>
     /// A Unix socket's file mode: owner read/write only. Connecting needs write permission, so only
@@ -68,138 +153,138 @@ public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, 
     /// </summary>
     public const UnixFileMode SocketMode = UnixFileMode.UserRead | UnixFileMode.UserWrite;
 
-    private const int MaxRequestBytes = 4096;
     private const int Backlog = 16;
-    private static readonly byte[] EndOfHead = "\r\n\r\n"u8.ToArray();
 
     private readonly LocalHttpLimits _limits = limits ?? new LocalHttpLimits();
-    private readonly CancellationTokenSource _stopping = new();
-    private Socket? _socket;
-    private Task? _loop;
+    private WebApplication? _app;
+    private EndPoint? _bound;
     private string? _socketPath;
     private ulong _socketInode;
-    private int _active;
-    private long _refused;
 
-    public EndPoint LocalEndPoint => _socket!.LocalEndPoint!;
+    /// <summary>Where it listens (for TCP port 0, the port chosen).</summary>
+    public EndPoint LocalEndPoint => _bound ?? throw new InvalidOperationException("not started");
 
-    /// <summary>Connections closed at accept because <see cref="LocalHttpLimits.MaxConnections"/> were being served.</summary>
-    public long Refused => Interlocked.Read(ref _refused);
+    /// <summary>The services of the running endpoint (e.g. the metrics exporter's).</summary>
+    public IServiceProvider Services => _app?.Services ?? throw new InvalidOperationException("not started");
 
     /// <summary>
-    /// Listens on the end point. A Unix socket's file gets <see cref="SocketMode"/> (a stale one at
-    /// the path is replaced, a live one refused) and is removed by <see cref="DisposeAsync"/>.
+    /// Listens on the end point and starts serving. A Unix socket's file gets <see cref="SocketMode"/>
+    /// (a stale one at the path is replaced, a live one refused) and is removed by <see cref="DisposeAsync"/>.
     /// </summary>
-    public void Start()
+    public void Start() => StartAsync().GetAwaiter().GetResult();
+
+    public async Task StartAsync()
     {
         _limits.Validate();
+        Socket listener = Listen();
+        // Kestrel owns the descriptor it is given (closes it at stop); it gets its own copy, so ours
+        // is released here and the two never close the same number twice.
+        int handle = dup((int)listener.SafeHandle.DangerousGetHandle());
+        int errno = Marshal.GetLastPInvokeError();
+        listener.Dispose();
+        if (handle < 0)
+        {
+            throw new PosixIOException(errno, "dup", endPoint.ToString() ?? "");
+        }
+
+        WebApplicationBuilder builder = WebApplication.CreateEmptyBuilder(new WebApplicationOptions { ApplicationName = "nbd-local-http" });
+        builder.WebHost.UseKestrelCore().ConfigureKestrel(kestrel =>
+        {
+            _limits.Apply(kestrel);
+            kestrel.ListenHandle((ulong)handle, listen => listen.Protocols = HttpProtocols.Http1);
+        });
+        builder.Services.AddRoutingCore();
+        builder.Services.AddSingleton<ILoggerFactory>(throttle is null ? NullLoggerFactory.Instance : new ThrottledLoggerFactory(throttle, endPoint.ToString() ?? ""));
+        services?.Invoke(builder.Services);
+        WebApplication app = builder.Build();
+        if (_bound is IPEndPoint bound)
+        {
+            app.Use((context, next) => IsLocalHost(context.Request.Host.Value ?? "", bound) ? next(context) : ForeignHost(context));
+        }
+        app.Use(BoundBodyAsync);
+        app.UseRouting();
+        routes(app);
+        if (notFoundHint is not null)
+        {
+            // After routing: a path no route knows (404) or a method its route refuses (405) gets the list of routes.
+            app.Use(async (context, next) =>
+            {
+                await next(context);
+                if (context.Response is { StatusCode: 404 or 405, HasStarted: false })
+                {
+                    await LocalHttpResponse.Text(context.Response.StatusCode, notFoundHint).ExecuteAsync(context);
+                }
+            });
+        }
+        try
+        {
+            await app.StartAsync();
+        }
+        catch
+        {
+            await app.DisposeAsync();
+            RemoveSocketFile();
+            throw;
+        }
+        _app = app;
+    }
+
+    /// <summary>The listening socket: a Unix socket file with its mode, or a TCP port.</summary>
+    private Socket Listen()
+    {
         if (endPoint is UnixDomainSocketEndPoint unix)
         {
             _socketPath = unix.ToString();
-            (_socket, _socketInode) = UnixSocketFile.Listen(_socketPath, SocketMode, Backlog);
+            (Socket socket, _socketInode) = UnixSocketFile.Listen(_socketPath, SocketMode, Backlog);
+            _bound = endPoint;
+            return socket;
         }
-        else
-        {
-            _socket = new Socket(endPoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-            _socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-            _socket.Bind(endPoint);
-            _socket.Listen(Backlog);
-        }
-        _loop = AcceptLoop.RunAsync(_socket, Accepted, _stopping.Token);
-    }
-
-    private void Accepted(Socket client)
-    {
-        if (Interlocked.Increment(ref _active) > _limits.MaxConnections)
-        {
-            Interlocked.Decrement(ref _active);
-            Interlocked.Increment(ref _refused);
-            client.Dispose();
-            throttle?.Report(LogLevel.Warning, $"{endPoint}: too many connections", () => $"{_limits.MaxConnections} requests already being served; closed another");
-            return;
-        }
-        _ = AnswerAsync(client);
-    }
-
-    private async Task AnswerAsync(Socket client)
-    {
+        var tcp = new Socket(endPoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         try
         {
-            using (client)
-            using (var deadline = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token))
-            {
-                deadline.CancelAfter(_limits.Timeout);
-                try
-                {
-                    LocalHttpResponse response = await ReadRequestAsync(client, deadline.Token) is { } request
-                        ? handle(request)
-                        : LocalHttpResponse.Text("400 Bad Request", "bad request or Host");
-                    byte[] header = Encoding.ASCII.GetBytes($"HTTP/1.0 {response.Status}\r\nContent-Type: {response.ContentType}\r\nContent-Length: {response.Body.Length}\r\nConnection: close\r\n\r\n");
-                    int sent = 0;
-                    int total = header.Length + response.Body.Length;
-                    // SendAsync with a token: a client that never reads can hold us at most until the deadline.
-                    while (sent < total)
-                    {
-                        sent += sent < header.Length
-                            ? await client.SendAsync(header.AsMemory(sent), SocketFlags.None, deadline.Token)
-                            : await client.SendAsync(response.Body.AsMemory(sent - header.Length), SocketFlags.None, deadline.Token);
-                    }
-                    client.Shutdown(SocketShutdown.Send);
-                }
-                catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException)
-                {
-                    // A client that went away, never sent a request or never read the answer: nothing more to do.
-                }
-            }
+            tcp.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+            tcp.Bind(endPoint);
+            tcp.Listen(Backlog);
+            _bound = tcp.LocalEndPoint;
+            return tcp;
         }
-        finally
+        catch
         {
-            Interlocked.Decrement(ref _active);
+            tcp.Dispose();
+            throw;
         }
     }
 
-    /// <summary>The request line and Host check; null for a malformed request or a foreign Host.</summary>
-    private async Task<LocalHttpRequest?> ReadRequestAsync(Socket client, CancellationToken cancel)
+    private Task ForeignHost(HttpContext context)
     {
-        byte[] buffer = new byte[MaxRequestBytes];
-        int received = 0;
-        while (received < buffer.Length && buffer.AsSpan(0, received).IndexOf(EndOfHead) < 0)
+        // A browser tricked by DNS rebinding sends the attacker's name here.
+        string host = context.Request.Host.Value ?? "";
+        throttle?.Report(LogLevel.Warning, $"{endPoint}: foreign Host", () => $"refused a request with Host '{host}'");
+        return LocalHttpResponse.BadRequest("bad Host: this endpoint answers only to localhost or its own address").ExecuteAsync(context);
+    }
+
+    /// <summary>
+    /// Reads the whole body before any route runs, so Kestrel's <see cref="LocalHttpLimits.MaxRequestBodyBytes"/>
+    /// is enforced (413) even on a route that never reads it (else a POST with a huge body would act
+    /// first and only then be cut off); a route that does read it reads the buffered copy.
+    /// </summary>
+    private static async Task BoundBodyAsync(HttpContext context, RequestDelegate next)
+    {
+        if (context.Request.ContentLength is not 0 && (context.Request.ContentLength is not null || context.Request.Headers.TransferEncoding.Count > 0))
         {
-            int n = await client.ReceiveAsync(buffer.AsMemory(received), SocketFlags.None, cancel);
-            if (n == 0)
+            context.Request.EnableBuffering(LocalHttpLimits.MaxRequestBodyBytes, LocalHttpLimits.MaxRequestBodyBytes);
+            try
             {
-                break;
+                await context.Request.Body.CopyToAsync(Stream.Null, context.RequestAborted);
             }
-            received += n;
-        }
-        int end = buffer.AsSpan(0, received).IndexOf(EndOfHead);
-        if (end < 0)
-        {
-            throttle?.Report(LogLevel.Warning, $"{endPoint}: bad request", () => $"no complete request head in {received} bytes");
-            return null;
-        }
-        string[] lines = Encoding.ASCII.GetString(buffer, 0, end).Split("\r\n");
-        string[] requestLine = lines[0].Split(' ');
-        if (requestLine.Length != 3 || !requestLine[2].StartsWith("HTTP/1.", StringComparison.Ordinal))
-        {
-            throttle?.Report(LogLevel.Warning, $"{endPoint}: bad request", () => "malformed request line");
-            return null;
-        }
-        if (_socket!.LocalEndPoint is IPEndPoint bound)
-        {
-            string? host = lines.Skip(1)
-                .Where(l => l.StartsWith("Host:", StringComparison.OrdinalIgnoreCase))
-                .Select(l => l[5..].Trim())
-                .SingleOrDefault();
-            if (host is null || !IsLocalHost(host, bound))
+            catch (Microsoft.AspNetCore.Http.BadHttpRequestException e)
             {
-                // A browser tricked by DNS rebinding sends the attacker's name here.
-                throttle?.Report(LogLevel.Warning, $"{endPoint}: foreign Host", () => $"refused a request with Host '{host}'");
-                return null;
+                await LocalHttpResponse.Text(e.StatusCode, $"request body over {LocalHttpLimits.MaxRequestBodyBytes} bytes or malformed").ExecuteAsync(context);
+                return;
             }
+            context.Request.Body.Position = 0;
         }
-        string[] target = requestLine[1].Split('?', 2);
-        return new LocalHttpRequest(requestLine[0], target[0], target.Length > 1 ? target[1] : "");
+        await next(context);
     }
 
     /// <summary>
@@ -235,16 +320,54 @@ public sealed class LocalHttpEndpoint(EndPoint endPoint, Func<LocalHttpRequest, 
 
     public async ValueTask DisposeAsync()
     {
-        await _stopping.CancelAsync();
-        _socket?.Dispose();
-        if (_loop is not null)
+        if (_app is not null)
         {
-            await _loop;
+            await _app.StopAsync();
+            await _app.DisposeAsync();
+            _app = null;
         }
+        RemoveSocketFile();
+    }
+
+    private void RemoveSocketFile()
+    {
         if (_socketPath is not null)
         {
             UnixSocketFile.Remove(_socketPath, _socketInode);
+            _socketPath = null;
         }
-        _stopping.Dispose();
+    }
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int dup(int fd);
+
+    /// <summary>Kestrel's and ASP.NET Core's log lines of one endpoint, warnings and worse, through the daemon's <see cref="LogThrottle"/>.</summary>
+    private sealed class ThrottledLoggerFactory(LogThrottle throttle, string endPoint) : ILoggerFactory, ILoggerProvider
+    {
+        public ILogger CreateLogger(string categoryName) => new Logger(throttle, endPoint);
+
+        public void AddProvider(ILoggerProvider provider)
+        {
+        }
+
+        public void Dispose()
+        {
+        }
+
+        private sealed class Logger(LogThrottle throttle, string endPoint) : ILogger
+        {
+            public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+            public bool IsEnabled(LogLevel logLevel) => logLevel >= LogLevel.Warning;
+
+            public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+            {
+                if (IsEnabled(logLevel))
+                {
+                    // Keyed by the event, not its text: Kestrel's lines carry a connection id each.
+                    throttle.Report(logLevel, $"{endPoint}: {eventId.Name ?? eventId.Id.ToString(CultureInfo.InvariantCulture)}", () => formatter(state, exception), exception);
+                }
+            }
+        }
     }
 }
