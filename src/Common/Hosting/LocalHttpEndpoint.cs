@@ -72,11 +72,17 @@ public sealed record LocalHttpLimits
     public const int MaxRequestHeaderCount = 32;
 
     /// <summary>
-    /// The slowest a client may send a body or read an answer, in bytes per second, once
-    /// <see cref="Timeout"/> has passed: below this the connection is closed. Kestrel's own default
-    /// rate; a client on this host that reads at all reads far faster.
+    /// The slowest a client may send a body or read an answer, in bytes per second: Kestrel allows
+    /// <see cref="Timeout"/> plus this rate's time for all the bytes so far, then closes the
+    /// connection. 1 MiB/s: a client that reads at all reads far faster (a scrape of tens of KiB
+    /// is given <see cref="Timeout"/> and a few ms more). Kestrel's default of 240 B/s would let a
+    /// client that stopped reading an answer hold its connection for as many seconds as the
+    /// socket buffers hold quarter-KiBs (measured: 64 KiB/s still held it 5.7 s past the start).
     /// </summary>
-    public const int MinDataBytesPerSecond = 240;
+    public const int MinDataBytesPerSecond = 1 << 20;
+
+    /// <summary>The shortest grace period of <see cref="MinDataBytesPerSecond"/> Kestrel accepts (over its 1 s check); a shorter <see cref="Timeout"/> uses this.</summary>
+    public static readonly TimeSpan MinGracePeriod = TimeSpan.FromMilliseconds(1100);
 
     /// <summary>
     /// Connections served at once; more are closed at accept. Eight is plenty for a status
@@ -120,8 +126,10 @@ public sealed record LocalHttpLimits
         l.MaxRequestBufferSize = MaxRequestLineBytes + MaxRequestHeadersBytes + MaxRequestBodyBytes;
         l.RequestHeadersTimeout = Timeout;
         l.KeepAliveTimeout = Timeout;
-        l.MinRequestBodyDataRate = new MinDataRate(MinDataBytesPerSecond, Timeout);
-        l.MinResponseDataRate = new MinDataRate(MinDataBytesPerSecond, Timeout);
+        // Kestrel wants a grace period longer than its once-a-second check.
+        TimeSpan grace = Timeout > MinGracePeriod ? Timeout : MinGracePeriod;
+        l.MinRequestBodyDataRate = new MinDataRate(MinDataBytesPerSecond, grace);
+        l.MinResponseDataRate = new MinDataRate(MinDataBytesPerSecond, grace);
     }
 }
 
