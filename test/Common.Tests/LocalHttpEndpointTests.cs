@@ -386,6 +386,7 @@ public sealed class LocalHttpEndpointTests
                 Assert.That(() => NbdServer.Tests.Shared.PrometheusText.Parse(text), Throws.InstanceOf<FormatException>(), text);
             }
             Assert.That(NbdServer.Tests.Shared.PrometheusText.Parse("# HELP m a \\ help\n# TYPE m counter\nm{a=\"x\\\"y\"} 1 1700000000\n")["m"].Samples.Single().Labels["a"], Is.EqualTo("x\"y"));
+            Assert.That(NbdServer.Tests.Shared.PrometheusText.Parse("m{} 2\n")["m"].Samples.Single().Value, Is.EqualTo(2));
         });
     }
 
