@@ -32,7 +32,7 @@ public readonly record struct LocalHttpResponse(int StatusCode, string ContentTy
 
     public static LocalHttpResponse Text(int statusCode, string text) => new(statusCode, PlainText, Encoding.UTF8.GetBytes(text + "\n"));
 
-    /// <summary>The status given as its line ("400 Bad Request"), as the routes written for the HTTP/1.0 responder did.</summary>
+    /// <summary>The status given as its status line ("400 Bad Request"): the code is its first three digits.</summary>
     public static LocalHttpResponse Text(string status, string text) =>
         Text(int.Parse(status.AsSpan(0, 3), NumberStyles.None, CultureInfo.InvariantCulture), text);
 
