@@ -323,6 +323,28 @@ public sealed class LocalHttpEndpointTests
 
     [Test]
     [CancelAfter(10_000)]
+    public async Task A_storm_of_connections_over_the_cap_is_logged_once()
+    {
+        var logger = new LinesLogger();
+        using var throttle = new NbdServer.Common.Logging.LogThrottle(logger, TimeSpan.FromHours(1));
+        await using var endpoint = new LocalHttpEndpoint(new UnixDomainSocketEndPoint(SocketPath), Hello, new LocalHttpLimits { MaxConnections = 1 }, throttle);
+        endpoint.Start();
+        using Socket holder = await ConnectAsync(new UnixDomainSocketEndPoint(SocketPath));
+        await holder.SendAsync("GET /held HTTP/1.1\r\nHost: localhost\r\n\r\n"u8.ToArray(), SocketFlags.None);
+        Assert.That(await holder.ReceiveAsync(new byte[4096], SocketFlags.None), Is.Positive, "setup: the holder was served and keeps its connection");
+
+        for (int i = 0; i < 20; i++)
+        {
+            Assert.That(await ExchangeAsync(new UnixDomainSocketEndPoint(SocketPath), "GET / HTTP/1.0\r\n\r\n"), Is.Empty);
+        }
+
+        Assert.That(logger.Lines, Has.Count.EqualTo(1));
+        Assert.That(logger.Lines[0], Does.Contain("maximum number of concurrent connections"));
+        Assert.That(throttle.TotalReported, Is.EqualTo(20));
+    }
+
+    [Test]
+    [CancelAfter(10_000)]
     public async Task A_scrape_is_valid_Prometheus_text_with_the_names_types_and_buckets_of_our_instruments()
     {
         string meterName = $"NbdServer.Tests.Scrape{Guid.NewGuid():N}";
