@@ -172,9 +172,6 @@ public sealed partial class LocalHttpEndpoint(
     /// <summary>Where it listens (for TCP port 0, the port chosen).</summary>
     public EndPoint LocalEndPoint => _bound ?? throw new InvalidOperationException("not started");
 
-    /// <summary>The services of the running endpoint (e.g. the metrics exporter's).</summary>
-    public IServiceProvider Services => _app?.Services ?? throw new InvalidOperationException("not started");
-
     /// <summary>
     /// Listens on the end point and starts serving. A Unix socket's file gets <see cref="SocketMode"/>
     /// (a stale one at the path is replaced, a live one refused) and is removed by <see cref="DisposeAsync"/>.
@@ -192,9 +189,36 @@ public sealed partial class LocalHttpEndpoint(
         listener.Dispose();
         if (handle < 0)
         {
+            RemoveSocketFile();
             throw new PosixIOException(errno, "dup", endPoint.ToString() ?? "");
         }
+        WebApplication app;
+        try
+        {
+            app = Build(handle);
+        }
+        catch
+        {
+            RemoveSocketFile();
+            throw;
+        }
+        try
+        {
+            await app.StartAsync();
+        }
+        catch
+        {
+            // (If Kestrel failed before taking the descriptor, it stays open: the daemon exits on this anyway.)
+            await app.DisposeAsync();
+            RemoveSocketFile();
+            throw;
+        }
+        _app = app;
+    }
 
+    /// <summary>The Kestrel application on the listening descriptor: limits, logging, Host check, body bound, routes.</summary>
+    private WebApplication Build(int handle)
+    {
         WebApplicationBuilder builder = WebApplication.CreateEmptyBuilder(new WebApplicationOptions { ApplicationName = "nbd-local-http" });
         builder.WebHost.UseKestrelCore().ConfigureKestrel(kestrel =>
         {
@@ -224,17 +248,7 @@ public sealed partial class LocalHttpEndpoint(
                 }
             });
         }
-        try
-        {
-            await app.StartAsync();
-        }
-        catch
-        {
-            await app.DisposeAsync();
-            RemoveSocketFile();
-            throw;
-        }
-        _app = app;
+        return app;
     }
 
     /// <summary>The listening socket: a Unix socket file with its mode, or a TCP port.</summary>
