@@ -78,7 +78,7 @@ internal static class StatusCommand
                 {
                     return 0;
                 }
-                Console.Error.WriteLine($"nbd-server status: no server answers on {control} ({e.Message}).");
+                Console.Error.WriteLine(Unreachable("status", control, e));
                 return 1;
             }
             if (json)
@@ -191,7 +191,7 @@ internal static class StatusCommand
         }
         catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
         {
-            Console.Error.WriteLine($"nbd-server scrub: no server answers on {control} ({e.Message}).");
+            Console.Error.WriteLine(Unreachable("scrub", control, e));
             return 1;
         }
     }
@@ -280,7 +280,7 @@ internal static class StatusCommand
         }
         catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
         {
-            Console.Error.WriteLine($"nbd-server repair: no server answers on {control} ({e.Message}).");
+            Console.Error.WriteLine(Unreachable("repair", control, e));
             return 1;
         }
     }
@@ -303,6 +303,22 @@ internal static class StatusCommand
     {
         using JsonDocument document = JsonDocument.Parse(json);
         return JsonSerializer.Serialize(document.RootElement);
+    }
+
+    /// <summary>
+    /// The one line for a control socket that did not answer: a refused permission says who may
+    /// connect (the socket is mode 0600), anything else that no server answers there.
+    /// </summary>
+    internal static string Unreachable(string command, string control, Exception e)
+    {
+        for (Exception? inner = e; inner is not null; inner = inner.InnerException)
+        {
+            if (inner is SocketException { SocketErrorCode: SocketError.AccessDenied })
+            {
+                return $"nbd-server {command}: permission denied on {control}: the control socket is mode 0600; run as root or as the server's user.";
+            }
+        }
+        return $"nbd-server {command}: no server answers on {control} ({e.Message}).";
     }
 
     private static readonly Uri StatusUri = new("http://localhost/status");

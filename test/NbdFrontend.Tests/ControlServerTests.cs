@@ -94,6 +94,27 @@ public sealed partial class ControlServerTests
         Assert.That(_scrubs, Is.Zero);
     }
 
+    [Test]
+    public async Task The_status_command_run_by_another_user_is_refused_and_says_who_may_connect()
+    {
+        if (!OperatingSystem.IsLinux() || Environment.UserName != "root")
+        {
+            Assert.Ignore("needs root on Linux to act as another user");
+            return;
+        }
+        File.SetUnixFileMode(_dir, (UnixFileMode)0b111_101_101);
+        await using ControlServer control = Start();
+        string client = Path.Combine(TestContext.CurrentContext.TestDirectory, "nbd-server");
+
+        (int code, string error) = await RunAsync("/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            client, "status", "--control", SocketPath);
+
+        Assume.That(error, Does.Not.Contain("ermission denied").Or.Contain("nbd-server status:"), "user nobody could not run the client itself");
+        Assert.That(code, Is.EqualTo(1), error);
+        Assert.That(error, Does.Contain($"permission denied on {SocketPath}").And.Contain("run as root or as the server's user"));
+        Assert.That(StatusCommand.Unreachable("status", SocketPath, new HttpRequestException("refused")), Does.Contain("no server answers"));
+    }
+
     private static async Task<(int ExitCode, string Error)> RunAsync(string program, params string[] args)
     {
         var start = new System.Diagnostics.ProcessStartInfo(program) { RedirectStandardError = true, RedirectStandardOutput = true };
