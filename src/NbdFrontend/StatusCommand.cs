@@ -28,7 +28,8 @@ internal static class StatusCommand
                                   $XDG_RUNTIME_DIR/nbd-server/control.sock); it is mode 0600, so
                                   run as root or as the server's user
             --watch               refresh every second until Ctrl-C
-            --json                print the raw JSON
+            --json                print the server's JSON status (schema: docs/control.md); with
+                                  --watch, one compact JSON object per line each second
         """;
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
@@ -77,12 +78,12 @@ internal static class StatusCommand
                 {
                     return 0;
                 }
-                Console.Error.WriteLine($"nbd-server status: no server answers on {control} ({e.Message}).");
+                Console.Error.WriteLine(Unreachable("status", control, e));
                 return 1;
             }
             if (json)
             {
-                Console.WriteLine(body);
+                Console.WriteLine(watch ? Compact(body) : body.TrimEnd());
             }
             else
             {
@@ -190,7 +191,7 @@ internal static class StatusCommand
         }
         catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
         {
-            Console.Error.WriteLine($"nbd-server scrub: no server answers on {control} ({e.Message}).");
+            Console.Error.WriteLine(Unreachable("scrub", control, e));
             return 1;
         }
     }
@@ -279,7 +280,7 @@ internal static class StatusCommand
         }
         catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
         {
-            Console.Error.WriteLine($"nbd-server repair: no server answers on {control} ({e.Message}).");
+            Console.Error.WriteLine(Unreachable("repair", control, e));
             return 1;
         }
     }
@@ -297,15 +298,40 @@ internal static class StatusCommand
         return true;
     }
 
+    /// <summary>One line of JSON Lines: the same document without its indentation.</summary>
+    internal static string Compact(string json)
+    {
+        using JsonDocument document = JsonDocument.Parse(json);
+        return JsonSerializer.Serialize(document.RootElement);
+    }
+
+    /// <summary>
+    /// The one line for a control socket that did not answer: a refused permission says who may
+    /// connect (the socket is mode 0600), anything else that no server answers there.
+    /// </summary>
+    internal static string Unreachable(string command, string control, Exception e)
+    {
+        for (Exception? inner = e; inner is not null; inner = inner.InnerException)
+        {
+            if (inner is SocketException { SocketErrorCode: SocketError.AccessDenied })
+            {
+                return $"nbd-server {command}: permission denied on {control}: the control socket is mode 0600; run as root or as the server's user.";
+            }
+        }
+        return $"nbd-server {command}: no server answers on {control} ({e.Message}).";
+    }
+
     private static readonly Uri StatusUri = new("http://localhost/status");
     private static readonly Uri ScrubUri = new("http://localhost/scrub");
 
     private static string DefaultControl() =>
         ControlServer.DefaultPath(create: false) ?? Path.Combine(ControlServer.SystemRuntimeDirectory, ControlServer.SocketName);
 
-    /// <summary>An HTTP client whose every connection goes to the Unix socket at <paramref name="path"/>.</summary>
+    /// <summary>An HTTP client whose every connection goes to the Unix socket at <paramref name="path"/>; it asks for JSON.</summary>
     internal static HttpClient Client(string path) => new(new SocketsHttpHandler
     {
+        // One connection, kept between the refreshes of --watch and the polls of scrub --wait.
+        MaxConnectionsPerServer = 1,
         ConnectCallback = async (_, cancel) =>
         {
             var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
@@ -321,7 +347,10 @@ internal static class StatusCommand
             }
         },
     })
-    { Timeout = TimeSpan.FromSeconds(5) };
+    {
+        Timeout = TimeSpan.FromSeconds(5),
+        DefaultRequestHeaders = { Accept = { new System.Net.Http.Headers.MediaTypeWithQualityHeaderValue("application/json") } },
+    };
 
     private static string FormatScrub(ScrubStatus s) => string.Create(CultureInfo.InvariantCulture,
         $"scrub {(s.Running ? "running" : s.Problem is null ? "complete" : $"stopped: {s.Problem}")}: {s.ExtentsDone}/{s.ExtentTotal} extents, {s.BlocksChecked} block copies checked, {s.BlocksRepaired} repaired");

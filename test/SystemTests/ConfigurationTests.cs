@@ -170,9 +170,14 @@ public sealed partial class FrontendOperationsTests
     {
         foreach (string line in text.Split('\n'))
         {
-            if (line.StartsWith(series + " ", StringComparison.Ordinal))
+            // OpenTelemetry's exporter writes a series without labels as "name{} value".
+            string unlabelled = series.EndsWith('}') ? series : series + "{}";
+            foreach (string prefix in new[] { series + " ", unlabelled + " " })
             {
-                return double.Parse(line[(series.Length + 1)..], System.Globalization.CultureInfo.InvariantCulture);
+                if (line.StartsWith(prefix, StringComparison.Ordinal))
+                {
+                    return double.Parse(line[prefix.Length..], System.Globalization.CultureInfo.InvariantCulture);
+                }
             }
         }
         Assert.Fail($"no series {series} in:\n{text}");

@@ -60,9 +60,13 @@ public sealed partial class MonitoringTests
         ExternalTool.Result io = await ExternalTool.RunAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M", "-c", "flush", volume.Upstairs!.Uri()], TimeSpan.FromSeconds(60));
         Assert.That(io.ExitCode, Is.Zero, io.ToString());
 
-        string exported = await OperationsTests.ScrapeAsync(await MetricsPortAsync(() => volume.Upstairs!.Log))
-            + await OperationsTests.ScrapeAsync(await MetricsPortAsync(() => ds.Log));
-        var names = ExportedName().Matches(exported).Select(m => m.Groups[1].Value).ToHashSet();
+        string upstairs = await OperationsTests.ScrapeAsync(await MetricsPortAsync(() => volume.Upstairs!.Log));
+        string downstairs = await OperationsTests.ScrapeAsync(await MetricsPortAsync(() => ds.Log));
+        // Parsed strictly, as a scraper would: a malformed line fails here, not in Prometheus.
+        var names = new[] { upstairs, downstairs }
+            .SelectMany(text => NbdServer.Tests.Shared.PrometheusText.Parse(text).Values)
+            .SelectMany(family => family.Samples.Select(sample => sample.Name))
+            .ToHashSet();
 
         var wanted = new SortedSet<string>(StringComparer.Ordinal);
         wanted.UnionWith(MetricName().Matches(File.ReadAllText(Rules)).Select(m => m.Value));
@@ -104,9 +108,6 @@ public sealed partial class MonitoringTests
     /// <summary>Our metrics and the runtime's, as a PromQL expression names them.</summary>
     [GeneratedRegex(@"\b(?:nbd|dotnet)_[a-z_]+")]
     private static partial Regex MetricName();
-
-    [GeneratedRegex(@"(?m)^([a-z_]+)(?:\{| )")]
-    private static partial Regex ExportedName();
 
     [GeneratedRegex(@"metrics on http://127\.0\.0\.1:(\d+)/metrics")]
     private static partial Regex MetricsLine();

@@ -1,7 +1,11 @@
 using System.Globalization;
 using System.Net.Sockets;
+using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
 using NbdServer.Common.Hosting;
 using NbdServer.Common.Logging;
 using NbdServer.ReplicaEngine;
@@ -12,26 +16,25 @@ namespace NbdServer.Frontend.Server;
 internal delegate string? RepairPaceSetter(double? rateLimit, double? dutyCycle);
 
 /// <summary>
-/// The control endpoint, a Unix socket (mode 0600: only the server's user and root may connect):
-/// <c>GET /status</c> answers the engine status as JSON, <c>POST /scrub</c> starts a scrub and
-/// answers the status, <c>POST /repair?rate-limit=MIB&amp;duty-cycle=F</c> sets the repair pace and
-/// answers the status (<c>nbd-server status</c> / <c>scrub</c> / <c>repair</c>, or
-/// <c>curl --unix-socket /run/nbd-server/control.sock http://localhost/status</c>).
+/// The control endpoint, a Unix socket (mode 0600: only the server's user and root may connect),
+/// served by Kestrel (<see cref="LocalHttpEndpoint"/>):
+/// <c>GET /status</c> answers the engine status as JSON (the schema is in docs/control.md), or as
+/// the text table of <c>nbd-server status</c> with <c>?format=text</c> or <c>Accept: text/plain</c>;
+/// <c>POST /scrub</c> starts a scrub and answers the status; <c>POST /repair?rate-limit=MIB&amp;duty-cycle=F</c>
+/// sets the repair pace and answers the status (<c>nbd-server status</c> / <c>scrub</c> / <c>repair</c>,
+/// or <c>curl --unix-socket /run/nbd-server/control.sock http://localhost/status</c>).
 /// There is no TCP form: it can change state, and a TCP port on loopback is open to every local user.
 /// </summary>
-internal sealed class ControlServer(
-    string path,
-    Func<EngineStatus> status,
-    Action? startScrub = null,
-    RepairPaceSetter? setRepairPace = null,
-    LocalHttpLimits? limits = null,
-    LogThrottle? throttle = null) : IAsyncDisposable
+internal sealed class ControlServer : IAsyncDisposable
 {
     /// <summary>The query keys of <c>POST /repair</c>, named as the command line's flags.</summary>
     public const string RateLimitKey = "rate-limit";
     public const string DutyCycleKey = "duty-cycle";
 
-    private const string Routes = "GET /status, POST /scrub, POST /repair?rate-limit=MIB&duty-cycle=F";
+    /// <summary><c>GET /status?format=text</c>: the human table instead of JSON.</summary>
+    public const string FormatKey = "format";
+
+    private const string Routes = "GET /status[?format=text], POST /scrub, POST /repair?rate-limit=MIB&duty-cycle=F";
 
     public const string SocketName = "control.sock";
 
@@ -44,28 +47,60 @@ internal sealed class ControlServer(
         Converters = { new JsonStringEnumConverter() },
     };
 
-    private readonly LocalHttpEndpoint _http = new(new UnixDomainSocketEndPoint(path), request => request switch
-    {
-        { Method: "GET", Path: "/status" or "/" } => Status(status()),
-        { Method: "POST", Path: "/scrub" } => StartScrub(startScrub, status),
-        { Method: "POST", Path: "/repair" } => SetPace(request.Query, setRepairPace, status),
-        { Path: "/status" or "/" or "/scrub" or "/repair" } => LocalHttpResponse.MethodNotAllowed(Routes),
-        _ => LocalHttpResponse.NotFound(Routes),
-    }, limits, throttle);
+    private readonly string _path;
+    private readonly Func<EngineStatus> _status;
+    private readonly Action? _startScrub;
+    private readonly RepairPaceSetter? _setRepairPace;
+    private readonly LocalHttpEndpoint _http;
 
-    public string Path => path;
+    public ControlServer(
+        string path,
+        Func<EngineStatus> status,
+        Action? startScrub = null,
+        RepairPaceSetter? setRepairPace = null,
+        LocalHttpLimits? limits = null,
+        LogThrottle? throttle = null)
+    {
+        _path = path;
+        _status = status;
+        _startScrub = startScrub;
+        _setRepairPace = setRepairPace;
+        _http = new LocalHttpEndpoint(new UnixDomainSocketEndPoint(path), MapRoutes, limits, throttle, notFoundHint: Routes);
+    }
+
+    public string Path => _path;
 
     public void Start() => _http.Start();
 
     public ValueTask DisposeAsync() => _http.DisposeAsync();
 
-    private static LocalHttpResponse Status(EngineStatus status) =>
-        new("200 OK", "application/json", JsonSerializer.SerializeToUtf8Bytes(status, Json));
-
-    private static LocalHttpResponse StartScrub(Action? startScrub, Func<EngineStatus> status)
+    /// <summary>The routes: one line each (an unknown path answers 404, a known one with another method 405, both listing <see cref="Routes"/>).</summary>
+    private void MapRoutes(IEndpointRouteBuilder app)
     {
-        startScrub?.Invoke();
-        return Status(status());
+        app.MapGet("/status", context => Status(context.Request).ExecuteAsync(context));
+        app.MapGet("/", context => Status(context.Request).ExecuteAsync(context));
+        app.MapPost("/scrub", context => StartScrub(context.Request).ExecuteAsync(context));
+        app.MapPost("/repair", context => SetPace(LocalHttpRequest.From(context.Request).Query, _setRepairPace, () => Status(context.Request)).ExecuteAsync(context));
+    }
+
+    /// <summary>The status as JSON, or as text when the request asks for it (<c>?format=text</c>, or <c>Accept: text/plain</c> without JSON).</summary>
+    private LocalHttpResponse Status(HttpRequest request)
+    {
+        EngineStatus status = _status();
+        string? format = request.Query[FormatKey];
+        bool text = format == "text" || (format is null
+            && request.GetTypedHeaders().Accept is { Count: > 0 } accept
+            && accept.Any(a => a.MediaType.Equals("text/plain", StringComparison.OrdinalIgnoreCase))
+            && !accept.Any(a => a.MediaType.Equals("application/json", StringComparison.OrdinalIgnoreCase)));
+        return text
+            ? new LocalHttpResponse(StatusCodes.Status200OK, LocalHttpResponse.PlainText, Encoding.UTF8.GetBytes(StatusCommand.Format(status)))
+            : new LocalHttpResponse(StatusCodes.Status200OK, "application/json; charset=utf-8", JsonSerializer.SerializeToUtf8Bytes(status, Json));
+    }
+
+    private LocalHttpResponse StartScrub(HttpRequest request)
+    {
+        _startScrub?.Invoke();
+        return Status(request);
     }
 
     /// <summary>
@@ -73,7 +108,7 @@ internal sealed class ControlServer(
     /// value. Anything else in the query, a value that is not a number or one out of range is
     /// refused with 400 and the reason, and nothing changes.
     /// </summary>
-    private static LocalHttpResponse SetPace(string query, RepairPaceSetter? setRepairPace, Func<EngineStatus> status)
+    private static LocalHttpResponse SetPace(string query, RepairPaceSetter? setRepairPace, Func<LocalHttpResponse> status)
     {
         if (setRepairPace is null)
         {
@@ -108,7 +143,7 @@ internal sealed class ControlServer(
         }
         return setRepairPace(rateLimit, dutyCycle) is { } refusal
             ? LocalHttpResponse.Text("400 Bad Request", refusal)
-            : Status(status());
+            : status();
     }
 
     /// <summary>

@@ -23,19 +23,16 @@ public static partial class OperationsServices
 
     private sealed class MetricsService(IPEndPoint endPoint, LocalHttpLimits? limits, ILogger logger) : IHostedService, IAsyncDisposable
     {
-        private PrometheusExporter? _exporter;
         private Logging.LogThrottle? _throttle;
         private MetricsEndpoint? _endpoint;
 
-        public Task StartAsync(CancellationToken cancellationToken)
+        public async Task StartAsync(CancellationToken cancellationToken)
         {
-            _exporter = new PrometheusExporter();
             // Refused scrapes (foreign Host, over the cap) are summarised like every other storm; 5 s is both daemons' --log-interval default.
             _throttle = new Logging.LogThrottle(logger, TimeSpan.FromSeconds(5));
-            _endpoint = new MetricsEndpoint(endPoint, _exporter, limits, _throttle);
-            _endpoint.Start();
+            _endpoint = new MetricsEndpoint(endPoint, limits, _throttle);
+            await _endpoint.StartAsync();
             MetricsListening(logger, _endpoint.LocalEndPoint.ToString());
-            return Task.CompletedTask;
         }
 
         public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
@@ -46,7 +43,6 @@ public static partial class OperationsServices
             {
                 await _endpoint.DisposeAsync();
             }
-            _exporter?.Dispose();
             _throttle?.Dispose();
         }
     }
