@@ -4,6 +4,7 @@ using System.Text.Json;
 using System.Text.Json.Serialization;
 using NbdServer.Common.Hosting;
 using NbdServer.Common.Logging;
+using NbdServer.Frontend.Qos;
 using NbdServer.ReplicaEngine;
 
 namespace NbdServer.Frontend.Server;
@@ -15,23 +16,26 @@ internal delegate string? RepairPaceSetter(double? rateLimit, double? dutyCycle)
 /// The control endpoint, a Unix socket (mode 0600: only the server's user and root may connect):
 /// <c>GET /status</c> answers the engine status as JSON, <c>POST /scrub</c> starts a scrub and
 /// answers the status, <c>POST /repair?rate-limit=MIB&amp;duty-cycle=F</c> sets the repair pace and
-/// answers the status (<c>nbd-server status</c> / <c>scrub</c> / <c>repair</c>, or
+/// answers the status, <c>GET /qos</c> and <c>POST /qos?read-iops=N&amp;...</c> show and change
+/// the exports' QoS limits (<c>nbd-server status</c> / <c>scrub</c> / <c>repair</c> / <c>qos</c>, or
 /// <c>curl --unix-socket /run/nbd-server/control.sock http://localhost/status</c>).
 /// There is no TCP form: it can change state, and a TCP port on loopback is open to every local user.
+/// A server without a replicated volume has no engine status (null): its socket serves QoS only.
 /// </summary>
 internal sealed class ControlServer(
     string path,
-    Func<EngineStatus> status,
+    Func<EngineStatus>? status,
     Action? startScrub = null,
     RepairPaceSetter? setRepairPace = null,
     LocalHttpLimits? limits = null,
-    LogThrottle? throttle = null) : IAsyncDisposable
+    LogThrottle? throttle = null,
+    QosControl? qos = null) : IAsyncDisposable
 {
     /// <summary>The query keys of <c>POST /repair</c>, named as the command line's flags.</summary>
     public const string RateLimitKey = "rate-limit";
     public const string DutyCycleKey = "duty-cycle";
 
-    private const string Routes = "GET /status, POST /scrub, POST /repair?rate-limit=MIB&duty-cycle=F";
+    private const string Routes = "GET /status, POST /scrub, POST /repair?rate-limit=MIB&duty-cycle=F, GET /qos, POST /qos?read-iops=N&...";
 
     public const string SocketName = "control.sock";
 
@@ -46,10 +50,13 @@ internal sealed class ControlServer(
 
     private readonly LocalHttpEndpoint _http = new(new UnixDomainSocketEndPoint(path), request => request switch
     {
-        { Method: "GET", Path: "/status" or "/" } => Status(status()),
-        { Method: "POST", Path: "/scrub" } => StartScrub(startScrub, status),
-        { Method: "POST", Path: "/repair" } => SetPace(request.Query, setRepairPace, status),
-        { Path: "/status" or "/" or "/scrub" or "/repair" } => LocalHttpResponse.MethodNotAllowed(Routes),
+        { Path: "/status" or "/" or "/scrub" or "/repair" } when status is null => LocalHttpResponse.NotFound("this server has no replicated volume; its control socket serves GET /qos and POST /qos"),
+        { Method: "GET", Path: "/status" or "/" } => Status(status!()),
+        { Method: "POST", Path: "/scrub" } => StartScrub(startScrub, status!),
+        { Method: "POST", Path: "/repair" } => SetPace(request.Query, setRepairPace, status!),
+        { Method: "GET", Path: "/qos" } => Qos(qos),
+        { Method: "POST", Path: "/qos" } => SetQos(request.Query, qos),
+        { Path: "/status" or "/" or "/scrub" or "/repair" or "/qos" } => LocalHttpResponse.MethodNotAllowed(Routes),
         _ => LocalHttpResponse.NotFound(Routes),
     }, limits, throttle);
 
@@ -109,6 +116,25 @@ internal sealed class ControlServer(
         return setRepairPace(rateLimit, dutyCycle) is { } refusal
             ? LocalHttpResponse.Text("400 Bad Request", refusal)
             : Status(status());
+    }
+
+    private static LocalHttpResponse Qos(QosControl? qos) => qos is null
+        ? LocalHttpResponse.NotFound("this server has no QoS")
+        : new("200 OK", "application/json", JsonSerializer.SerializeToUtf8Bytes(qos.Report(), Json));
+
+    /// <summary>
+    /// <c>POST /qos?export=NAME&amp;read-iops=N&amp;write-mbps=M&amp;burst=S</c>: any of the keys; one not
+    /// given keeps its value, 0 removes a limit. As with <c>/repair</c>, anything else in the query, a
+    /// key given twice, a value that is not a number or one out of range is refused with 400 and the
+    /// reason, and nothing changes. Answers every export's QoS.
+    /// </summary>
+    private static LocalHttpResponse SetQos(string query, QosControl? qos)
+    {
+        if (qos is null)
+        {
+            return LocalHttpResponse.NotFound("this server has no QoS");
+        }
+        return qos.Set(query) is { } refusal ? LocalHttpResponse.Text("400 Bad Request", refusal) : Qos(qos);
     }
 
     /// <summary>

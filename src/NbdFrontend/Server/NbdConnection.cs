@@ -166,6 +166,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         _sendDeadline.Dispose();
         _aborted.Dispose();
         _requestSlots.Dispose();
+        _qosWaiter?.Dispose();
     }
 
     /// <summary>
@@ -262,8 +263,16 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
         (NbdError error, string message) = _shuttingDown ? (NbdError.ESHUTDOWN, "server is shutting down") : Validate(request, session);
         long charge = error != NbdError.None ? _connectionBudget.Clamp(ErrorReplyCharge) : Charge(request);
+        if (error == NbdError.None && !TryQosNow(request, session.Export))
+        {
+            return false;
+        }
         if (!TryAdmit(charge))
         {
+            if (error == NbdError.None)
+            {
+                RefundQos(request, session.Export);
+            }
             return false;
         }
         buffer = buffer.Slice(NbdRequest.Size);
@@ -327,6 +336,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             return null;
         }
 
+        await ThrottleAsync(request, session.Export, cancellationToken);
         long charge = Charge(request);
         await AdmitAsync(charge, cancellationToken);
         BeginRequest();
