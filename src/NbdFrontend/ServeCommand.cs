@@ -94,6 +94,10 @@ internal sealed record ServeCommand
                                      and --tls-verify-client
 
         QOS (per export, shared by all its connections; 0 = no limit)
+            A request over a limit waits (the server stops reading that client), it never fails;
+            one larger than a bucket still goes and borrows. FLUSH and BLOCK_STATUS are never
+            limited. Change the limits live with `nbd-server qos set` (through the control socket,
+            which a --file or --memory server opens only when --control is given).
             --qos-read-iops N        read operations per second
             --qos-write-iops N       write operations per second (WRITE, TRIM, WRITE_ZEROES)
             --qos-total-iops N       read and write operations together per second
@@ -102,11 +106,7 @@ internal sealed record ServeCommand
                                      writes the zeroes: a replicated volume)
             --qos-total-mbps MIB     MiB/s read and written together
             --qos-burst SECONDS      each limit's bucket holds this many seconds of it: what an idle
-                                     client may spend at once (default 1). A request over a limit
-                                     waits, it never fails; one larger than the bucket still goes
-                                     and borrows. FLUSH and BLOCK_STATUS are never limited.
-                                     Change them live with `nbd-server qos set` (the control socket:
-                                     --control, which a --file or --memory server opens only when given)
+                                     client may spend at once (default 1)
 
         OPTIONS
             --listen ADDR:PORT       where to listen (default 127.0.0.1:10809; `none`: only the
