@@ -218,3 +218,49 @@ public sealed class QosControlTests
     public void A_bad_qos_setting_stops_the_start_with_a_message_naming_it(string option, string value, string message) =>
         Assert.That(() => ServeCommand.Parse([option, value]), Throws.ArgumentException.With.Message.Contains(message));
 }
+
+/// <summary>The QoS instruments of the frontend's meter: limits as gauges, waits as counters, per export.</summary>
+public sealed class QosMetricsTests
+{
+    [Test]
+    public void Each_exports_limits_and_waits_are_reported_with_its_name()
+    {
+        string name = $"metrics-{Guid.NewGuid():N}";
+        var limiter = new QosLimiter(new QosLimits { WriteIops = 250, ReadMbps = 2 });
+        var exports = new ExportRegistry([new NbdExport(name, new Volumes.MemoryVolume(1 << 20)) { Qos = limiter }]);
+        var seen = new Dictionary<string, double>();
+        using var listener = new System.Diagnostics.Metrics.MeterListener();
+        listener.InstrumentPublished = (instrument, l) =>
+        {
+            if (instrument.Meter.Name == FrontendMetrics.MeterName && instrument.Name.StartsWith("nbd.frontend.qos.", StringComparison.Ordinal))
+            {
+                l.EnableMeasurementEvents(instrument);
+            }
+        };
+        void Record(System.Diagnostics.Metrics.Instrument instrument, double value, ReadOnlySpan<KeyValuePair<string, object?>> tags)
+        {
+            string? export = null, direction = null;
+            foreach (KeyValuePair<string, object?> tag in tags)
+            {
+                export = tag.Key == "export" ? (string?)tag.Value : export;
+                direction = tag.Key == "direction" ? (string?)tag.Value : direction;
+            }
+            if (export == name)
+            {
+                seen[$"{instrument.Name}{(direction is null ? "" : "/" + direction)}"] = value;
+            }
+        }
+        listener.SetMeasurementEventCallback<double>((i, v, t, _) => Record(i, v, t));
+        listener.SetMeasurementEventCallback<long>((i, v, t, _) => Record(i, v, t));
+        listener.Start();
+
+        listener.RecordObservableInstruments();
+
+        Assert.That(exports.All, Has.Count.EqualTo(1));
+        Assert.That(seen, Does.ContainKey("nbd.frontend.qos.iops_limit/write").WithValue(250)
+            .And.ContainKey("nbd.frontend.qos.iops_limit/read").WithValue(0)
+            .And.ContainKey("nbd.frontend.qos.bandwidth_limit_bytes_per_second/read").WithValue(2 << 20)
+            .And.ContainKey("nbd.frontend.qos.throttled_requests").WithValue(0)
+            .And.ContainKey("nbd.frontend.qos.throttled_seconds").WithValue(0));
+    }
+}

@@ -149,11 +149,10 @@ public sealed class TokenBucketTests
     public void Limiter_bandwidth_limit_counts_bytes_and_a_zero_byte_trim_counts_only_as_an_operation()
     {
         var limiter = new QosLimiter(new QosLimits { WriteMbps = 1, Burst = TimeSpan.FromSeconds(1) }, _time);
-        var waiter = new QosWaiter(_time);
 
-        long first = limiter.Reserve(QosDirection.Write, 1 << 20, waiter, out _);
-        long trim = limiter.Reserve(QosDirection.Write, 0, waiter, out _);
-        long second = limiter.Reserve(QosDirection.Write, 512 << 10, waiter, out _);
+        long first = limiter.Reserve(QosDirection.Write, 1 << 20, out _);
+        long trim = limiter.Reserve(QosDirection.Write, 0, out _);
+        long second = limiter.Reserve(QosDirection.Write, 512 << 10, out _);
 
         Assert.That((first, trim), Is.EqualTo((0L, 0L)));
         Assert.That(Milliseconds(second), Is.EqualTo(500).Within(0.01), "the first MiB emptied the bucket: half a MiB more waits half a second");
@@ -163,12 +162,11 @@ public sealed class TokenBucketTests
     public void Limiter_change_gives_back_the_waiting_reservation_and_reserves_again_under_the_new_limits()
     {
         var limiter = new QosLimiter(new QosLimits { ReadIops = 1, Burst = TimeSpan.FromSeconds(1) }, _time);
-        var waiter = new QosWaiter(_time);
-        limiter.Reserve(QosDirection.Read, 0, waiter, out _);
-        long wait = limiter.Reserve(QosDirection.Read, 0, waiter, out long version);
+        limiter.Reserve(QosDirection.Read, 0, out _);
+        long wait = limiter.Reserve(QosDirection.Read, 0, out long version);
 
         limiter.Set(new QosLimits { ReadIops = 4, Burst = TimeSpan.FromSeconds(1) });
-        long after = limiter.Rereserve(QosDirection.Read, 0, waiter, ref version);
+        long after = limiter.Rereserve(QosDirection.Read, 0, ref version);
 
         Assert.That(Milliseconds(wait), Is.EqualTo(1000).Within(0.01));
         Assert.That(Milliseconds(after), Is.EqualTo(250).Within(0.01), "the first read's token is still owed, now repaid at 4/s");

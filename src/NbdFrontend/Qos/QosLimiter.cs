@@ -65,7 +65,7 @@ internal sealed class QosLimiter
 
     public double ThrottledSeconds => (double)Interlocked.Read(ref _throttledTicks) / Time.TimestampFrequency;
 
-    /// <summary>Connections waiting for a bucket right now.</summary>
+    /// <summary>Connections waiting for a bucket right now (their timers armed).</summary>
     public int Waiting
     {
         get
@@ -117,21 +117,27 @@ internal sealed class QosLimiter
         }
     }
 
-    /// <summary>
-    /// Reserves the request's tokens; answers the ticks to wait (0: go now) and the limits'
-    /// version they were reserved under. A waiter that must wait is registered to be woken by a change.
-    /// </summary>
-    public long Reserve(QosDirection direction, long bytes, QosWaiter waiter, out long version)
+    /// <summary>Reserves the request's tokens; answers the ticks to wait (0: go now) and the limits' version they were reserved under.</summary>
+    public long Reserve(QosDirection direction, long bytes, out long version)
     {
         lock (_lock)
         {
             long wait = ReserveLocked(direction, bytes, Time.GetTimestamp());
             version = _version;
-            if (wait > 0)
-            {
-                _waiting.Add(waiter);
-            }
             return wait;
+        }
+    }
+
+    /// <summary>
+    /// Registers an armed waiter to be woken by a change of the limits; true if they already changed
+    /// since <paramref name="version"/> (the waiter must not sleep on the old ones).
+    /// </summary>
+    public bool Register(QosWaiter waiter, long version)
+    {
+        lock (_lock)
+        {
+            _waiting.Add(waiter);
+            return _version != version;
         }
     }
 
@@ -145,7 +151,7 @@ internal sealed class QosLimiter
     }
 
     /// <summary>The limits changed while the request waited: gives back its tokens and reserves again under the new ones.</summary>
-    public long Rereserve(QosDirection direction, long bytes, QosWaiter waiter, ref long version)
+    public long Rereserve(QosDirection direction, long bytes, ref long version)
     {
         lock (_lock)
         {
@@ -153,10 +159,6 @@ internal sealed class QosLimiter
             RefundLocked(direction, bytes, now);
             long wait = ReserveLocked(direction, bytes, now);
             version = _version;
-            if (wait == 0)
-            {
-                _waiting.Remove(waiter);
-            }
             return wait;
         }
     }

@@ -109,7 +109,7 @@ internal sealed record QosLimits
         ReadMbpsKey => this with { ReadMbps = value },
         WriteMbpsKey => this with { WriteMbps = value },
         TotalMbpsKey => this with { TotalMbps = value },
-        BurstKey => this with { Burst = double.IsFinite(value) && value is >= 0 and <= 1e9 ? TimeSpan.FromSeconds(value) : TimeSpan.MaxValue },
+        BurstKey => this with { Burst = TimeSpan.FromSeconds(value) },
         _ => throw new ArgumentOutOfRangeException(nameof(key), key, "not a QoS setting"),
     };
 
@@ -156,6 +156,12 @@ internal sealed record QosLimits
             if (!double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value))
             {
                 error = $"{key}: '{text}' is not a number (0 or more)";
+                return null;
+            }
+            if (key == BurstKey && value > MaxBurst.TotalSeconds)
+            {
+                // Refused before it becomes a TimeSpan, so the message shows the value given.
+                error = string.Create(CultureInfo.InvariantCulture, $"{BurstKey} must be {MinBurst.TotalSeconds:0.###} to {MaxBurst.TotalSeconds:0} seconds; got {text}");
                 return null;
             }
             next = next.With(key, value);

@@ -4,7 +4,7 @@ namespace NbdServer.Frontend.Qos;
 
 /// <summary>
 /// A connection's one wait for its export's buckets: one timer per connection, re-armed per wait,
-/// and a reusable awaitable, so a throttled request costs no timer and no allocation. The wait ends
+/// and a reusable awaitable, so a throttled request creates no timer and no task. The wait ends
 /// when the timer fires, when the limits change (<see cref="Wake"/>) or when the connection is
 /// aborted (an <see cref="OperationCanceledException"/>). One wait at a time: the request loop's.
 /// </summary>

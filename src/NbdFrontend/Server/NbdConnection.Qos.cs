@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend.Qos;
 using NbdServer.Nbd;
@@ -59,10 +60,12 @@ internal sealed partial class NbdConnection
             _qosWaiter?.Dispose();
             _qosWaiter = new QosWaiter(qos.Time);
         }
-        long wait = qos.Reserve(charge.Direction, charge.Bytes, _qosWaiter, out long version);
+        long wait = qos.Reserve(charge.Direction, charge.Bytes, out long version);
         return wait == 0 ? ValueTask.CompletedTask : WaitForQosAsync(qos, charge.Direction, charge.Bytes, wait, version, cancellationToken);
     }
 
+    // Pooled: a throttled connection waits once per request, and its state machine is reused rather than allocated each time.
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask WaitForQosAsync(QosLimiter qos, QosDirection direction, long bytes, long wait, long version, CancellationToken cancellationToken)
     {
         QosWaiter waiter = _qosWaiter!;
@@ -73,26 +76,26 @@ internal sealed partial class NbdConnection
         {
             while (true)
             {
-                ValueTask waiting = waiter.WaitAsync(due - time.GetTimestamp(), cancellationToken);
-                if (qos.Changed(version))
+                long now = time.GetTimestamp();
+                if (now >= due)
                 {
-                    // A change between the reservation and the arming would have found nobody to wake.
+                    return;
+                }
+                ValueTask waiting = waiter.WaitAsync(due - now, cancellationToken);
+                if (qos.Register(waiter, version))
+                {
+                    // Registered only once armed, so a change that came before found nobody to wake.
                     waiter.Wake();
                 }
                 await waiting;
-                long now = time.GetTimestamp();
                 if (qos.Changed(version))
                 {
-                    wait = qos.Rereserve(direction, bytes, waiter, ref version);
+                    wait = qos.Rereserve(direction, bytes, ref version);
                     if (wait == 0)
                     {
                         return;
                     }
-                    due = now + wait;
-                }
-                else if (now >= due)
-                {
-                    return;
+                    due = time.GetTimestamp() + wait;
                 }
             }
         }
