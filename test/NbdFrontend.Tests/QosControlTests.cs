@@ -73,6 +73,8 @@ public sealed class QosControlTests
     [TestCase("read-iops=fast", "read-iops: 'fast' is not a number")]
     [TestCase("read-iops=-5", "'-5' is not a number")]
     [TestCase("read-iops=1e3", "'1e3' is not a number")]
+    [TestCase("read-iops=NaN", "'NaN' is not a number")]
+    [TestCase("burst=Infinity", "'Infinity' is not a number")]
     [TestCase("speed=5", "'speed' is not a QoS setting")]
     [TestCase("read-iops=1&read-iops=2", "given twice")]
     [TestCase("export=vol0&export=vol0&read-iops=1", "'export' is given twice")]

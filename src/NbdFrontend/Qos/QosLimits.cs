@@ -153,7 +153,7 @@ internal sealed record QosLimits
                 error = $"'{key}' is not a QoS setting (or given twice); use {string.Join(", ", Keys)}";
                 return null;
             }
-            if (!double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value))
+            if (!double.TryParse(text, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) || !double.IsFinite(value))
             {
                 error = $"{key}: '{text}' is not a number (0 or more)";
                 return null;
