@@ -16,14 +16,13 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_NAME=bench-qos.sh
-# shellcheck source=lib/bench-common.sh
-source "$root/scripts/lib/bench-common.sh"
-
 IOPS=${IOPS:-2000}
 MBPS=${MBPS:-40}
 RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-3}
 TOLERANCE=${TOLERANCE:-10}
+# shellcheck source=lib/bench-common.sh
+source "$root/scripts/lib/bench-common.sh"
 
 bench_require dotnet fio jq nbdinfo
 
