@@ -50,12 +50,14 @@ internal static class QosCommand
 
     private static readonly Uri QosUri = new("http://localhost/qos");
 
+    /// <summary>Parses the arguments of <c>nbd-server qos [set]</c> and runs <see cref="ShowAsync"/> or <see cref="SetAsync"/>.</summary>
     public static async Task<int> RunAsync(IReadOnlyList<string> args)
     {
         bool set = args.Count > 0 && args[0] == "set";
         string? control = null;
+        string? export = null;
         bool json = false;
-        var query = new List<string>();
+        var limits = new List<(string Key, double Value)>();
         for (int i = set ? 1 : 0; i < args.Count; i++)
         {
             string arg = args[i];
@@ -71,7 +73,7 @@ internal static class QosCommand
                     json = true;
                     break;
                 case "--export" when set && i + 1 < args.Count:
-                    query.Add($"{QosControl.ExportKey}={Uri.EscapeDataString(args[++i])}");
+                    export = args[++i];
                     break;
                 case "-h" or "--help":
                     Console.WriteLine(Usage);
@@ -83,28 +85,50 @@ internal static class QosCommand
                         Console.Error.WriteLine($"nbd-server qos{(set ? " set" : "")}: unknown option or missing value '{arg}' (see --help).");
                         return 2;
                     }
-                    if (!double.TryParse(args[i + 1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value))
+                    if (!double.TryParse(args[i + 1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value) || !double.IsFinite(value))
                     {
                         Console.Error.WriteLine($"nbd-server qos set: {arg}: '{args[i + 1]}' is not a number (0 or more).");
                         return 2;
                     }
-                    query.Add(string.Create(CultureInfo.InvariantCulture, $"{key}={value:R}"));
+                    limits.Add((key, value));
                     i++;
                     break;
             }
         }
-        if (set && !query.Any(q => !q.StartsWith(QosControl.ExportKey + "=", StringComparison.Ordinal)))
+        if (set && limits.Count == 0)
         {
             Console.Error.WriteLine("nbd-server qos set: nothing to set; give one or more limits (see --help).");
             return 2;
         }
+        return set ? await SetAsync(control, export, limits) : await ShowAsync(control, json);
+    }
+
+    /// <summary>Prints every export's QoS (the raw JSON with <paramref name="json"/>); 0, or 1 when no server answers.</summary>
+    public static Task<int> ShowAsync(string? control, bool json) => SendAsync(control, null, json);
+
+    /// <summary>
+    /// Sends a change (keys of <see cref="QosLimits.Keys"/>, the burst in seconds) for
+    /// <paramref name="export"/> (null: the first) and prints the QoS that results; 0, or 1 when
+    /// no server answers or it refused the change (the reason is printed).
+    /// </summary>
+    public static Task<int> SetAsync(string? control, string? export, IReadOnlyList<(string Key, double Value)> limits)
+    {
+        IEnumerable<string> pairs = limits.Select(l => string.Create(CultureInfo.InvariantCulture, $"{l.Key}={l.Value:R}"));
+        if (export is not null)
+        {
+            pairs = pairs.Prepend($"{QosControl.ExportKey}={Uri.EscapeDataString(export)}");
+        }
+        return SendAsync(control, new Uri($"http://localhost/qos?{string.Join('&', pairs)}"), json: false);
+    }
+
+    /// <summary>GET /qos (<paramref name="post"/> null) or the POST given; prints the answer.</summary>
+    private static async Task<int> SendAsync(string? control, Uri? post, bool json)
+    {
         control ??= StatusCommand.DefaultControl();
         using HttpClient http = StatusCommand.Client(control);
         try
         {
-            using HttpResponseMessage answer = set
-                ? await http.PostAsync(new Uri($"http://localhost/qos?{string.Join('&', query)}"), null)
-                : await http.GetAsync(QosUri);
+            using HttpResponseMessage answer = post is null ? await http.GetAsync(QosUri) : await http.PostAsync(post, null);
             string body = await answer.Content.ReadAsStringAsync();
             if (!answer.IsSuccessStatusCode)
             {

@@ -175,6 +175,19 @@ public sealed class QosControlTests
     }
 
     [Test]
+    public async Task Qos_set_names_the_export_it_changes_and_an_unknown_one_is_refused()
+    {
+        await using ControlServer control = Start();
+
+        var named = await RunAsync(() => QosCommand.RunAsync(["set", "--export", "vol0", "--read-mbps", "8", "--control", SocketPath]));
+        var unknown = await RunAsync(() => QosCommand.RunAsync(["set", "--export", "vol9", "--read-mbps", "9", "--control", SocketPath]));
+
+        Assert.That((named.Code, unknown.Code), Is.EqualTo((0, 1)));
+        Assert.That(_limiter.Limits.ReadMbps, Is.EqualTo(8));
+        Assert.That(unknown.Errors, Does.Contain("refused: no export 'vol9' (exports: vol0)"));
+    }
+
+    [Test]
     public async Task Qos_command_exits_1_when_no_server_answers()
     {
         (int code, _, string errors) = await RunAsync(() => QosCommand.RunAsync(["--control", SocketPath]));
