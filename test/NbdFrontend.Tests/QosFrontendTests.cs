@@ -1,4 +1,5 @@
 using Microsoft.Extensions.Time.Testing;
+using NbdServer.Common.Volumes;
 using NbdServer.Frontend.Qos;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
@@ -143,6 +144,50 @@ public sealed class QosFrontendTests
         (NbdError error, ulong cookie, _) = await client.ReadSimpleReplyAsync(4096);
 
         Assert.That((error, cookie), Is.EqualTo((NbdError.None, 2UL)));
+    }
+
+    [TestCase(true, 0, TestName = "Write_zeroes_on_a_volume_that_zeroes_without_writing_counts_no_bytes")]
+    [TestCase(false, 1, TestName = "Write_zeroes_on_a_volume_that_writes_the_zeroes_counts_its_length")]
+    public async Task Write_zeroes_counts_its_length_only_where_the_volume_writes_the_zeroes(bool fastZero, int throttled)
+    {
+        VolumeFeatures features = new MemoryVolume(16L << 20).Features;
+        var volume = new ScriptedVolume(16L << 20, fastZero ? features : features & ~VolumeFeatures.FastZero);
+        var export = new NbdExport("vol0", volume) { Qos = new QosLimiter(new QosLimits { WriteMbps = 1 }, _time) };
+        await using var server = new TestServer(null, null, _time, export);
+        await using NbdTestClient client = server.Connect();
+        await client.ConnectAsync();
+
+        await client.SendRequestAsync(NbdCommand.WriteZeroes, 0, 8 << 20, 1);
+        (NbdError zeroes, _, _) = await client.ReadSimpleReplyAsync();
+        await client.SendRequestAsync(NbdCommand.Write, 0, 4096, 2, payload: new byte[4096]);
+        if (throttled > 0)
+        {
+            await WhenWaitingAsync(export.Qos, 1);
+            _time.Advance(TimeSpan.FromSeconds(8));
+        }
+        (NbdError write, _, _) = await client.ReadSimpleReplyAsync();
+
+        Assert.That((zeroes, write), Is.EqualTo((NbdError.None, NbdError.None)));
+        Assert.That(export.Qos.ThrottledRequests, Is.EqualTo(throttled));
+    }
+
+    [Test]
+    public async Task Trim_counts_as_a_write_operation_and_no_bytes()
+    {
+        NbdExport export = Limited("vol0", new QosLimits { WriteIops = 1, WriteMbps = 1 });
+        await using var server = new TestServer(null, null, _time, export);
+        await using NbdTestClient client = server.Connect();
+        await client.ConnectAsync();
+
+        await client.SendRequestAsync(NbdCommand.Trim, 0, 16 << 20, 1);
+        (NbdError trim, _, _) = await client.ReadSimpleReplyAsync();
+        await client.SendRequestAsync(NbdCommand.Trim, 0, 4096, 2);
+        await WhenWaitingAsync(export.Qos, 1);
+        _time.Advance(TimeSpan.FromSeconds(1));
+        (NbdError second, _, _) = await client.ReadSimpleReplyAsync();
+
+        Assert.That((trim, second), Is.EqualTo((NbdError.None, NbdError.None)));
+        Assert.That(export.Qos.ThrottledSeconds, Is.EqualTo(1).Within(0.01), "one operation a second; the 16 MiB range was not charged to the 1 MiB/s bucket");
     }
 
     [Test]
