@@ -191,6 +191,26 @@ public sealed class QosFrontendTests
     }
 
     [Test]
+    public async Task A_shutdown_answers_a_request_waiting_for_its_tokens_instead_of_dropping_it()
+    {
+        NbdExport export = Limited("vol0", new QosLimits { ReadIops = 1, Burst = TimeSpan.FromSeconds(1) });
+        await using var server = new TestServer(null, null, _time, export);
+        await using NbdTestClient client = server.Connect();
+        await client.ConnectAsync();
+        await client.SendRequestAsync(NbdCommand.Read, 0, 4096, 1);
+        await client.ReadSimpleReplyAsync(4096);
+        await client.SendRequestAsync(NbdCommand.Read, 0, 4096, 2);
+        await WhenWaitingAsync(export.Qos, 1);
+
+        Task stopping = server.Listener.StopAsync();
+        (NbdError error, ulong cookie, _) = await client.ReadSimpleReplyAsync(4096);
+        await client.SendRequestAsync(NbdCommand.Disconnect, 0, 0, 3);
+        await stopping;
+
+        Assert.That((error, cookie), Is.EqualTo((NbdError.None, 2UL)), "read and validated before the shutdown: answered, not refused or dropped");
+    }
+
+    [Test]
     public async Task Flush_is_not_limited()
     {
         NbdExport export = Limited("vol0", new QosLimits { TotalIops = 1, Burst = TimeSpan.FromSeconds(1) });

@@ -31,7 +31,8 @@ internal sealed class QosWaiter : IValueTaskSource, IDisposable
     {
         _core.Reset();
         _token = cancellationToken;
-        Volatile.Write(ref _armed, 1);
+        // A full fence: a waker that runs after this must find the wait armed (see NbdConnection.WakeQosWaiter).
+        Interlocked.Exchange(ref _armed, 1);
         _cancellation = cancellationToken.UnsafeRegister(static state => ((QosWaiter)state!).Cancel(), this);
         // Whole milliseconds, rounded up: the timer's own resolution. A wait that ends a little
         // late costs nothing in rate, because the buckets, not the sleeps, keep the count.

@@ -47,6 +47,38 @@ internal sealed partial class NbdConnection
         }
     }
 
+    /// <summary>
+    /// <see cref="ThrottleAsync"/> for the one-at-a-time path. A request that waits is counted in
+    /// flight (true: the caller owns that count): it was read and validated, so a shutdown answers it
+    /// rather than dropping it, and wakes it (<see cref="WakeQosWaiter"/>) rather than waiting for its tokens.
+    /// </summary>
+    private async ValueTask<bool> ThrottleCountedAsync(NbdRequest request, NbdExport export, CancellationToken cancellationToken)
+    {
+        if (!export.Qos.Active)
+        {
+            return false;
+        }
+        BeginRequest();
+        try
+        {
+            await ThrottleAsync(request, export, cancellationToken);
+            return true;
+        }
+        catch
+        {
+            EndRequest();
+            throw;
+        }
+    }
+
+    /// <summary>A shutdown began: a request waiting for its tokens goes now.</summary>
+    private void WakeQosWaiter()
+    {
+        // Pairs with the check after arming in WaitForQosAsync: either the loop sees the flag, or we see its waiter armed.
+        Interlocked.MemoryBarrier();
+        Volatile.Read(ref _qosWaiter)?.Wake();
+    }
+
     /// <summary>Waits until the request's export lets it go (at once when no limit is set).</summary>
     private ValueTask ThrottleAsync(in NbdRequest request, NbdExport export, CancellationToken cancellationToken)
     {
@@ -58,7 +90,7 @@ internal sealed partial class NbdConnection
         if (_qosWaiter is null || _qosWaiter.Time != qos.Time)
         {
             _qosWaiter?.Dispose();
-            _qosWaiter = new QosWaiter(qos.Time);
+            Volatile.Write(ref _qosWaiter, new QosWaiter(qos.Time));
         }
         long wait = qos.Reserve(charge.Direction, charge.Bytes, out long version);
         return wait == 0 ? ValueTask.CompletedTask : WaitForQosAsync(qos, charge.Direction, charge.Bytes, wait, version, cancellationToken);
@@ -77,17 +109,21 @@ internal sealed partial class NbdConnection
             while (true)
             {
                 long now = time.GetTimestamp();
-                if (now >= due)
+                if (now >= due || _shuttingDown)
                 {
                     return;
                 }
                 ValueTask waiting = waiter.WaitAsync(due - now, cancellationToken);
-                if (qos.Register(waiter, version))
+                if (qos.Register(waiter, version) || _shuttingDown)
                 {
-                    // Registered only once armed, so a change that came before found nobody to wake.
+                    // Registered only once armed, so a change (or a shutdown) that came before found nobody to wake.
                     waiter.Wake();
                 }
                 await waiting;
+                if (_shuttingDown)
+                {
+                    return;
+                }
                 if (qos.Changed(version))
                 {
                     wait = qos.Rereserve(direction, bytes, ref version);

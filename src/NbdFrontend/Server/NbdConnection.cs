@@ -149,6 +149,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     public Task BeginShutdownAsync()
     {
         _shuttingDown = true;
+        WakeQosWaiter();
         return WhenIdleAsync();
     }
 
@@ -336,10 +337,22 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             return null;
         }
 
-        await ThrottleAsync(request, session.Export, cancellationToken);
+        // A request that waits for QoS counts as in flight from here, so a shutdown's drain answers it.
+        bool counted = await ThrottleCountedAsync(request, session.Export, cancellationToken);
         long charge = Charge(request);
-        await AdmitAsync(charge, cancellationToken);
-        BeginRequest();
+        try
+        {
+            await AdmitAsync(charge, cancellationToken);
+        }
+        catch when (counted)
+        {
+            EndRequest();
+            throw;
+        }
+        if (!counted)
+        {
+            BeginRequest();
+        }
         Job job = RentJob(request, charge);
         if (payloadLength > 0)
         {
