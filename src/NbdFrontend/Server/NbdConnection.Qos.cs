@@ -54,10 +54,6 @@ internal sealed partial class NbdConnection
     /// </summary>
     private async ValueTask<bool> ThrottleCountedAsync(NbdRequest request, NbdExport export, CancellationToken cancellationToken)
     {
-        if (!export.Qos.Active)
-        {
-            return false;
-        }
         BeginRequest();
         try
         {

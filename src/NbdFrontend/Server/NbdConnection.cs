@@ -338,7 +338,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
 
         // A request that waits for QoS counts as in flight from here, so a shutdown's drain answers it.
-        bool counted = await ThrottleCountedAsync(request, session.Export, cancellationToken);
+        bool counted = session.Export.Qos.Active && await ThrottleCountedAsync(request, session.Export, cancellationToken);
         long charge = Charge(request);
         try
         {
