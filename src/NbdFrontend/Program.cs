@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging;
 using NbdServer.Common.Hosting;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend;
+using NbdServer.Frontend.Qos;
 using NbdServer.Frontend.Server;
 using NbdServer.Frontend.Volumes;
 using NbdServer.ReplicaEngine;
@@ -33,6 +34,10 @@ if (args is ["scrub", .. var scrubArgs])
 if (args is ["repair", .. var repairArgs])
 {
     return await StatusCommand.RepairAsync(repairArgs);
+}
+if (args is ["qos", .. var qosArgs])
+{
+    return await QosCommand.RunAsync(qosArgs);
 }
 if (args is ["status", .. var statusArgs])
 {
@@ -121,6 +126,13 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
     {
         // Taken first: the variable must not reach anything this process starts.
         HandoverState? handed = Handover.Take(logger);
+        // The export's QoS exists before the volume, so the control socket can show and change it from the start.
+        var qos = new QosLimiter(command.Frontend.ToQosLimits());
+        var qosControl = new QosControl([(command.ExportName, qos)], logger);
+        if (qos.Active)
+        {
+            QosLog.Configured(logger, command.ExportName, qos.Limits.ToString());
+        }
         if (command.Engine is { } engine)
         {
             // The control endpoint comes up first, so `nbd-server status` shows a long reconciliation's progress.
@@ -129,7 +141,7 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
                 string path = command.Control ?? ControlServer.DefaultPath(create: true)
                     ?? throw new InvalidOperationException($"no directory for the control socket ({ControlServer.SystemRuntimeDirectory} and $XDG_RUNTIME_DIR unusable); give --control PATH");
                 _controlThrottle = new NbdServer.Common.Logging.LogThrottle(logger, command.Frontend.LogThrottleInterval);
-                _control = new ControlServer(path, v.GetStatus, () => v.StartScrub(), v.SetRepairPace, command.Http, _controlThrottle);
+                _control = new ControlServer(path, v.GetStatus, () => v.StartScrub(), v.SetRepairPace, command.Http, _controlThrottle, qosControl);
                 _control.Start();
                 FrontendLog.ControlListening(logger, path);
             }, lifetime.ApplicationStopping);
@@ -141,8 +153,16 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
             _volume = command.FilePath is { } path
                 ? FileVolume.Open(path, command.Size, command.ReadOnly)
                 : new MemoryVolume(command.Size ?? ServeCommand.DefaultMemorySize, command.ReadOnly);
+            if (command.Control is { } controlPath)
+            {
+                // Only when asked for: many file servers on one host must not fight over the default path.
+                _controlThrottle = new NbdServer.Common.Logging.LogThrottle(logger, command.Frontend.LogThrottleInterval);
+                _control = new ControlServer(controlPath, status: null, limits: command.Http, throttle: _controlThrottle, qos: qosControl);
+                _control.Start();
+                FrontendLog.ControlListening(logger, controlPath);
+            }
         }
-        var exports = new ExportRegistry([new NbdExport(command.ExportName, _volume, command.Description, command.ReadOnly)]);
+        var exports = new ExportRegistry([new NbdExport(command.ExportName, _volume, command.Description, command.ReadOnly) { Qos = qos }]);
         _listener = new NbdListener(exports, command.Frontend, logger);
         _listener.Start(handed);
         ReloadSignal.OnReload(() => _ = Task.Run(ReloadAsync));

@@ -29,6 +29,7 @@ internal sealed record ServeCommand
             nbd-server status [--control PATH] [--watch] [--json]
             nbd-server scrub [--control PATH] [--wait]
             nbd-server repair [--control PATH] [PACE]   (see `nbd-server repair --help`)
+            nbd-server qos [set LIMITS] [--control PATH]   (see `nbd-server qos --help`)
 
         DESCRIPTION
             Serves one export over NBD. Clients: nbd-client (Linux kernel), nbdinfo, nbdsh,
@@ -45,10 +46,11 @@ internal sealed record ServeCommand
         REPLICATION (with --downstairs)
             --generation N           activation generation (default: one above the highest any
                                      replica has seen; two upstairs must never share one)
-            --control PATH           the control socket (status, scrub, repair pace), mode 0600
+            --control PATH           the control socket (status, scrub, repair pace, QoS), mode 0600
                                      (default $RUNTIME_DIRECTORY/control.sock under systemd, else
                                      /run/nbd-server/control.sock if writable, else
-                                     $XDG_RUNTIME_DIR/nbd-server/control.sock; see `nbd-server status`)
+                                     $XDG_RUNTIME_DIR/nbd-server/control.sock; see `nbd-server status`).
+                                     A --file or --memory server opens one (for QoS) only when given
             --max-generation-step N  a replica whose highest generation is more than this above
                                      every other's is left out of activation (default 1000000;
                                      keep it equal to the downstairs' --max-generation-step)
@@ -90,6 +92,21 @@ internal sealed record ServeCommand
             --insecure               allow plaintext links to downstairs on other hosts, and an
                                      NBD listen on a non-loopback address without --tls require
                                      and --tls-verify-client
+
+        QOS (per export, shared by all its connections; 0 = no limit)
+            A request over a limit waits (the server stops reading that client), it never fails;
+            one larger than a bucket still goes and borrows. FLUSH and BLOCK_STATUS are never
+            limited. Change the limits live with `nbd-server qos set` (through the control socket,
+            which a --file or --memory server opens only when --control is given).
+            --qos-read-iops N        read operations per second
+            --qos-write-iops N       write operations per second (WRITE, TRIM, WRITE_ZEROES)
+            --qos-total-iops N       read and write operations together per second
+            --qos-read-mbps MIB      MiB/s read
+            --qos-write-mbps MIB     MiB/s written (WRITE_ZEROES counts its length where the volume
+                                     writes the zeroes: a replicated volume)
+            --qos-total-mbps MIB     MiB/s read and written together
+            --qos-burst SECONDS      each limit's bucket holds this many seconds of it: what an idle
+                                     client may spend at once (default 1)
 
         OPTIONS
             --listen ADDR:PORT       where to listen (default 127.0.0.1:10809; `none`: only the
@@ -347,6 +364,27 @@ internal sealed record ServeCommand
                 case "--degraded-write-timeout":
                     command = command with { Engine = (command.Engine ?? new EngineOptions()) with { DegradedWriteTimeout = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) } };
                     break;
+                case "--qos-read-iops":
+                    frontend = frontend with { QosReadIops = ParseNumber(Value(), arg) };
+                    break;
+                case "--qos-write-iops":
+                    frontend = frontend with { QosWriteIops = ParseNumber(Value(), arg) };
+                    break;
+                case "--qos-total-iops":
+                    frontend = frontend with { QosTotalIops = ParseNumber(Value(), arg) };
+                    break;
+                case "--qos-read-mbps":
+                    frontend = frontend with { QosReadMbps = ParseNumber(Value(), arg) };
+                    break;
+                case "--qos-write-mbps":
+                    frontend = frontend with { QosWriteMbps = ParseNumber(Value(), arg) };
+                    break;
+                case "--qos-total-mbps":
+                    frontend = frontend with { QosTotalMbps = ParseNumber(Value(), arg) };
+                    break;
+                case "--qos-burst":
+                    frontend = frontend with { QosBurst = TimeSpan.FromSeconds(ParseSeconds(Value(), arg)) };
+                    break;
                 case "--verbose":
                     command = command with { Verbose = true };
                     break;
@@ -448,6 +486,13 @@ internal sealed record ServeCommand
         ["DownstairsTlsNames"] = "--downstairs-tls-name",
         ["DownstairsTlsPins"] = "--downstairs-tls-pin",
         ["Insecure"] = "--insecure",
+        ["QosReadIops"] = "--qos-read-iops",
+        ["QosWriteIops"] = "--qos-write-iops",
+        ["QosTotalIops"] = "--qos-total-iops",
+        ["QosReadMbps"] = "--qos-read-mbps",
+        ["QosWriteMbps"] = "--qos-write-mbps",
+        ["QosTotalMbps"] = "--qos-total-mbps",
+        ["QosBurst"] = "--qos-burst",
     };
 
     private static string[] List(string text) => text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);

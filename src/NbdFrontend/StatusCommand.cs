@@ -67,10 +67,15 @@ internal static class StatusCommand
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; cancel.Cancel(); };
         do
         {
-            string body;
+            string? body;
             try
             {
                 body = await http.GetStringAsync(StatusUri, cancel.Token);
+            }
+            catch (HttpRequestException e) when (e.StatusCode == System.Net.HttpStatusCode.NotFound && !json)
+            {
+                // A --file or --memory server: no replicated volume, only its QoS to show.
+                body = null;
             }
             catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
             {
@@ -83,16 +88,17 @@ internal static class StatusCommand
             }
             if (json)
             {
-                Console.WriteLine(watch ? Compact(body) : body.TrimEnd());
+                Console.WriteLine(watch ? Compact(body!) : body!.TrimEnd());
             }
             else
             {
-                EngineStatus status = JsonSerializer.Deserialize<EngineStatus>(body, ControlServer.Json)!;
+                string table = body is null ? "" : Format(JsonSerializer.Deserialize<EngineStatus>(body, ControlServer.Json)!);
+                string qos = await QosCommand.TryGetAsync(http, cancel.Token) is { } report ? QosCommand.Format(report) : "";
                 if (watch)
                 {
                     Console.Write("\u001b[H\u001b[2J");
                 }
-                Console.Write(Format(status));
+                Console.Write(table + qos);
             }
             if (watch)
             {
@@ -286,7 +292,7 @@ internal static class StatusCommand
     }
 
     /// <summary>The <c>--control</c> value of every subcommand: a socket path; an ADDRESS:PORT is refused with why.</summary>
-    private static bool TryControl(string value, out string? control)
+    internal static bool TryControl(string value, out string? control)
     {
         if (ControlServer.RefuseTcp(value, "--control") is { } refusal)
         {
@@ -324,7 +330,7 @@ internal static class StatusCommand
     private static readonly Uri StatusUri = new("http://localhost/status");
     private static readonly Uri ScrubUri = new("http://localhost/scrub");
 
-    private static string DefaultControl() =>
+    internal static string DefaultControl() =>
         ControlServer.DefaultPath(create: false) ?? Path.Combine(ControlServer.SystemRuntimeDirectory, ControlServer.SocketName);
 
     /// <summary>An HTTP client whose every connection goes to the Unix socket at <paramref name="path"/>; it asks for JSON.</summary>

@@ -8,6 +8,7 @@ using Microsoft.AspNetCore.Http;
 using Microsoft.AspNetCore.Routing;
 using NbdServer.Common.Hosting;
 using NbdServer.Common.Logging;
+using NbdServer.Frontend.Qos;
 using NbdServer.ReplicaEngine;
 
 namespace NbdServer.Frontend.Server;
@@ -21,9 +22,11 @@ internal delegate string? RepairPaceSetter(double? rateLimit, double? dutyCycle)
 /// <c>GET /status</c> answers the engine status as JSON (the schema is in docs/control.md), or as
 /// the text table of <c>nbd-server status</c> with <c>?format=text</c> or <c>Accept: text/plain</c>;
 /// <c>POST /scrub</c> starts a scrub and answers the status; <c>POST /repair?rate-limit=MIB&amp;duty-cycle=F</c>
-/// sets the repair pace and answers the status (<c>nbd-server status</c> / <c>scrub</c> / <c>repair</c>,
+/// sets the repair pace and answers the status; <c>GET /qos</c> and <c>POST /qos?read-iops=N&amp;...</c>
+/// show and change the exports' QoS limits (<c>nbd-server status</c> / <c>scrub</c> / <c>repair</c> / <c>qos</c>,
 /// or <c>curl --unix-socket /run/nbd-server/control.sock http://localhost/status</c>).
 /// There is no TCP form: it can change state, and a TCP port on loopback is open to every local user.
+/// A server without a replicated volume has no engine status (null): its socket serves QoS only.
 /// </summary>
 internal sealed class ControlServer : IAsyncDisposable
 {
@@ -34,7 +37,8 @@ internal sealed class ControlServer : IAsyncDisposable
     /// <summary><c>GET /status?format=text</c>: the human table instead of JSON.</summary>
     public const string FormatKey = "format";
 
-    private const string Routes = "GET /status[?format=text], POST /scrub, POST /repair?rate-limit=MIB&duty-cycle=F";
+    private const string EngineRoutes = "GET /status[?format=text], POST /scrub, POST /repair?rate-limit=MIB&duty-cycle=F";
+    private const string QosRoutes = "GET /qos, POST /qos?read-iops=N&...";
 
     public const string SocketName = "control.sock";
 
@@ -48,24 +52,34 @@ internal sealed class ControlServer : IAsyncDisposable
     };
 
     private readonly string _path;
-    private readonly Func<EngineStatus> _status;
+    private readonly Func<EngineStatus>? _status;
     private readonly Action? _startScrub;
     private readonly RepairPaceSetter? _setRepairPace;
+    private readonly QosControl? _qos;
     private readonly LocalHttpEndpoint _http;
 
     public ControlServer(
         string path,
-        Func<EngineStatus> status,
+        Func<EngineStatus>? status,
         Action? startScrub = null,
         RepairPaceSetter? setRepairPace = null,
         LocalHttpLimits? limits = null,
-        LogThrottle? throttle = null)
+        LogThrottle? throttle = null,
+        QosControl? qos = null)
     {
         _path = path;
         _status = status;
         _startScrub = startScrub;
         _setRepairPace = setRepairPace;
-        _http = new LocalHttpEndpoint(new UnixDomainSocketEndPoint(path), MapRoutes, limits, throttle, notFoundHint: Routes);
+        _qos = qos;
+        // A server without a replicated volume has no engine status (null): its socket serves QoS only.
+        string routes = (status, qos) switch
+        {
+            (null, not null) => $"this server has no replicated volume; its control socket serves {QosRoutes}",
+            (not null, not null) => $"{EngineRoutes}, {QosRoutes}",
+            _ => EngineRoutes,
+        };
+        _http = new LocalHttpEndpoint(new UnixDomainSocketEndPoint(path), MapRoutes, limits, throttle, notFoundHint: routes);
     }
 
     public string Path => _path;
@@ -74,19 +88,27 @@ internal sealed class ControlServer : IAsyncDisposable
 
     public ValueTask DisposeAsync() => _http.DisposeAsync();
 
-    /// <summary>The routes: one line each (an unknown path answers 404, a known one with another method 405, both listing <see cref="Routes"/>).</summary>
+    /// <summary>The routes: one line each (an unknown path answers 404, a known one with another method 405, both listing the routes this server maps).</summary>
     private void MapRoutes(IEndpointRouteBuilder app)
     {
-        app.MapGet("/status", context => Status(context.Request).ExecuteAsync(context));
-        app.MapGet("/", context => Status(context.Request).ExecuteAsync(context));
-        app.MapPost("/scrub", context => StartScrub(context.Request).ExecuteAsync(context));
-        app.MapPost("/repair", context => SetPace(LocalHttpRequest.From(context.Request).Query, _setRepairPace, () => Status(context.Request)).ExecuteAsync(context));
+        if (_status is not null)
+        {
+            app.MapGet("/status", context => Status(context.Request).ExecuteAsync(context));
+            app.MapGet("/", context => Status(context.Request).ExecuteAsync(context));
+            app.MapPost("/scrub", context => StartScrub(context.Request).ExecuteAsync(context));
+            app.MapPost("/repair", context => SetPace(LocalHttpRequest.From(context.Request).Query, _setRepairPace, () => Status(context.Request)).ExecuteAsync(context));
+        }
+        if (_qos is not null)
+        {
+            app.MapGet("/qos", context => Qos(_qos).ExecuteAsync(context));
+            app.MapPost("/qos", context => SetQos(LocalHttpRequest.From(context.Request).Query, _qos).ExecuteAsync(context));
+        }
     }
 
     /// <summary>The status as JSON, or as text when the request asks for it (<c>?format=text</c>, or <c>Accept: text/plain</c> without JSON).</summary>
     private LocalHttpResponse Status(HttpRequest request)
     {
-        EngineStatus status = _status();
+        EngineStatus status = _status!();
         string? format = request.Query[FormatKey];
         bool text = format == "text" || (format is null
             && request.GetTypedHeaders().Accept is { Count: > 0 } accept
@@ -145,6 +167,18 @@ internal sealed class ControlServer : IAsyncDisposable
             ? LocalHttpResponse.Text("400 Bad Request", refusal)
             : status();
     }
+
+    private static LocalHttpResponse Qos(QosControl qos) =>
+        new(StatusCodes.Status200OK, "application/json; charset=utf-8", JsonSerializer.SerializeToUtf8Bytes(qos.Report(), Json));
+
+    /// <summary>
+    /// <c>POST /qos?export=NAME&amp;read-iops=N&amp;write-mbps=M&amp;burst=S</c>: any of the keys; one not
+    /// given keeps its value, 0 removes a limit. As with <c>/repair</c>, anything else in the query, a
+    /// key given twice, a value that is not a number or one out of range is refused with 400 and the
+    /// reason, and nothing changes. Answers every export's QoS.
+    /// </summary>
+    private static LocalHttpResponse SetQos(string query, QosControl qos) =>
+        qos.Set(query) is { } refusal ? LocalHttpResponse.BadRequest(refusal) : Qos(qos);
 
     /// <summary>
     /// Where the control socket lives when <c>--control</c> isn't given, for the server and for

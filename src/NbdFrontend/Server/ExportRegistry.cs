@@ -1,4 +1,5 @@
 using NbdServer.Common.Volumes;
+using NbdServer.Frontend.Qos;
 
 namespace NbdServer.Frontend.Server;
 
@@ -6,6 +7,9 @@ namespace NbdServer.Frontend.Server;
 internal sealed record NbdExport(string Name, IBlockVolume Volume, string Description = "", bool ReadOnly = false)
 {
     public bool IsReadOnly => ReadOnly || (Volume.Features & VolumeFeatures.ReadOnly) != 0;
+
+    /// <summary>The export's QoS limits, shared by all its connections (none by default).</summary>
+    public QosLimiter Qos { get; init; } = new();
 }
 
 /// <summary>
@@ -26,6 +30,7 @@ internal sealed class ExportRegistry
                 throw new ArgumentException($"Export names must be non-empty and unique; '{export.Name}' is not.");
             }
             _ordered.Add(export);
+            QosMetrics.Track(export.Name, export.Qos);
         }
         if (_ordered.Count == 0)
         {

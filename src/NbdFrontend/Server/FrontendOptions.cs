@@ -1,4 +1,5 @@
 using System.Net;
+using NbdServer.Frontend.Qos;
 
 namespace NbdServer.Frontend.Server;
 
@@ -109,8 +110,48 @@ internal sealed record FrontendOptions
     /// <summary>Repeated request failures are summarised once per this interval (a storm is a few lines with counts).</summary>
     public TimeSpan LogThrottleInterval { get; init; } = TimeSpan.FromSeconds(5);
 
+    /// <summary>
+    /// QoS: the export's read operations per second (0: no limit). Requests over a limit wait (the
+    /// client is read no faster), they never fail. Changed live by <c>nbd-server qos set</c>.
+    /// </summary>
+    public double QosReadIops { get; init; }
+
+    /// <summary>QoS: write operations per second (WRITE, TRIM, WRITE_ZEROES; 0: no limit).</summary>
+    public double QosWriteIops { get; init; }
+
+    /// <summary>QoS: read and write operations together per second (0: no limit).</summary>
+    public double QosTotalIops { get; init; }
+
+    /// <summary>QoS: MiB/s read (0: no limit).</summary>
+    public double QosReadMbps { get; init; }
+
+    /// <summary>QoS: MiB/s written (WRITE payload; WRITE_ZEROES where the volume writes the zeroes; 0: no limit).</summary>
+    public double QosWriteMbps { get; init; }
+
+    /// <summary>QoS: MiB/s read and written together (0: no limit).</summary>
+    public double QosTotalMbps { get; init; }
+
+    /// <summary>QoS: each limit's bucket holds this many seconds of it, what an idle client may spend at once.</summary>
+    public TimeSpan QosBurst { get; init; } = QosLimits.DefaultBurst;
+
+    /// <summary>The QoS settings as the limits every export starts with.</summary>
+    public QosLimits ToQosLimits() => new()
+    {
+        ReadIops = QosReadIops,
+        WriteIops = QosWriteIops,
+        TotalIops = QosTotalIops,
+        ReadMbps = QosReadMbps,
+        WriteMbps = QosWriteMbps,
+        TotalMbps = QosTotalMbps,
+        Burst = QosBurst,
+    };
+
     public void Validate()
     {
+        if (ToQosLimits().Validate(QosPropertyName) is { } qos)
+        {
+            throw new ArgumentException(qos + ".");
+        }
         if (MaxPayloadBytes < 4096)
         {
             throw new ArgumentException($"{nameof(MaxPayloadBytes)} must be at least 4096 (got {MaxPayloadBytes}).");
@@ -165,6 +206,10 @@ internal sealed record FrontendOptions
                 $"Set {nameof(Tls)} require with {nameof(TlsDir)} and {nameof(TlsVerifyClient)} (certificates: nbd-certs), use {nameof(UnixSocketPath)} for a local client, or set {nameof(Insecure)} to allow it anyway.");
         }
     }
+
+    /// <summary>"read-iops" → "QosReadIops": validation speaks of the record's properties.</summary>
+    private static string QosPropertyName(string key) =>
+        "Qos" + string.Concat(key.Split('-').Select(w => w == "iops" ? "Iops" : w == "mbps" ? "Mbps" : char.ToUpperInvariant(w[0]) + w[1..]));
 
     /// <summary>The Unix socket's permissions, parsed from <see cref="UnixSocketMode"/>.</summary>
     public UnixFileMode UnixSocketFileMode()

@@ -194,6 +194,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
     public Task BeginShutdownAsync()
     {
         _shuttingDown = true;
+        WakeQosWaiter();
         return WhenIdleAsync();
     }
 
@@ -250,6 +251,7 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         _sendDeadline.Dispose();
         _aborted.Dispose();
         _requestSlots.Dispose();
+        _qosWaiter?.Dispose();
     }
 
     /// <summary>
@@ -371,8 +373,16 @@ internal sealed partial class NbdConnection : IAsyncDisposable
         }
         (NbdError error, string message) = _shuttingDown ? (NbdError.ESHUTDOWN, "server is shutting down") : Validate(request, session);
         long charge = error != NbdError.None ? _connectionBudget.Clamp(ErrorReplyCharge) : Charge(request);
+        if (error == NbdError.None && !TryQosNow(request, session.Export))
+        {
+            return false;
+        }
         if (!TryAdmit(charge))
         {
+            if (error == NbdError.None)
+            {
+                RefundQos(request, session.Export);
+            }
             return false;
         }
         buffer = buffer.Slice(NbdRequest.Size);
@@ -436,9 +446,22 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             return null;
         }
 
+        // A request that waits for QoS counts as in flight from here, so a shutdown's drain answers it.
+        bool counted = session.Export.Qos.Active && await ThrottleCountedAsync(request, session.Export, cancellationToken);
         long charge = Charge(request);
-        await AdmitAsync(charge, cancellationToken);
-        BeginRequest();
+        try
+        {
+            await AdmitAsync(charge, cancellationToken);
+        }
+        catch when (counted)
+        {
+            EndRequest();
+            throw;
+        }
+        if (!counted)
+        {
+            BeginRequest();
+        }
         Job job = RentJob(request, charge);
         if (payloadLength > 0)
         {
