@@ -1,6 +1,8 @@
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
+using NbdServer.Common.Cli;
 using NbdServer.Common.Hosting;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend;
@@ -19,71 +21,47 @@ if (AppContext.TryGetSwitch("NbdServer.Sockets.InlineCompletions", out bool inli
     Environment.SetEnvironmentVariable(InlineCompletionsVariable, "1");
 }
 
-if (args is ["verify", ..])
-{
-    // The torture verifier is its own executable now; a server holds no tools.
-    Console.Error.WriteLine("nbd-server: the verifier is a separate tool now: nbd-verify --uri nbd://HOST:PORT[/EXPORT] ...");
-    return 2;
-}
+return await FrontendCommandLine.Program.RunAsync(args);
 
-if (args is ["scrub", .. var scrubArgs])
+/// <summary>The root command's action: load and validate the settings, then serve until SIGTERM.</summary>
+internal static class ServeHost
 {
-    return await StatusCommand.ScrubAsync(scrubArgs);
-}
-if (args is ["repair", .. var repairArgs])
-{
-    return await StatusCommand.RepairAsync(repairArgs);
-}
-if (args is ["status", .. var statusArgs])
-{
-    return await StatusCommand.RunAsync(statusArgs);
-}
-
-if (args.Any(a => a is "-h" or "--help"))
-{
-    Console.WriteLine(ServeCommand.Usage);
-    return 0;
-}
-
-// Config file < NBD_SERVER_* environment < command line, all through the one parser.
-ConfigArgs? config = null;
-ServeCommand command;
-try
-{
-    config = ConfigArgs.Build(args, ConfigArgs.OptionsIn(ServeCommand.Usage, "--ioengine"), ServeCommand.Flags, ServeCommand.EnvironmentPrefix, ServeCommand.DefaultConfigFile);
-    command = ServeCommand.Parse(config.Arguments);
-}
-catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-{
-    Console.Error.WriteLine($"nbd-server: {config?.Explain(e.Message) ?? e.Message}");
-    return 2;
-}
-
-Log.Logger = ServiceLogging.Create(command.Verbose, command.LogJson);
-if (config.ConfigFile is not null)
-{
-    Log.Information("Settings from {ConfigFile}", config.ConfigFile);
-}
-
-try
-{
-    HostApplicationBuilder builder = Host.CreateApplicationBuilder();
-    builder.Services.AddSerilog();
-    builder.Services.AddSingleton(command);
-    builder.Services.AddOperations(command.Metrics, command.Http);
-    builder.Services.AddHostedService<NbdService>();
-    using IHost host = builder.Build();
-    await host.RunAsync();
-    return 0;
-}
-catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException or System.Net.Sockets.SocketException)
-{
-    Log.Fatal("nbd-server: {Message}", e.Message);
-    return 1;
-}
-finally
-{
-    await Log.CloseAndFlushAsync();
+    public static async Task<int> RunAsync(System.CommandLine.ParseResult commandLine)
+    {
+        // Config file < NBD_SERVER_* environment < command line; a bad setting is one line and exit 2.
+        (ServeCommand command, LayeredSettings settings) = ServeCommand.Load(commandLine);
+        Log.Logger = ServiceLogging.Create(command.Verbose, command.LogJson);
+        if (settings.ConfigFile is not null)
+        {
+            Log.Information("Settings from {ConfigFile}", settings.ConfigFile);
+        }
+        try
+        {
+            HostApplicationBuilder builder = Host.CreateApplicationBuilder();
+            builder.Services.AddSerilog();
+            builder.Services.AddSingleton(command);
+            // The options pattern for what is bound: IOptions<FrontendOptions>, IOptions<EngineOptions>.
+            builder.Services.AddSingleton(Options.Create(command.Frontend));
+            if (command.Engine is { } engine)
+            {
+                builder.Services.AddSingleton(Options.Create(engine));
+            }
+            builder.Services.AddOperations(command.Metrics, command.Http);
+            builder.Services.AddHostedService<NbdService>();
+            using IHost host = builder.Build();
+            await host.RunAsync();
+            return 0;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException or System.Net.Sockets.SocketException)
+        {
+            Log.Fatal("nbd-server: {Message}", e.Message);
+            return 1;
+        }
+        finally
+        {
+            await Log.CloseAndFlushAsync();
+        }
+    }
 }
 
 /// <summary>
