@@ -89,7 +89,7 @@ internal static class HelpText
 
     internal static string Label(Option option)
     {
-        string names = string.Join(", ", option.Aliases.Where(a => a.Length == 2).Order(StringComparer.Ordinal).Append(option.Name));
+        string names = string.Join(", ", option.Aliases.Where(a => a.Length == 2 && a[0] == '-' && char.IsAsciiLetter(a[1])).Order(StringComparer.Ordinal).Append(option.Name));
         return option.IsFlag() || option is HelpOption ? names : $"{names} {option.HelpName}";
     }
 
