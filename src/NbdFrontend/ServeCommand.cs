@@ -276,6 +276,11 @@ internal sealed record ServeCommand
             command = command with { Engine = command.Engine with { LogThrottleInterval = frontend.LogThrottleInterval, Insecure = insecure } };
         }
         frontend = frontend with { Insecure = insecure };
+        if (command.Engine is { Downstairs.Count: not 3 and var count })
+        {
+            // EngineOptions says so too, but without the option's name (and so without its source).
+            throw new ArgumentException($"--downstairs: exactly three downstairs are needed (got {count}).");
+        }
         try
         {
             frontend.Validate();

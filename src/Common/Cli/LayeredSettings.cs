@@ -99,7 +99,7 @@ public sealed class LayeredSettings
         {
             root = builder.Build();
         }
-        catch (FormatException e)
+        catch (Exception e) when (e is FormatException or System.Text.Json.JsonException)
         {
             throw new ArgumentException($"{configFile}: not a JSON object of settings ({e.InnerException?.Message ?? e.Message}); example: {{\"listen\": \"127.0.0.1:10809\"}}", e);
         }
