@@ -57,11 +57,7 @@ internal static class HelpText
     {
         var grouped = new HashSet<Option>(doc.Groups.SelectMany(g => g.Options));
         List<Option> rest = [.. command.Options.Where(o => !o.Hidden && o is not HelpOption && !grouped.Contains(o))];
-        rest.AddRange(command.Options.OfType<HelpOption>().Take(1));
-        if (rest.Count == 0)
-        {
-            rest.AddRange(AncestorHelp(command));
-        }
+        rest.AddRange(AncestorHelp(command));
         var groups = new List<(string, IReadOnlyList<Option>)>(doc.Groups);
         int options = groups.FindIndex(g => g.Item1 == "OPTIONS");
         if (options >= 0)

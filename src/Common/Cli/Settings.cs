@@ -34,6 +34,23 @@ public static class Settings
     /// <summary><c>--name</c>: on when given.</summary>
     public static Option<bool> Flag(string name, string description) => new(name) { Description = description, Arity = ArgumentArity.Zero };
 
+    /// <summary>
+    /// Refuses an unknown option where the command takes arguments (System.CommandLine would take
+    /// "--typo" as a file name there): a usage error like any other unknown option.
+    /// </summary>
+    public static T OptionsAreNotArguments<T>(this T argument)
+        where T : Argument
+    {
+        argument.Validators.Add(result =>
+        {
+            foreach (System.CommandLine.Parsing.Token token in result.Tokens.Where(t => t.Value.StartsWith('-') && t.Value.Length > 1))
+            {
+                result.AddError($"Unrecognized command or argument '{token.Value}'.");
+            }
+        });
+        return argument;
+    }
+
     /// <summary>The last value given for a value option, or null.</summary>
     public static string? Last(this ParseResult result, Option<string[]> option) =>
         result.GetValue(option) is { Length: > 0 } values ? values[^1] : null;

@@ -157,7 +157,7 @@ internal static class DownstairsCommandLine
                 """,
         });
 
-        var dirs = new Argument<string[]>("DIR") { HelpName = "DIR", Arity = new ArgumentArity(0, 64), Description = "region directories" };
+        var dirs = new Argument<string[]>("DIR") { HelpName = "DIR", Arity = new ArgumentArity(0, 64), Description = "region directories" }.OptionsAreNotArguments();
         Option<string[]> maxList = Settings.Value("--max-list", "N", "list at most N differing extents (default 1000; the count is always printed)");
         Option<bool> quiet = Settings.Flag("--quiet", "print only the verdict line");
         var compare = new Command("compare", "check that replicas hold identical blocks and metadata") { dirs, maxList, quiet };

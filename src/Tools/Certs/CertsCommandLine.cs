@@ -82,7 +82,7 @@ internal static class CertsCommandLine
             program.Add(client, new CommandDoc { Synopsis = ["nbd-certs client --ca DIR --name NAME --out DIR [--days N] [--force]"] });
         }
         {
-            var path = new Argument<string>("PATH") { HelpName = "PATH", Description = "a certificate file or a TLS directory" };
+            var path = new Argument<string>("PATH") { HelpName = "PATH", Description = "a certificate file or a TLS directory" }.OptionsAreNotArguments();
             var show = new Command("show", "print certificates' names, validity and SHA-256 fingerprint") { path };
             show.SetAction(r =>
             {
