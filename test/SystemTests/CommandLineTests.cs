@@ -58,7 +58,7 @@ public sealed class CommandLineTests
     {
         (int code, string output, string error) = Run(name, [.. words, "--help"]);
         Assert.That((code, error), Is.EqualTo((0, "")));
-        Assert.That(output, Does.StartWith($"{string.Join(' ', [name, .. words])} - ").And.Contain("\nSYNOPSIS\n").And.Contain("\nOPTIONS\n").And.Contain("-h, --help"));
+        Assert.That(output, Does.StartWith($"NAME\n    {string.Join(' ', [name, .. words])} - ").And.Contain("\nSYNOPSIS\n").And.Contain("\nOPTIONS\n").And.Contain("-h, --help"));
     }
 
     [TestCaseSource(nameof(Commands))]
@@ -99,7 +99,7 @@ public sealed class CommandLineTests
             Assert.That(bad.Error.Trim(), Does.Not.Contain('\n').And.Contain("'--bogus'"));
             ExternalTool.Result help = await ExternalTool.RunAsync("dotnet", [dll, "--help"], TimeSpan.FromSeconds(30));
             Assert.That(help.ExitCode, Is.Zero, help.ToString());
-            Assert.That(help.Output, Does.StartWith(name + " - "));
+            Assert.That(help.Output, Does.StartWith($"NAME\n    {name} - "));
         }
     }
 

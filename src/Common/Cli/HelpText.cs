@@ -5,7 +5,7 @@ using System.Text;
 namespace NbdServer.Common.Cli;
 
 /// <summary>
-/// A command's <c>--help</c>, laid out like a man page: NAME line, SYNOPSIS, DESCRIPTION, COMMANDS,
+/// A command's <c>--help</c>, laid out like a man page: NAME, SYNOPSIS, DESCRIPTION, COMMANDS,
 /// the option groups (option and placeholder in a 25-column field, the description wrapped beside
 /// it), then the command's further sections.
 /// </summary>
@@ -19,7 +19,7 @@ internal static class HelpText
     {
         CommandDoc doc = program.DocOf(command);
         var text = new StringBuilder();
-        text.Append(program.PathOf(command)).Append(" - ").Append(command.Description).Append("\n\n");
+        Section(text, "NAME", $"{program.PathOf(command)} - {command.Description}");
         IReadOnlyList<string> synopsis = doc.Synopsis.Count > 0 ? doc.Synopsis : [DefaultSynopsis(program, command)];
         Section(text, "SYNOPSIS", string.Join('\n', synopsis));
         if (doc.Description.Length > 0)
