@@ -104,7 +104,10 @@ public sealed class CliProgram
         error ??= Console.Error;
         // No @response-file expansion: an argument starting with @ is a value, not a file to read.
         ParseResult result = Root.Parse(args, new ParserConfiguration { ResponseFileTokenReplacer = null });
-        var invocation = new InvocationConfiguration { Output = output, Error = error, EnableDefaultExceptionHandler = false };
+        // No signal handling of System.CommandLine's own: the daemons' host (systemd or console
+        // lifetime) owns SIGTERM and SIGINT, and a second handler that swallows them kept a SIGTERM'd
+        // server running.
+        var invocation = new InvocationConfiguration { Output = output, Error = error, EnableDefaultExceptionHandler = false, ProcessTerminationTimeout = null };
         if (result.Action is HelpTextAction)
         {
             return await result.InvokeAsync(invocation).ConfigureAwait(false);
