@@ -94,6 +94,9 @@ internal static class DownstairsCommandLine
         });
         // No command: the help, as `nbd-downstairs --help`.
         program.Root.SetAction(r => r.InvocationConfiguration.Output.Write(program.HelpOf(program.Root)));
+        var help = new Command("help", "the help") { Hidden = true };
+        help.SetAction(r => r.InvocationConfiguration.Output.Write(program.HelpOf(program.Root)));
+        program.Add(help, new CommandDoc());
 
         Option<string[]> createData = Settings.Value("--data", "DIR", "Directory for the region (created if missing; must not hold a region).");
         Option<string[]> size = Settings.Value("--size", "SIZE", "Region size: 512, 64K, 1.5MiB, 8GiB... A whole number of extents.");
