@@ -17,76 +17,9 @@ using Serilog;
 NativeLibrary.SetDllImportResolver(typeof(PosixFile).Assembly, static (name, _, _) =>
     name == "libc" ? NativeLibrary.GetMainProgramHandle() : IntPtr.Zero);
 
-string command = args.Length == 0 ? "--help" : args[0];
-string[] rest = args.Length == 0 ? [] : args[1..];
-var flags = new HashSet<string>(StringComparer.Ordinal) { "--preallocate", "--verbose", "--fill", "--sticky-dirty", "--insecure" };
 try
 {
-    switch (command)
-    {
-        case "-h" or "--help" or "help":
-            Console.WriteLine(Usage.Main);
-            return 0;
-        case "create":
-        {
-            var a = new CommandArgs(rest, flags);
-            return a.Help ? PrintHelp(Usage.Create) : Commands.Create(a);
-        }
-        case "info":
-        {
-            var a = new CommandArgs(rest, flags);
-            return a.Help ? PrintHelp(Usage.Info) : Commands.Info(a);
-        }
-        case "compare":
-            return CompareCommand.Run(rest, Console.Out, Console.Error);
-        case "bench":
-        {
-            var a = new CommandArgs(rest, flags);
-            return a.Help ? PrintHelp(Usage.Bench) : await Commands.BenchAsync(a);
-        }
-        case "run":
-        {
-            if (rest.Any(r => r is "-h" or "--help"))
-            {
-                return PrintHelp(Usage.Run);
-            }
-            // Config file < NBD_DOWNSTAIRS_* environment < command line, all through the one parser.
-            ConfigArgs config = ConfigArgs.Build(rest, ConfigArgs.OptionsIn(Usage.Run), new HashSet<string>(StringComparer.Ordinal) { "--verbose", "--sticky-dirty", "--insecure" },
-                "NBD_DOWNSTAIRS_", "/etc/nbd-server/nbd-downstairs.json");
-            try
-            {
-                var a = new CommandArgs(config.Arguments, flags);
-                bool verbose = a.Flag("--verbose");
-                string? logJson = a.String("--log-json");
-                System.Net.IPEndPoint? metrics = a.String("--metrics") is { } m ? CommandArgs.Endpoint("--metrics", m) : null;
-                DownstairsOptions options = Commands.RunOptions(a);
-                a.RejectUnknown();
-                // Loaded before anything starts, so a missing or unreadable file is one line and exit 2.
-                TlsServerPolicy? tls = options.TlsDir is { } tlsDir
-                    ? new TlsServerPolicy(TlsCredentials.LoadServer(tlsDir), requireClientCertificate: true, options.TlsAllowClients) { CoalesceWrites = true, PreferAes128 = true }
-                    : null;
-                return await RunAsync(options, tls, verbose, logJson, metrics, config.ConfigFile);
-            }
-            catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-            {
-                Console.Error.WriteLine($"nbd-downstairs: {config.Explain(e.Message)}");
-                return 2;
-            }
-            catch (TlsSetupException e)
-            {
-                Console.Error.WriteLine($"nbd-downstairs: --tls-dir: {e.Message}");
-                return 2;
-            }
-        }
-        default:
-            Console.Error.WriteLine($"nbd-downstairs: unknown command '{command}' (create, run, info, compare; see --help)");
-            return 2;
-    }
-}
-catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-{
-    Console.Error.WriteLine($"nbd-downstairs: {e.Message}");
-    return 2;
+    return await DownstairsCommandLine.Program.RunAsync(args);
 }
 catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Net.Sockets.SocketException)
 {
@@ -94,44 +27,44 @@ catch (Exception e) when (e is IOException or UnauthorizedAccessException or Sys
     return 1;
 }
 
-static int PrintHelp(string text)
+/// <summary><c>run</c> once its settings are valid: serve the region until SIGTERM.</summary>
+internal static class DownstairsHost
 {
-    Console.WriteLine(text);
-    return 0;
-}
-
-static async Task<int> RunAsync(DownstairsOptions options, TlsServerPolicy? tls, bool verbose, string? logJson, System.Net.IPEndPoint? metrics, string? configFile)
-{
-    Log.Logger = ServiceLogging.Create(verbose, logJson);
-    if (configFile is not null)
+    public static async Task<int> RunAsync(DownstairsOptions options, TlsServerPolicy? tls, bool verbose, string? logJson, System.Net.IPEndPoint? metrics, string? configFile)
     {
-        Log.Information("Settings from {ConfigFile}", configFile);
-    }
-    try
-    {
-        Region region = Region.Open(options.DataDir);
-        HostApplicationBuilder builder = Host.CreateApplicationBuilder();
-        builder.Services.AddSerilog();
-        builder.Services.AddSingleton(options);
-        builder.Services.AddSingleton(region);
-        if (tls is not null)
+        Log.Logger = ServiceLogging.Create(verbose, logJson);
+        if (configFile is not null)
         {
-            builder.Services.AddSingleton(tls);
+            Log.Information("Settings from {ConfigFile}", configFile);
         }
-        builder.Services.AddOperations(metrics);
-        builder.Services.AddHostedService<DownstairsService>();
-        using IHost host = builder.Build();
-        await host.RunAsync();
-        return 0;
-    }
-    catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Net.Sockets.SocketException)
-    {
-        Log.Fatal("nbd-downstairs: {Message}", e.Message);
-        return 1;
-    }
-    finally
-    {
-        await Log.CloseAndFlushAsync();
+        try
+        {
+            Region region = Region.Open(options.DataDir);
+            HostApplicationBuilder builder = Host.CreateApplicationBuilder();
+            builder.Services.AddSerilog();
+            builder.Services.AddSingleton(options);
+            // The options pattern for what is bound: IOptions<DownstairsOptions>.
+            builder.Services.AddSingleton(Microsoft.Extensions.Options.Options.Create(options));
+            builder.Services.AddSingleton(region);
+            if (tls is not null)
+            {
+                builder.Services.AddSingleton(tls);
+            }
+            builder.Services.AddOperations(metrics);
+            builder.Services.AddHostedService<DownstairsService>();
+            using IHost host = builder.Build();
+            await host.RunAsync();
+            return 0;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Net.Sockets.SocketException)
+        {
+            Log.Fatal("nbd-downstairs: {Message}", e.Message);
+            return 1;
+        }
+        finally
+        {
+            await Log.CloseAndFlushAsync();
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
+using NbdServer.Common.Cli;
 using NbdServer.Common.Hosting;
 using NbdServer.Common.Volumes;
 using NbdServer.Frontend;
@@ -20,93 +22,69 @@ if (AppContext.TryGetSwitch("NbdServer.Sockets.InlineCompletions", out bool inli
     Environment.SetEnvironmentVariable(InlineCompletionsVariable, "1");
 }
 
-if (args is ["verify", ..])
+// The server: before anything slow or any await, on the main thread: a SIGHUP's default action would
+// end the process (see ReloadSignal). The subcommands (status, scrub, repair, qos…) keep it, so a
+// terminal's hangup still ends them.
+if (FrontendCommandLine.Serves(args))
 {
-    // The torture verifier is its own executable now; a server holds no tools.
-    Console.Error.WriteLine("nbd-server: the verifier is a separate tool now: nbd-verify --uri nbd://HOST:PORT[/EXPORT] ...");
-    return 2;
+    ReloadSignal.Install();
 }
 
-if (args is ["scrub", .. var scrubArgs])
-{
-    return await StatusCommand.ScrubAsync(scrubArgs);
-}
-if (args is ["repair", .. var repairArgs])
-{
-    return await StatusCommand.RepairAsync(repairArgs);
-}
-if (args is ["qos", .. var qosArgs])
-{
-    return await QosCommand.RunAsync(qosArgs);
-}
-if (args is ["status", .. var statusArgs])
-{
-    return await StatusCommand.RunAsync(statusArgs);
-}
+return await FrontendCommandLine.Program.RunAsync(args);
 
-// The server from here on. Before anything slow: a SIGHUP's default action would end the process
-// (see ReloadSignal); the commands above keep it, so a terminal's hangup still ends them.
-ReloadSignal.Install();
-
-if (args.Any(a => a is "-h" or "--help"))
+/// <summary>The root command's action: load and validate the settings, then serve until SIGTERM.</summary>
+internal static class ServeHost
 {
-    Console.WriteLine(ServeCommand.Usage);
-    return 0;
-}
-
-// Config file < NBD_SERVER_* environment < command line, all through the one parser.
-ConfigArgs? config = null;
-ServeCommand command;
-try
-{
-    config = ConfigArgs.Build(args, ConfigArgs.OptionsIn(ServeCommand.Usage, "--ioengine"), ServeCommand.Flags, ServeCommand.EnvironmentPrefix, ServeCommand.DefaultConfigFile);
-    command = ServeCommand.Parse(config.Arguments);
-}
-catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-{
-    Console.Error.WriteLine($"nbd-server: {config?.Explain(e.Message) ?? e.Message}");
-    return 2;
-}
-
-Log.Logger = ServiceLogging.Create(command.Verbose, command.LogJson);
-if (config.ConfigFile is not null)
-{
-    Log.Information("Settings from {ConfigFile}", config.ConfigFile);
-}
-
-try
-{
-    HostApplicationBuilder builder = Host.CreateApplicationBuilder();
-    builder.Services.AddSerilog();
-    builder.Services.AddSingleton(command);
-    // A reload execs this command line again: its settings are checked first, so a bad edit of the
-    // config file is refused while the clients are still served.
-    builder.Services.AddSingleton(new ReloadPreflight(() =>
+    public static async Task<int> RunAsync(System.CommandLine.ParseResult commandLine)
     {
+        // Config file < NBD_SERVER_* environment < command line; a bad setting is one line and exit 2.
+        (ServeCommand command, LayeredSettings settings) = ServeCommand.Load(commandLine);
+        Log.Logger = ServiceLogging.Create(command.Verbose, command.LogJson);
+        if (settings.ConfigFile is not null)
+        {
+            Log.Information("Settings from {ConfigFile}", settings.ConfigFile);
+        }
         try
         {
-            ServeCommand.Parse(ConfigArgs.Build(args, ConfigArgs.OptionsIn(ServeCommand.Usage, "--ioengine"), ServeCommand.Flags, ServeCommand.EnvironmentPrefix, ServeCommand.DefaultConfigFile).Arguments);
-            return null;
+            HostApplicationBuilder builder = Host.CreateApplicationBuilder();
+            builder.Services.AddSerilog();
+            builder.Services.AddSingleton(command);
+            // The options pattern for what is bound: IOptions<FrontendOptions>, IOptions<EngineOptions>.
+            builder.Services.AddSingleton(Options.Create(command.Frontend));
+            if (command.Engine is { } engine)
+            {
+                builder.Services.AddSingleton(Options.Create(engine));
+            }
+            // A reload execs this command line again: its settings (the config file and environment
+            // as they are now) are checked first, so a bad edit is refused while the clients are still served.
+            builder.Services.AddSingleton(new ReloadPreflight(() =>
+            {
+                try
+                {
+                    ServeCommand.Load(commandLine);
+                    return null;
+                }
+                catch (Exception e) when (e is ArgumentException or FormatException or OverflowException or IOException)
+                {
+                    return $"the settings the new image would start with are refused: {e.Message}";
+                }
+            }));
+            builder.Services.AddOperations(command.Metrics, command.Http);
+            builder.Services.AddHostedService<NbdService>();
+            using IHost host = builder.Build();
+            await host.RunAsync();
+            return 0;
         }
-        catch (Exception e) when (e is ArgumentException or FormatException or OverflowException or IOException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException or System.Net.Sockets.SocketException)
         {
-            return $"the settings the new image would start with are refused: {e.Message}";
+            Log.Fatal("nbd-server: {Message}", e.Message);
+            return 1;
         }
-    }));
-    builder.Services.AddOperations(command.Metrics, command.Http);
-    builder.Services.AddHostedService<NbdService>();
-    using IHost host = builder.Build();
-    await host.RunAsync();
-    return 0;
-}
-catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException or System.Net.Sockets.SocketException)
-{
-    Log.Fatal("nbd-server: {Message}", e.Message);
-    return 1;
-}
-finally
-{
-    await Log.CloseAndFlushAsync();
+        finally
+        {
+            await Log.CloseAndFlushAsync();
+        }
+    }
 }
 
 /// <summary>

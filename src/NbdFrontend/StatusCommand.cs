@@ -8,59 +8,14 @@ using NbdServer.ReplicaEngine;
 
 namespace NbdServer.Frontend;
 
-/// <summary><c>nbd-server status [--control PATH] [--watch] [--json]</c>: the table an operator watches.</summary>
+/// <summary><c>nbd-server status</c>, <c>scrub</c> and <c>repair</c>: what they do once parsed (see <see cref="FrontendCommandLine"/>).</summary>
 internal static class StatusCommand
 {
-    public const string Usage = """
-        nbd-server status - show the replicated volume's replicas
+    /// <summary><c>nbd-server status ARGS</c> (tests): parsed and run as the executable does.</summary>
+    public static Task<int> RunAsync(IReadOnlyList<string> args) => FrontendCommandLine.Program.RunAsync(["status", .. args]);
 
-        SYNOPSIS
-            nbd-server status [--control PATH] [--watch] [--json]
-
-        DESCRIPTION
-            Asks a running nbd-server (its control socket) for the state
-            of each replica: in service, repairing or faulted; jobs and bytes outstanding; jobs
-            completed per second; errors; faults and the last reason; live repair progress.
-
-        OPTIONS
-            --control PATH        the server's control socket (default: the first that exists of
-                                  $RUNTIME_DIRECTORY/control.sock, /run/nbd-server/control.sock,
-                                  $XDG_RUNTIME_DIR/nbd-server/control.sock); it is mode 0600, so
-                                  run as root or as the server's user
-            --watch               refresh every second until Ctrl-C
-            --json                print the server's JSON status (schema: docs/control.md); with
-                                  --watch, one compact JSON object per line each second
-        """;
-
-    public static async Task<int> RunAsync(IReadOnlyList<string> args)
+    public static async Task<int> RunAsync(string? control, bool watch, bool json)
     {
-        string? control = null;
-        bool watch = false;
-        bool json = false;
-        for (int i = 0; i < args.Count; i++)
-        {
-            switch (args[i])
-            {
-                case "--control" when i + 1 < args.Count:
-                    if (!TryControl(args[++i], out control))
-                    {
-                        return 2;
-                    }
-                    break;
-                case "--watch":
-                    watch = true;
-                    break;
-                case "--json":
-                    json = true;
-                    break;
-                case "-h" or "--help":
-                    Console.WriteLine(Usage);
-                    return 0;
-                default:
-                    Console.Error.WriteLine($"nbd-server status: unknown option '{args[i]}' (see --help).");
-                    return 2;
-            }
-        }
         control ??= DefaultControl();
         using HttpClient http = Client(control);
         using var cancel = new CancellationTokenSource();
@@ -116,60 +71,12 @@ internal static class StatusCommand
         return 0;
     }
 
-    public const string ScrubUsage = """
-        nbd-server scrub - check every block of every replica, repair bad copies
-
-        SYNOPSIS
-            nbd-server scrub [--control PATH] [--wait] [--timeout SECONDS]
-
-        DESCRIPTION
-            A read checks only the copy it reads; rot in a copy nobody reads stays until a scrub.
-            The scrub reads each extent from every replica in service, checks each block against
-            that replica's stored hash and rewrites a bad block from a good copy, while guest IO
-            goes on. Progress shows in `nbd-server status`.
-
-        OPTIONS
-            --control PATH        the server's control socket (default: the first that exists of
-                                  $RUNTIME_DIRECTORY/control.sock, /run/nbd-server/control.sock,
-                                  $XDG_RUNTIME_DIR/nbd-server/control.sock); it is mode 0600, so
-                                  run as root or as the server's user
-            --wait                wait for the scrub to finish and print its result
-            --timeout SECONDS     give up waiting after this long (default 3600)
-
-        EXIT STATUS
-            0 started (or, with --wait, finished), 1 no server or the scrub failed, 2 usage error.
-        """;
+    /// <summary><c>nbd-server scrub ARGS</c> (tests): parsed and run as the executable does.</summary>
+    public static Task<int> ScrubAsync(IReadOnlyList<string> args) => FrontendCommandLine.Program.RunAsync(["scrub", .. args]);
 
     /// <summary><c>nbd-server scrub</c>: starts a scrub through the control endpoint, optionally waits for it.</summary>
-    public static async Task<int> ScrubAsync(IReadOnlyList<string> args)
+    public static async Task<int> ScrubAsync(string? control, bool wait, double timeoutSeconds)
     {
-        string? control = null;
-        bool wait = false;
-        double timeoutSeconds = 3600;
-        for (int i = 0; i < args.Count; i++)
-        {
-            switch (args[i])
-            {
-                case "--control" when i + 1 < args.Count:
-                    if (!TryControl(args[++i], out control))
-                    {
-                        return 2;
-                    }
-                    break;
-                case "--wait":
-                    wait = true;
-                    break;
-                case "--timeout" when i + 1 < args.Count && double.TryParse(args[i + 1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out timeoutSeconds):
-                    i++;
-                    break;
-                case "-h" or "--help":
-                    Console.WriteLine(ScrubUsage);
-                    return 0;
-                default:
-                    Console.Error.WriteLine($"nbd-server scrub: unknown option '{args[i]}' (see --help).");
-                    return 2;
-            }
-        }
         control ??= DefaultControl();
         using HttpClient http = Client(control);
         var deadline = DateTime.UtcNow.AddSeconds(timeoutSeconds);
@@ -202,65 +109,20 @@ internal static class StatusCommand
         }
     }
 
-    public const string RepairUsage = """
-        nbd-server repair - show or change the pace of live repair and reconciliation
-
-        SYNOPSIS
-            nbd-server repair [--control PATH] [--rate-limit MIB] [--duty-cycle F]
-
-        DESCRIPTION
-            A replica that returns is caught up by copies that share the disks and links with the
-            guest's IO. The pace bounds them: a rate limit per repaired replica, and the share of
-            the time the repair keeps busy while the guest does IO. A change applies to the running
-            repair within one chunk and to every later one; it lasts until the server restarts
-            (set --repair-rate-limit / --repair-duty-cycle in the config to keep it). Without an
-            option, prints the pace in force and each replica's repair.
-
-        OPTIONS
-            --control PATH        the server's control socket (default: the first that exists of
-                                  $RUNTIME_DIRECTORY/control.sock, /run/nbd-server/control.sock,
-                                  $XDG_RUNTIME_DIR/nbd-server/control.sock); it is mode 0600, so
-                                  run as root or as the server's user
-            --rate-limit MIB      MiB/s each repaired replica may copy; 0 removes the limit
-            --duty-cycle F        share of the time in (0, 1] a repair keeps busy while the guest
-                                  does IO; 1 copies flat out
-
-        EXIT STATUS
-            0 done, 1 no server or the server refused the value (the reason is printed), 2 usage error.
-        """;
+    /// <summary><c>nbd-server repair ARGS</c> (tests): parsed and run as the executable does.</summary>
+    public static Task<int> RepairAsync(IReadOnlyList<string> args) => FrontendCommandLine.Program.RunAsync(["repair", .. args]);
 
     /// <summary><c>nbd-server repair</c>: sets the repair pace through the control endpoint and prints the status.</summary>
-    public static async Task<int> RepairAsync(IReadOnlyList<string> args)
+    public static async Task<int> RepairAsync(string? control, double? rateLimit, double? dutyCycle)
     {
-        string? control = null;
         var query = new List<string>();
-        for (int i = 0; i < args.Count; i++)
+        if (rateLimit is { } rate)
         {
-            switch (args[i])
-            {
-                case "--control" when i + 1 < args.Count:
-                    if (!TryControl(args[++i], out control))
-                    {
-                        return 2;
-                    }
-                    break;
-                case "--rate-limit" or "--duty-cycle" when i + 1 < args.Count:
-                    if (!double.TryParse(args[i + 1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double value))
-                    {
-                        Console.Error.WriteLine($"nbd-server repair: {args[i]}: '{args[i + 1]}' is not a number.");
-                        return 2;
-                    }
-                    string key = args[i] == "--rate-limit" ? ControlServer.RateLimitKey : ControlServer.DutyCycleKey;
-                    query.Add(string.Create(CultureInfo.InvariantCulture, $"{key}={value}"));
-                    i++;
-                    break;
-                case "-h" or "--help":
-                    Console.WriteLine(RepairUsage);
-                    return 0;
-                default:
-                    Console.Error.WriteLine($"nbd-server repair: unknown option or missing value '{args[i]}' (see --help).");
-                    return 2;
-            }
+            query.Add(string.Create(CultureInfo.InvariantCulture, $"{ControlServer.RateLimitKey}={rate}"));
+        }
+        if (dutyCycle is { } duty)
+        {
+            query.Add(string.Create(CultureInfo.InvariantCulture, $"{ControlServer.DutyCycleKey}={duty}"));
         }
         control ??= DefaultControl();
         using HttpClient http = Client(control);
@@ -292,17 +154,8 @@ internal static class StatusCommand
     }
 
     /// <summary>The <c>--control</c> value of every subcommand: a socket path; an ADDRESS:PORT is refused with why.</summary>
-    internal static bool TryControl(string value, out string? control)
-    {
-        if (ControlServer.RefuseTcp(value, "--control") is { } refusal)
-        {
-            Console.Error.WriteLine($"nbd-server: {refusal}");
-            control = null;
-            return false;
-        }
-        control = value;
-        return true;
-    }
+    internal static string? Control(string? value) =>
+        value is not null && ControlServer.RefuseTcp(value, "--control") is { } refusal ? throw new ArgumentException(refusal) : value;
 
     /// <summary>One line of JSON Lines: the same document without its indentation.</summary>
     internal static string Compact(string json)

@@ -1,16 +1,15 @@
-using System.Collections;
 using System.Text.RegularExpressions;
-using NbdServer.Common.Hosting;
 
 namespace NbdServer.SystemTests;
 
-/// <summary>Config file, environment and command line: precedence, and bad settings named at start.</summary>
+/// <summary>
+/// Bad settings named at start by the real executables, from a file and from the environment (the
+/// sources and their precedence in detail: NbdFrontend.Tests ConfigurationSourcesTests).
+/// </summary>
 [TestFixture]
 [Category("Operations")]
 public sealed partial class ConfigurationTests
 {
-    private static readonly HashSet<string> Options = ["--listen", "--max-outstanding-jobs", "--downstairs", "--verbose", "--read-only"];
-    private static readonly HashSet<string> Flags = ["--verbose", "--read-only"];
     private string _dir = null!;
 
     [SetUp]
@@ -20,51 +19,6 @@ public sealed partial class ConfigurationTests
     public void TearDown() => Directory.Delete(_dir, recursive: true);
 
     [Test]
-    public void Command_line_overrides_environment_which_overrides_the_file()
-    {
-        string file = Write("""{"listen": "1.1.1.1:1", "max-outstanding-jobs": 100, "downstairs": ["a:1", "b:2", "c:3"], "verbose": true, "read-only": false}""");
-        var environment = new Hashtable { ["NBD_SERVER_LISTEN"] = "2.2.2.2:2", ["NBD_SERVER_READ_ONLY"] = "true", ["OTHER"] = "x" };
-        ConfigArgs config = ConfigArgs.Build(["--config", file, "--listen", "3.3.3.3:3"], Options, Flags, "NBD_SERVER_", null, environment);
-        Assert.That(config.Arguments, Is.EqualTo(new[]
-        {
-            "--listen", "1.1.1.1:1", "--max-outstanding-jobs", "100", "--downstairs", "a:1,b:2,c:3", "--verbose",
-            "--listen", "2.2.2.2:2", "--read-only",
-            "--listen", "3.3.3.3:3",
-        }));
-        Assert.That(config.ConfigFile, Is.EqualTo(file));
-    }
-
-    [Test]
-    public void The_default_config_file_is_read_only_when_it_exists()
-    {
-        ConfigArgs missing = ConfigArgs.Build([], Options, Flags, "NBD_SERVER_", Path.Combine(_dir, "absent.json"), new Hashtable());
-        Assert.That(missing.ConfigFile, Is.Null);
-        string file = Write("""{"listen": "1.1.1.1:1"}""");
-        ConfigArgs present = ConfigArgs.Build([], Options, Flags, "NBD_SERVER_", file, new Hashtable());
-        Assert.That(present.Arguments, Is.EqualTo(new[] { "--listen", "1.1.1.1:1" }));
-    }
-
-    [Test]
-    public void Unknown_keys_and_variables_are_errors_that_name_them()
-    {
-        string file = Write("""{"max-outstanding-job": 100}""");
-        Assert.That(() => ConfigArgs.Build(["--config", file], Options, Flags, "NBD_SERVER_", null, new Hashtable()),
-            Throws.ArgumentException.With.Message.Contains("max-outstanding-job").And.Message.Contains(file));
-        Assert.That(() => ConfigArgs.Build([], Options, Flags, "NBD_SERVER_", null, new Hashtable { ["NBD_SERVER_LISTN"] = "x" }),
-            Throws.ArgumentException.With.Message.Contains("NBD_SERVER_LISTN"));
-    }
-
-    [Test]
-    public void A_parser_error_is_attributed_to_the_source_that_set_the_option()
-    {
-        string file = Write("""{"listen": "nonsense"}""");
-        ConfigArgs config = ConfigArgs.Build(["--config", file], Options, Flags, "NBD_SERVER_", null, new Hashtable());
-        Assert.That(config.Explain("--listen: 'nonsense' is not ADDRESS:PORT"), Does.EndWith($"(set by {file})"));
-        ConfigArgs overridden = ConfigArgs.Build(["--config", file, "--listen", "bad"], Options, Flags, "NBD_SERVER_", null, new Hashtable());
-        Assert.That(overridden.Explain("--listen: 'bad' is not ADDRESS:PORT"), Is.EqualTo("--listen: 'bad' is not ADDRESS:PORT"));
-    }
-
-    [Test]
     [CancelAfter(60_000)]
     public async Task Nbd_server_refuses_a_bad_limit_in_its_config_naming_setting_and_file()
     {
@@ -72,6 +26,21 @@ public sealed partial class ConfigurationTests
         ExternalTool.Result result = await ExternalTool.RunAsync("dotnet", [Path.Combine(AppContext.BaseDirectory, "nbd-server.dll"), "--config", file], TimeSpan.FromSeconds(30));
         Assert.That(result.ExitCode, Is.EqualTo(2), result.ToString());
         Assert.That(result.Error, Does.Contain("--max-outstanding-jobs must be 1..1000").And.Contain(file));
+        Assert.That(result.Error.Trim(), Does.Not.Contain('\n'), "one line");
+    }
+
+    [Test]
+    [CancelAfter(60_000)]
+    public async Task Nbd_server_refuses_an_unknown_environment_variable_naming_it()
+    {
+        var info = new System.Diagnostics.ProcessStartInfo("dotnet") { RedirectStandardError = true, RedirectStandardOutput = true };
+        info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "nbd-server.dll"));
+        info.Environment["NBD_SERVER_MAX_OUTSTANDING_JOB"] = "5";
+        using var process = System.Diagnostics.Process.Start(info)!;
+        string error = await process.StandardError.ReadToEndAsync();
+        await process.WaitForExitAsync();
+        Assert.That(process.ExitCode, Is.EqualTo(2), error);
+        Assert.That(error, Does.Contain("NBD_SERVER_MAX_OUTSTANDING_JOB").And.Contain("no setting"));
     }
 
     [Test]

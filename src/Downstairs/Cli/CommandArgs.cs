@@ -4,56 +4,17 @@ using NbdServer.Common.Text;
 
 namespace NbdServer.Downstairs.Cli;
 
-/// <summary>Minimal "--name value" / "--flag" parser; unknown options are errors, never ignored.</summary>
-internal sealed class CommandArgs
+/// <summary>
+/// The values of one command's options once System.CommandLine has parsed them (and, for <c>run</c>,
+/// the config file and environment have been layered under them), read with the conversions and
+/// messages the commands share. Unknown options never get here: the parser refuses them.
+/// </summary>
+internal sealed class CommandArgs(Func<string, string?> value)
 {
-    private readonly Dictionary<string, string?> _values = new(StringComparer.Ordinal);
-    private readonly HashSet<string> _used = new(StringComparer.Ordinal);
+    /// <summary>A flag is on when its value is present (the parser and the settings give "true").</summary>
+    public bool Flag(string name) => value(name) is not null;
 
-    public CommandArgs(IEnumerable<string> args, IReadOnlySet<string> flags)
-    {
-        using IEnumerator<string> e = args.GetEnumerator();
-        while (e.MoveNext())
-        {
-            string a = e.Current;
-            if (a is "-h" or "--help")
-            {
-                Help = true;
-                continue;
-            }
-            if (!a.StartsWith("--", StringComparison.Ordinal))
-            {
-                throw new ArgumentException($"unexpected argument '{a}'");
-            }
-            string name = a;
-            string? value = null;
-            int eq = a.IndexOf('=', StringComparison.Ordinal);
-            if (eq > 0)
-            {
-                name = a[..eq];
-                value = a[(eq + 1)..];
-            }
-            else if (!flags.Contains(name))
-            {
-                value = e.MoveNext() ? e.Current : throw new ArgumentException($"{name} needs a value");
-            }
-            _values[name] = value;
-        }
-    }
-
-    public bool Help { get; }
-
-    public bool Flag(string name)
-    {
-        _used.Add(name);
-        return _values.ContainsKey(name);
-    }
-
-    public string? String(string name)
-    {
-        _used.Add(name);
-        return _values.TryGetValue(name, out string? v) ? v : null;
-    }
+    public string? String(string name) => value(name);
 
     public string Required(string name) => String(name) ?? throw new ArgumentException($"{name} is required (see --help)");
 
@@ -70,16 +31,4 @@ internal sealed class CommandArgs
 
     public static IPEndPoint Endpoint(string name, string text) =>
         IPEndPoint.TryParse(text, out IPEndPoint? ep) && text.Contains(':', StringComparison.Ordinal) ? ep : throw new FormatException($"{name}: '{text}' is not ADDRESS:PORT (example: 127.0.0.1:3810)");
-
-    /// <summary>Throws if an option was given that the command never asked about (typos must not pass silently).</summary>
-    public void RejectUnknown()
-    {
-        foreach (string name in _values.Keys)
-        {
-            if (!_used.Contains(name))
-            {
-                throw new ArgumentException($"unknown option {name} (see --help)");
-            }
-        }
-    }
 }

@@ -22,7 +22,6 @@ internal static class Commands
         int blockSize = a.Int("--block-size", 4096);
         int? extent = a.String("--extent-size") is null ? null : a.Int("--extent-size", 0);
         bool prealloc = a.Flag("--preallocate");
-        a.RejectUnknown();
         var clock = Stopwatch.StartNew();
         TimeSpan nextReport = CreateProgressInterval;
         using Region region = Region.Create(dir, size, blockSize, extent, prealloc, (done, total) =>
@@ -42,7 +41,6 @@ internal static class Commands
     public static int Info(CommandArgs a)
     {
         string dir = a.Required("--data");
-        a.RejectUnknown();
         using Region region = Region.Open(dir, readOnly: true);
         RegionGeometry g = region.Geometry;
         var sb = new StringBuilder();
@@ -116,7 +114,6 @@ internal static class Commands
         long span = a.Size("--span", 0);
         bool fill = a.Flag("--fill");
         string? tlsDir = a.String("--tls-dir");
-        a.RejectUnknown();
         if (pattern is not ("randwrite" or "seqwrite" or "randread"))
         {
             throw new ArgumentException("--pattern must be randwrite, seqwrite or randread");

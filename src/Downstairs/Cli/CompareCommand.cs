@@ -18,64 +18,12 @@ internal static class CompareCommand
     public const int Different = 1;
     public const int Unusable = 2;
 
-    public const string Usage = """
-NAME
-    nbd-downstairs compare - check that replicas hold identical blocks and metadata
+    /// <summary><c>nbd-downstairs compare ARGS</c> (tests): parsed and run as the executable does.</summary>
+    public static int Run(IReadOnlyList<string> args, TextWriter output, TextWriter error) =>
+        DownstairsCommandLine.Program.Run(["compare", .. args], output, error);
 
-SYNOPSIS
-    nbd-downstairs compare DIR DIR [DIR...] [--max-list N] [--quiet]
-
-DESCRIPTION
-    Opens each region read-only (no lock is taken and nothing is written, so it also works while
-    a downstairs serves the region; stop them for an exact answer) and compares:
-      - geometry (block size, blocks per extent, extent count); the uuids differ by design;
-      - per extent: generation, flush number and dirty bit of the last durable flush;
-      - per block: the data, and that each copy matches its own stored hash (a copy whose hash
-        does not match its data is rotten or torn, even if the data happens to agree).
-    A block never written (stored hash 0, all zeroes) equals a block written with zeroes.
-    Every differing extent is listed with what differs.
-
-OPTIONS
-    --max-list N   list at most N differing extents (default 1000; the count is always printed)
-    --quiet        print only the verdict line
-
-EXIT STATUS
-    0 identical, 1 different, 2 usage error or a region that cannot be opened or read.
-""";
-
-    public static int Run(IReadOnlyList<string> args, TextWriter output, TextWriter error)
+    public static int Run(IReadOnlyList<string> dirs, int maxList, bool quiet, TextWriter output, TextWriter error)
     {
-        var dirs = new List<string>();
-        int maxList = 1000;
-        bool quiet = false;
-        for (int i = 0; i < args.Count; i++)
-        {
-            switch (args[i])
-            {
-                case "-h" or "--help":
-                    output.WriteLine(Usage);
-                    return Identical;
-                case "--quiet":
-                    quiet = true;
-                    break;
-                case "--max-list" when i + 1 < args.Count && int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int n):
-                    maxList = n;
-                    i++;
-                    break;
-                case var a when a.StartsWith('-'):
-                    error.WriteLine($"nbd-downstairs compare: unknown or incomplete option '{a}' (see --help)");
-                    return Unusable;
-                default:
-                    dirs.Add(args[i]);
-                    break;
-            }
-        }
-        if (dirs.Count < 2)
-        {
-            error.WriteLine("nbd-downstairs compare: give at least two region directories (see --help)");
-            return Unusable;
-        }
-
         var regions = new List<Region>();
         try
         {

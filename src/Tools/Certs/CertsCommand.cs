@@ -17,63 +17,21 @@ internal static class CertsCommand
     public const int Failed = 1;
     public const int BadUsage = 2;
 
-    public const string Usage = """
-        Usage: nbd-certs COMMAND [options]
+    /// <summary><c>nbd-certs ARGS</c>, parsed by <see cref="CertsCommandLine"/>; <paramref name="time"/> dates the certificates.</summary>
+    public static int Run(IReadOnlyList<string> args, TextWriter stdout, TextWriter stderr, TimeProvider time) =>
+        CertsCommandLine.Create(time).Run(args, stdout, stderr);
 
-        Makes a private CA and the TLS directories for nbd-server, nbd-downstairs and NBD clients.
-        Directory layout (as qemu, nbdkit and libnbd read it): ca-cert.pem, server-cert.pem,
-        server-key.pem, client-cert.pem, client-key.pem; keys are written with mode 0600.
-
-        Commands:
-          ca --dir DIR [--name NAME] [--days N]
-              Create a CA: DIR/ca-cert.pem and DIR/ca-key.pem. Keep DIR (the CA key) on one
-              trusted machine; copy only ca-cert.pem elsewhere. Default lifetime 3652 days.
-          server --ca DIR --name NAME [--dns NAME]... [--ip ADDR]... --out DIR [--days N]
-              Issue a server certificate (a downstairs host, or nbd-server's NBD port) into OUT:
-              ca-cert.pem, server-cert.pem, server-key.pem. NAME is its common name and, when it is
-              a host name or an address, also one of its names; --dns and --ip add more. Clients
-              check the name they connect to against these. Default lifetime 365 days.
-          client --ca DIR --name NAME --out DIR [--days N]
-              Issue a client certificate (nbd-server towards its downstairs, or an NBD client) into
-              OUT: ca-cert.pem, client-cert.pem, client-key.pem. NAME is the identity a downstairs'
-              tls-allow-client lists. Default lifetime 365 days.
-          show PATH
-              Print a certificate's (or each certificate in a TLS directory's) names, validity and
-              SHA-256 fingerprint (the value for downstairs-tls-pin).
-
-        Options:
-          --force    replace existing files (default: refuse)
-          -h, --help this text
-
-        A server and a client certificate may share one OUT directory (nbd-server's host needs both).
-        Exit codes: 0 done, 1 failed (message says why), 2 bad usage.
-        """;
-
-    public static int Run(IReadOnlyList<string> args, TextWriter stdout, TextWriter stderr, TimeProvider time)
+    /// <summary>Runs one command; usage errors found here are one line and exit 2, failures exit 1.</summary>
+    internal static int Run(string command, Arguments parsed, TextWriter stdout, TextWriter stderr, TimeProvider time)
     {
-        if (args.Count == 0 || args[0] is "-h" or "--help" or "help")
-        {
-            (args.Count == 0 ? stderr : stdout).WriteLine(Usage);
-            return args.Count == 0 ? BadUsage : Ok;
-        }
-        if (!TryParse(args.Skip(1).ToList(), out Arguments parsed, out string? error))
-        {
-            return Bad(stderr, error);
-        }
-        if (parsed.Help)
-        {
-            stdout.WriteLine(Usage);
-            return Ok;
-        }
         try
         {
-            return args[0] switch
+            return command switch
             {
                 "ca" => Ca(parsed, stdout, stderr, time),
                 "server" => Server(parsed, stdout, stderr, time),
                 "client" => Client(parsed, stdout, stderr, time),
-                "show" => Show(parsed, stdout, stderr),
-                _ => Bad(stderr, $"unknown command '{args[0]}'"),
+                _ => Show(parsed, stdout, stderr),
             };
         }
         catch (Exception e) when (e is TlsSetupException or IOException or UnauthorizedAccessException or ArgumentException)
@@ -194,12 +152,11 @@ internal static class CertsCommand
 
     private static int Bad(TextWriter stderr, string? message)
     {
-        stderr.WriteLine($"nbd-certs: {message}");
-        stderr.WriteLine("Run 'nbd-certs --help' for usage.");
+        stderr.WriteLine($"nbd-certs: {message} (see `nbd-certs --help`)");
         return BadUsage;
     }
 
-    private sealed class Arguments
+    internal sealed class Arguments
     {
         public string? Dir { get; set; }
         public string? Ca { get; set; }
@@ -207,89 +164,11 @@ internal static class CertsCommand
         public string? Name { get; set; }
         public int? Days { get; set; }
         public bool Force { get; set; }
-        public bool Help { get; set; }
         public List<string> Dns { get; } = [];
         public List<IPAddress> Ips { get; } = [];
         public List<string> Positional { get; } = [];
     }
 
     /// <summary>Longest lifetime accepted: beyond it a typo (days for hours…) is likelier than intent.</summary>
-    private const int MaxDays = 36_525;
-
-    private static bool TryParse(List<string> args, out Arguments parsed, out string? error)
-    {
-        parsed = new Arguments();
-        error = null;
-        for (int i = 0; i < args.Count; i++)
-        {
-            string arg = args[i];
-            if (arg is "--force")
-            {
-                parsed.Force = true;
-                continue;
-            }
-            if (arg is "-h" or "--help")
-            {
-                parsed.Help = true;
-                continue;
-            }
-            if (!arg.StartsWith("--", StringComparison.Ordinal))
-            {
-                parsed.Positional.Add(arg);
-                continue;
-            }
-            if (i + 1 >= args.Count)
-            {
-                error = $"{arg} needs a value";
-                return false;
-            }
-            string value = args[++i];
-            switch (arg)
-            {
-                case "--dir" when parsed.Dir is null:
-                    parsed.Dir = value;
-                    break;
-                case "--ca" when parsed.Ca is null:
-                    parsed.Ca = value;
-                    break;
-                case "--out" when parsed.Out is null:
-                    parsed.Out = value;
-                    break;
-                case "--name" when parsed.Name is null:
-                    if (string.IsNullOrWhiteSpace(value))
-                    {
-                        error = "--name must not be empty";
-                        return false;
-                    }
-                    parsed.Name = value;
-                    break;
-                case "--days" when parsed.Days is null:
-                    if (!int.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out int days) || days < 1 || days > MaxDays)
-                    {
-                        error = $"--days must be a whole number from 1 to {MaxDays}";
-                        return false;
-                    }
-                    parsed.Days = days;
-                    break;
-                case "--dns":
-                    parsed.Dns.Add(value);
-                    break;
-                case "--ip":
-                    if (!IPAddress.TryParse(value, out IPAddress? ip) || ip.AddressFamily is not (AddressFamily.InterNetwork or AddressFamily.InterNetworkV6))
-                    {
-                        error = $"--ip '{value}' is not an IP address";
-                        return false;
-                    }
-                    parsed.Ips.Add(ip);
-                    break;
-                case "--dir" or "--ca" or "--out" or "--name" or "--days":
-                    error = $"{arg} given twice";
-                    return false;
-                default:
-                    error = $"unknown option {arg}";
-                    return false;
-            }
-        }
-        return true;
-    }
+    internal const int MaxDays = 36_525;
 }

@@ -1,3 +1,3 @@
 using NbdServer.Tools.Certs;
 
-return CertsCommand.Run(args, Console.Out, Console.Error, TimeProvider.System);
+return CertsCommandLine.Program.Run(args);

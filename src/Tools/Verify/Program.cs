@@ -1,3 +1,3 @@
 using NbdServer.Tools.Verify;
 
-return await VerifyCommand.RunAsync(args);
+return await VerifyCommandLine.Program.RunAsync(args);

@@ -5,7 +5,7 @@ using NbdServer.Nbd;
 
 namespace NbdServer.Tools.Verify;
 
-/// <summary><c>nbd-verify</c>: see <see cref="VerifyOptions.Usage"/>.</summary>
+/// <summary><c>nbd-verify</c> once parsed: see <see cref="VerifyCommandLine"/>.</summary>
 internal static class VerifyCommand
 {
     private const int ExitOk = 0;
@@ -15,23 +15,8 @@ internal static class VerifyCommand
     private const int MaxReported = 20;
     private const int VerifyChunkBlocks = 64;
 
-    public static async Task<int> RunAsync(IReadOnlyList<string> args)
+    public static async Task<int> RunAsync(VerifyOptions o)
     {
-        VerifyOptions o;
-        try
-        {
-            o = VerifyOptions.Parse(args);
-        }
-        catch (Exception e) when (e is ArgumentException or FormatException or OverflowException or UriFormatException)
-        {
-            Console.Error.WriteLine($"nbd-verify: {e.Message}");
-            return ExitUsage;
-        }
-        if (o.Help)
-        {
-            Console.WriteLine(VerifyOptions.Usage);
-            return ExitOk;
-        }
         // SIGINT / SIGTERM end the load phase early; the final flush and the read-back still run.
         using var cancel = new CancellationTokenSource();
         Console.CancelKeyPress += (_, e) => { e.Cancel = true; cancel.Cancel(); };

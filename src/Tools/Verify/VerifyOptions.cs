@@ -5,50 +5,6 @@ namespace NbdServer.Tools.Verify;
 
 internal sealed record VerifyOptions
 {
-    public const string Usage = """
-        nbd-verify - drive an NBD export with a write log and check it
-
-        SYNOPSIS
-            nbd-verify --uri nbd://HOST:PORT[/EXPORT] [OPTIONS]
-            nbd-verify --uri nbd://HOST:PORT[/EXPORT] --check-only --log FILE
-
-        DESCRIPTION
-            A block-device torture tester. Every block it writes carries its index, a per-block write
-            counter and a checksum; the write log (in memory, and in FILE with --log) records per block
-            the last acknowledged write and the last write acknowledged before a successful FLUSH.
-            For --duration seconds it keeps --qd requests in flight (random single-block reads and
-            writes, a FLUSH every --flush-every acknowledged writes), printing per second the IOs
-            completed and the longest single-IO latency. Then it flushes and reads the whole range
-            back: a block older than its last acknowledged write (online) or its last flushed write
-            (after the server crashed, or with --check-only), or one holding data never written
-            (torn, rotted, misplaced), is reported and counted wrong. The last line is a summary of
-            key=value figures.
-            SIGINT or SIGTERM ends the load early; the final flush and the read-back still run.
-            Works against any NBD server (fixed newstyle, simple replies).
-
-        OPTIONS
-            --uri URI             nbd://HOST:PORT[/EXPORT] (port default 10809, export default "")
-            --duration SECONDS    load phase length (default 10; 0: no load, just verify)
-            --qd N                requests in flight (default 16)
-            --block-size N        verifier block size, >= 512 (default 4096)
-            --offset BYTES        first byte of the device to use (default 0)
-            --range BYTES         bytes of the device to use (default: all of it after --offset)
-            --seed N              random seed (default: time based)
-            --read-percent P      share of reads in the load (default 30)
-            --flush-every N       FLUSH after every N acknowledged writes (default 64; 0: only at the end)
-            --log FILE            keep the write log in FILE: loaded if it exists (the run continues it),
-                                  saved at the end, also when the connection is lost
-            --check-only          no load: verify the device against --log FILE and exit
-            --no-verify           skip the final read-back
-            --drain-timeout S     how long to wait for requests still in flight at the end (default 30)
-            --json                per-second figures and the summary as JSON lines
-            --quiet               no per-second lines
-
-        EXIT STATUS
-            0 every block checked is right; 1 wrong blocks found; 2 usage error; 3 connection lost or
-            could not connect (the log is saved; verify later with --check-only).
-        """;
-
     public Uri? Uri { get; init; }
     public double DurationSeconds { get; init; } = 10;
     public int QueueDepth { get; init; } = 16;
@@ -64,39 +20,42 @@ internal sealed record VerifyOptions
     public double DrainTimeoutSeconds { get; init; } = 30;
     public bool Json { get; init; }
     public bool Quiet { get; init; }
-    public bool Help { get; init; }
 
-    public static VerifyOptions Parse(IReadOnlyList<string> args)
+    /// <summary>The options from their values by option name (null: not given); a bad value is an <see cref="ArgumentException"/>.</summary>
+    public static VerifyOptions Bind(Func<string, string?> value)
     {
         var o = new VerifyOptions();
-        for (int i = 0; i < args.Count; i++)
+        int Int(string name, string text, int min) =>
+            int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int v) && v >= min ? v : throw new ArgumentException($"{name} must be a whole number >= {min}");
+        double Seconds(string name, string text) =>
+            double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out double v) && v >= 0 ? v : throw new ArgumentException($"{name} must be a number >= 0");
+        foreach (string name in Names)
         {
-            string arg = args[i];
-            string Value() => i + 1 < args.Count ? args[++i] : throw new ArgumentException($"{arg} needs a value");
-            int Int(int min) => int.Parse(Value(), NumberStyles.None, CultureInfo.InvariantCulture) is var v && v >= min ? v : throw new ArgumentException($"{arg} must be >= {min}");
-            double Seconds() => double.Parse(Value(), NumberStyles.Float, CultureInfo.InvariantCulture) is var v && v >= 0 ? v : throw new ArgumentException($"{arg} must be >= 0");
-            o = arg switch
+            if (value(name) is not { } text)
             {
-                "--uri" => o with { Uri = new Uri(Value()) },
-                "--duration" => o with { DurationSeconds = Seconds() },
-                "--qd" => o with { QueueDepth = Int(1) },
-                "--block-size" => o with { BlockSize = Int(BlockPattern.MinBlockSize) },
-                "--offset" => o with { Offset = ByteSize.Parse(Value(), arg) },
-                "--range" => o with { Range = ByteSize.Parse(Value(), arg) },
-                "--seed" => o with { Seed = int.Parse(Value(), NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture) },
-                "--read-percent" => o with { ReadPercent = Math.Min(100, Int(0)) },
-                "--flush-every" => o with { FlushEvery = Int(0) },
-                "--log" => o with { LogPath = Value() },
+                continue;
+            }
+            o = name switch
+            {
+                "--uri" => o with { Uri = new Uri(text) },
+                "--duration" => o with { DurationSeconds = Seconds(name, text) },
+                "--qd" => o with { QueueDepth = Int(name, text, 1) },
+                "--block-size" => o with { BlockSize = Int(name, text, BlockPattern.MinBlockSize) },
+                "--offset" => o with { Offset = ByteSize.Parse(text, name) },
+                "--range" => o with { Range = ByteSize.Parse(text, name) },
+                "--seed" => o with { Seed = int.TryParse(text, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out int seed) ? seed : throw new ArgumentException($"{name}: '{text}' is not a whole number") },
+                "--read-percent" => o with { ReadPercent = Math.Min(100, Int(name, text, 0)) },
+                "--flush-every" => o with { FlushEvery = Int(name, text, 0) },
+                "--log" => o with { LogPath = text },
                 "--check-only" => o with { CheckOnly = true },
                 "--no-verify" => o with { NoVerify = true },
-                "--drain-timeout" => o with { DrainTimeoutSeconds = Seconds() },
+                "--drain-timeout" => o with { DrainTimeoutSeconds = Seconds(name, text) },
                 "--json" => o with { Json = true },
                 "--quiet" => o with { Quiet = true },
-                "-h" or "--help" => o with { Help = true },
-                _ => throw new ArgumentException($"unknown option '{arg}' (see --help)"),
+                _ => o,
             };
         }
-        if (!o.Help && o.Uri is null)
+        if (o.Uri is null)
         {
             throw new ArgumentException("--uri is required");
         }
@@ -110,4 +69,10 @@ internal sealed record VerifyOptions
         }
         return o;
     }
+
+    private static readonly string[] Names =
+    [
+        "--uri", "--duration", "--qd", "--block-size", "--offset", "--range", "--seed", "--read-percent", "--flush-every",
+        "--log", "--check-only", "--no-verify", "--drain-timeout", "--json", "--quiet",
+    ];
 }
