@@ -93,7 +93,12 @@ internal static class ServeHost
 /// </summary>
 internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight, ILogger<NbdService> logger, IHostApplicationLifetime lifetime) : IHostedService, IAsyncDisposable
 {
-    private int _reloading;
+    // One lifecycle: a reload and a stop exclude each other (see ReloadAsync and StopAsync).
+    private const int Serving = 0;
+    private const int Reloading = 1;
+    private const int Stopping = 2;
+    private int _phase;
+    private Task _reload = Task.CompletedTask;
     private IBlockVolume? _volume;
     private NbdListener? _listener;
     private ControlServer? _control;
@@ -143,7 +148,7 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
         var exports = new ExportRegistry([new NbdExport(command.ExportName, _volume, command.Description, command.ReadOnly) { Qos = qos }]);
         _listener = new NbdListener(exports, command.Frontend, logger);
         _listener.Start(handed);
-        ReloadSignal.OnReload(() => _ = Task.Run(ReloadAsync));
+        ReloadSignal.OnReload(() => _reload = Task.Run(ReloadAsync));
     }
 
     /// <summary>
@@ -153,8 +158,10 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
     /// </summary>
     private async Task ReloadAsync()
     {
-        if (Interlocked.Exchange(ref _reloading, 1) != 0)
+        int was = Interlocked.CompareExchange(ref _phase, Reloading, Serving);
+        if (was != Serving)
         {
+            FrontendLog.ReloadRefused(logger, was == Reloading ? "a reload is already running" : "the server is stopping");
             return;
         }
         NbdListener? listener = _listener;
@@ -162,66 +169,99 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
         if (refusal is not null || listener is null)
         {
             FrontendLog.ReloadRefused(logger, refusal ?? "");
-            Volatile.Write(ref _reloading, 0);
+            Interlocked.CompareExchange(ref _phase, Serving, Reloading);
             return;
         }
-        using (SdNotify? notify = SdNotify.FromEnvironment())
+        try
         {
-            notify?.Send("RELOADING=1");
-        }
-        FrontendLog.HandingOver(logger, listener.ConnectionCount, Environment.ProcessPath!);
-        (HandoverState state, IReadOnlyList<System.Net.Sockets.Socket> sockets, int closed) = await listener.HandOverAsync();
-        FrontendLog.HandedOver(logger, state.Sessions.Count, state.Listeners.Count, closed);
-        if (_control is not null)
-        {
-            await _control.DisposeAsync();
-        }
-        if (_volume is not null)
-        {
-            if ((_volume.Features & VolumeFeatures.ReadOnly) == 0)
+            using (SdNotify? notify = SdNotify.FromEnvironment())
             {
-                try
-                {
-                    await _volume.FlushAsync(CancellationToken.None);
-                }
-                catch (VolumeException e)
-                {
-                    FrontendLog.FinalFlushFailed(logger, e.Message);
-                }
+                notify?.Send("RELOADING=1");
             }
-            await _volume.DisposeAsync();
+            FrontendLog.HandingOver(logger, listener.ConnectionCount, Environment.ProcessPath!);
+            (HandoverState state, IReadOnlyList<System.Net.Sockets.Socket> sockets, int closed) = await listener.HandOverAsync();
+            FrontendLog.HandedOver(logger, state.Sessions.Count, state.Listeners.Count, closed);
+            await FlushVolumeAsync(close: true, CancellationToken.None);
+            if (Volatile.Read(ref _phase) == Stopping)
+            {
+                // SIGTERM came during the handover: stop here, flushed, instead of starting a new image.
+                foreach (System.Net.Sockets.Socket socket in sockets)
+                {
+                    socket.Dispose();
+                }
+                FrontendLog.ReloadRefused(logger, "the server was told to stop during the reload; the stopped connections are closed");
+                return;
+            }
+            await Log.CloseAndFlushAsync();
+            Die(Handover.Exec(state, sockets));
         }
-        await Log.CloseAndFlushAsync();
-        string failure = Handover.Exec(state, sockets);
-        // Only reached when exec failed: the clients are stopped and the volume closed, so the one
-        // way on is a restart by the supervisor.
-        Console.Error.WriteLine($"nbd-server: reload failed: {failure}");
+        catch (Exception e)
+        {
+            Die(e.Message);
+        }
+    }
+
+    /// <summary>
+    /// A reload that failed after the clients were stopped: nothing serves them any more, so the
+    /// process ends and the supervisor starts it again (their sockets close with it).
+    /// </summary>
+    private static void Die(string reason)
+    {
+        Console.Error.WriteLine($"nbd-server: reload failed after the clients were stopped: {reason}");
         Environment.Exit(1);
     }
 
-    public async Task StopAsync(CancellationToken cancellationToken)
+    /// <summary>
+    /// Flushes the volume (whatever the clients left unflushed is made durable before we go); a
+    /// reload also closes it and the control socket here, a stop leaves that to DisposeAsync.
+    /// </summary>
+    private async Task FlushVolumeAsync(bool close, CancellationToken cancellationToken)
     {
-        if (_listener is not null)
+        if (close && Interlocked.Exchange(ref _control, null) is { } control)
         {
-            await _listener.StopAsync();
+            await control.DisposeAsync();
         }
-        if (_volume is not null && (_volume.Features & VolumeFeatures.ReadOnly) == 0)
+        if (_volume is not { } volume)
+        {
+            return;
+        }
+        if ((volume.Features & VolumeFeatures.ReadOnly) == 0)
         {
             try
             {
-                // Whatever the clients left unflushed is made durable before we go.
-                await _volume.FlushAsync(cancellationToken);
+                await volume.FlushAsync(cancellationToken);
             }
             catch (VolumeException e)
             {
                 FrontendLog.FinalFlushFailed(logger, e.Message);
             }
         }
+        if (close && Interlocked.Exchange(ref _volume, null) is { } closing)
+        {
+            await closing.DisposeAsync();
+        }
+    }
+
+    public async Task StopAsync(CancellationToken cancellationToken)
+    {
+        ReloadSignal.Close();
+        if (Interlocked.Exchange(ref _phase, Stopping) == Reloading)
+        {
+            // The reload sees the stop before it execs, and ends flushed instead; bounded, in case
+            // it ends the process itself.
+            await _reload.WaitAsync(command.Frontend.ShutdownTimeout + command.Frontend.HandoverTimeout).ContinueWith(static _ => { }, TaskScheduler.Default);
+            return;
+        }
+        if (_listener is not null)
+        {
+            await _listener.StopAsync();
+        }
+        await FlushVolumeAsync(close: false, cancellationToken);
     }
 
     public async ValueTask DisposeAsync()
     {
-        ReloadSignal.OnReload(null);
+        ReloadSignal.Close();
         if (_listener is not null)
         {
             await _listener.DisposeAsync();

@@ -185,6 +185,73 @@ public sealed partial class HandoverTests
     }
 
     [Test]
+    public async Task Half_a_header_that_arrived_with_a_request_the_loop_was_still_running_goes_over_whole()
+    {
+        // The handover comes while the request loop is busy inside a batch (here: a read that
+        // blocks the loop's own thread), not parked in a read; the batch ends on half a header,
+        // which the loop has already marked as examined.
+        var volume = new ScriptedVolume(8L << 20) { GatedReadOffset = 4096, BlockingReadGate = new ManualResetEventSlim() };
+        var exports = new ExportRegistry([new NbdExport("vol0", volume)]);
+        await using var listener = new NbdListener(exports, new FrontendOptions { Listen = new IPEndPoint(IPAddress.Loopback, 0) }, new CapturingLogger());
+        listener.Start();
+        using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await socket.ConnectAsync(listener.LocalEndPoint);
+        await using var client = new NbdTestClient(new NetworkStream(socket));
+        await client.ConnectAsync("vol0");
+
+        byte[] first = new byte[NbdRequest.Size];
+        new NbdRequest(NbdMagic.Request, CommandFlags.None, NbdCommand.Read, 1, 4096, 4096).Write(first);
+        byte[] next = new byte[NbdRequest.Size];
+        new NbdRequest(NbdMagic.Request, CommandFlags.None, NbdCommand.Read, 2, 0, 4096).Write(next);
+        await client.WriteAsync([.. first, .. next[..10]]);
+        Assert.That(volume.BlockedReadEntered.Wait(TimeSpan.FromSeconds(10)), Is.True, "the first read reached the volume");
+        Task<(HandoverState State, IReadOnlyList<Socket> Sockets, int Closed)> handover = listener.HandOverAsync();
+        await Task.Delay(100);
+        volume.BlockingReadGate.Set();
+        (NbdError status, ulong cookie, _) = await client.ReadSimpleReplyAsync(4096);
+        (HandoverState state, IReadOnlyList<Socket> sockets, _) = await handover.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.That((status, cookie), Is.EqualTo((NbdError.None, 1UL)));
+        Assert.That(state.Sessions.Single().Pending, Is.EqualTo(next[..10]));
+        foreach (Socket s in sockets)
+        {
+            s.Dispose();
+        }
+    }
+
+    [Test]
+    public async Task A_client_stalled_half_way_through_a_write_is_closed_at_the_handover_timeout_and_the_others_go_over()
+    {
+        var exports = new ExportRegistry([new NbdExport("vol0", new Volumes.MemoryVolume(8L << 20))]);
+        var options = new FrontendOptions { Listen = new IPEndPoint(IPAddress.Loopback, 0), HandoverTimeout = TimeSpan.FromMilliseconds(500) };
+        await using var listener = new NbdListener(exports, options, new CapturingLogger());
+        listener.Start();
+        using var stalledSocket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await stalledSocket.ConnectAsync(listener.LocalEndPoint);
+        await using var stalled = new NbdTestClient(new NetworkStream(stalledSocket));
+        await stalled.ConnectAsync("vol0");
+        using var goodSocket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await goodSocket.ConnectAsync(listener.LocalEndPoint);
+        await using var good = new NbdTestClient(new NetworkStream(goodSocket));
+        await good.ConnectAsync("vol0");
+
+        byte[] header = new byte[NbdRequest.Size];
+        new NbdRequest(NbdMagic.Request, CommandFlags.None, NbdCommand.Write, 9, 0, 65536).Write(header);
+        await stalled.WriteAsync([.. header, .. new byte[100]]);
+        await Task.Delay(200);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        (HandoverState state, IReadOnlyList<Socket> sockets, int closed) = await listener.HandOverAsync().WaitAsync(TimeSpan.FromSeconds(20));
+
+        Assert.That(clock.Elapsed, Is.LessThan(TimeSpan.FromSeconds(5)), "not the 60 s payload timeout");
+        Assert.That((state.Sessions.Count, closed), Is.EqualTo((1, 1)));
+        Assert.That(await stalled.IsClosedAsync(TimeSpan.FromSeconds(5)), Is.True);
+        foreach (Socket s in sockets)
+        {
+            s.Dispose();
+        }
+    }
+
+    [Test]
     public async Task A_client_that_finishes_its_handshake_during_the_grace_is_handed_over()
     {
         var exports = new ExportRegistry([new NbdExport("vol0", new Volumes.MemoryVolume(8L << 20))]);

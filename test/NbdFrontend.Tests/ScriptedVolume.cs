@@ -37,8 +37,22 @@ internal sealed class ScriptedVolume(long size, VolumeFeatures? features = null)
 
     public int PreferredBlockSize => 4096;
 
+    /// <summary>
+    /// When set, a read at <see cref="GatedReadOffset"/> blocks its calling thread (the request
+    /// loop's, when the volume completes inline) until it is set; <see cref="BlockedReadEntered"/>
+    /// says it got there.
+    /// </summary>
+    public ManualResetEventSlim? BlockingReadGate { get; set; }
+
+    public ManualResetEventSlim BlockedReadEntered { get; } = new();
+
     public async ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken)
     {
+        if (BlockingReadGate is { } blocking && GatedReadOffset == offset)
+        {
+            BlockedReadEntered.Set();
+            blocking.Wait(cancellationToken);
+        }
         if (Gate is { } gate && (GatedReadOffset is null || GatedReadOffset == offset))
         {
             await gate.Task.WaitAsync(cancellationToken);

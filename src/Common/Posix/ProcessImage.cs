@@ -33,6 +33,40 @@ public static partial class ProcessImage
         }
     }
 
+    /// <summary>Sets close-on-exec on <paramref name="fd"/> again (an inherited descriptor this image now owns).</summary>
+    public static void CloseOnExec(int fd)
+    {
+        int flags = fcntl(fd, F_GETFD, 0);
+        if (flags < 0 || fcntl(fd, F_SETFD, flags | FD_CLOEXEC) < 0)
+        {
+            throw new PosixIOException(Marshal.GetLastPInvokeError(), $"fcntl(F_SETFD) of descriptor {fd}");
+        }
+    }
+
+    /// <summary>
+    /// Closes every socket above stderr that is not close-on-exec: what an earlier image meant to
+    /// hand over when this image cannot take it (else its listening sockets would block the bind,
+    /// and its clients would hang on sockets nobody reads). Only sockets: the runtime's own files
+    /// are left alone. Returns how many were closed.
+    /// </summary>
+    public static int CloseInheritedSockets()
+    {
+        int closed = 0;
+        foreach (string entry in Directory.GetFiles("/proc/self/fd"))
+        {
+            if (int.TryParse(Path.GetFileName(entry), out int fd) && fd > 2
+                && new FileInfo(entry).LinkTarget is { } target && target.StartsWith("socket:", StringComparison.Ordinal))
+            {
+                int flags = fcntl(fd, F_GETFD, 0);
+                if (flags >= 0 && (flags & FD_CLOEXEC) == 0 && close(fd) == 0)
+                {
+                    closed++;
+                }
+            }
+        }
+        return closed;
+    }
+
     /// <summary>
     /// An anonymous file in memory (memfd), close-on-exec until <see cref="KeepAcrossExec"/>: the way
     /// to hand the next image a document of any size without touching a filesystem.
@@ -103,6 +137,9 @@ public static partial class ProcessImage
 
     [LibraryImport("libc", EntryPoint = "fcntl", SetLastError = true)]
     private static partial int fcntl(int fd, int command, int argument);
+
+    [LibraryImport("libc", EntryPoint = "close", SetLastError = true)]
+    private static partial int close(int fd);
 
     [LibraryImport("libc", EntryPoint = "memfd_create", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static partial int memfd_create(string name, uint flags);

@@ -107,6 +107,13 @@ internal sealed record FrontendOptions
     /// </summary>
     public TimeSpan HandoverHandshakeGrace { get; init; } = TimeSpan.FromSeconds(2);
 
+    /// <summary>
+    /// At a reload, how long every connection together may take to stop between two requests (a
+    /// client stalled half-way through a write's payload holds its connection there); connections
+    /// not stopped by then are closed, so one stalled client cannot hold the others' pause.
+    /// </summary>
+    public TimeSpan HandoverTimeout { get; init; } = TimeSpan.FromSeconds(5);
+
     /// <summary>Repeated request failures are summarised once per this interval (a storm is a few lines with counts).</summary>
     public TimeSpan LogThrottleInterval { get; init; } = TimeSpan.FromSeconds(5);
 

@@ -25,12 +25,25 @@ internal static class Handover
     /// </summary>
     public static HandoverState? Take(ILogger logger)
     {
+        HandoverState? state = Read(logger, out bool handed);
+        if (state is null && handed)
+        {
+            int closed = ProcessImage.CloseInheritedSockets();
+            FrontendLog.HandedNotUsed(logger, $"{closed} inherited socket(s)", "closed: their clients must reconnect");
+        }
+        return state;
+    }
+
+    private static HandoverState? Read(ILogger logger, out bool handed)
+    {
+        handed = false;
         string? text = Environment.GetEnvironmentVariable(EnvironmentVariable);
         if (text is null)
         {
             return null;
         }
         Environment.SetEnvironmentVariable(EnvironmentVariable, null);
+        handed = true;
         if (!int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int fd) || fd < 3)
         {
             FrontendLog.HandoverUnreadable(logger, $"{EnvironmentVariable}='{text}' is not a descriptor number");
@@ -40,7 +53,7 @@ internal static class Handover
         {
             using var file = new SafeFileHandle(fd, ownsHandle: true);
             long length = RandomAccess.GetLength(file);
-            long limit = HandoverState.HeaderSize + ((long)HandoverState.MaxSessions * (HandoverState.SessionFixedSize + HandoverState.MaxNameBytes)) + (4L << 30);
+            long limit = HandoverState.MaxDocumentBytes;
             if (length > limit)
             {
                 FrontendLog.HandoverUnreadable(logger, $"{length} bytes, above the {limit}-byte limit");
@@ -55,7 +68,7 @@ internal static class Handover
             }
             return state;
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or OutOfMemoryException)
         {
             FrontendLog.HandoverUnreadable(logger, e.Message);
             return null;

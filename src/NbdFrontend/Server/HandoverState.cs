@@ -65,15 +65,22 @@ internal sealed record HandoverState(IReadOnlyList<HandedListener> Listeners, IR
     /// <summary>What a connection may have buffered: a few read segments, plus a largest write's payload.</summary>
     public const int MaxPendingBytes = 64 << 20;
 
+    /// <summary>The largest document written or read: it is held in memory whole.</summary>
+    public const int MaxDocumentBytes = 1 << 30;
+
     private const ushort StructuredRepliesBit = 1;
     private const ushort BaseAllocationBit = 2;
 
     public byte[] ToBytes()
     {
-        int size = HeaderSize + (Listeners.Count * ListenerSize);
+        long size = HeaderSize + ((long)Listeners.Count * ListenerSize);
         foreach (HandedSession s in Sessions)
         {
-            size += SessionFixedSize + Encoding.UTF8.GetByteCount(s.ExportName) + s.Pending.Length;
+            size += SessionFixedSize + Encoding.UTF8.GetByteCount(s.ExportName) + (long)s.Pending.Length;
+        }
+        if (size > MaxDocumentBytes)
+        {
+            throw new InvalidOperationException($"a handover of {size} bytes is above the {MaxDocumentBytes}-byte limit");
         }
         byte[] bytes = new byte[size];
         Span<byte> span = bytes;

@@ -141,8 +141,10 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             {
                 reason = _transport.Tls is not null ? "TLS sessions cannot be handed over; the client must reconnect" : "not idle at the handover";
             }
-            _handedOver.TrySetResult(handed);
+            // Closed before the reload may go on to exec: a socket adopted from an earlier image is
+            // not close-on-exec until then, and must not leak into the next image.
             _transport.Abort();
+            _handedOver.TrySetResult(handed);
             if (_session is not null)
             {
                 FrontendMetrics.ConnectionDetached();
@@ -315,6 +317,13 @@ internal sealed partial class NbdConnection : IAsyncDisposable
             }
             if (buffer.Length >= NbdRequest.Size)
             {
+                if (Volatile.Read(ref _handingOver))
+                {
+                    // Not into the one-at-a-time path, which waits for a payload and its budget: the
+                    // request goes over unread, with whatever part of it has arrived.
+                    input.AdvanceTo(buffer.Start);
+                    return HandoverStop;
+                }
                 input.AdvanceTo(buffer.Start);
                 stop = await ReadOneRequestAsync(session, cancellationToken);
                 if (stop is not null)

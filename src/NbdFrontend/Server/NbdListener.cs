@@ -4,6 +4,7 @@ using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
 using NbdServer.Common.Logging;
 using NbdServer.Common.Net;
+using NbdServer.Common.Posix;
 using NbdServer.Common.Tls;
 
 namespace NbdServer.Frontend.Server;
@@ -126,13 +127,27 @@ internal sealed class NbdListener : IAsyncDisposable
         {
             return null;
         }
+        return Adopt(listener.Fd, $"{kind} listener");
+    }
+
+    /// <summary>
+    /// A socket from an inherited descriptor, close-on-exec again (a later reload clears it only for
+    /// what it hands on). Null with one log line when the descriptor is not a socket: its handle is
+    /// then disowned, so no finalizer closes whatever file has that number.
+    /// </summary>
+    private Socket? Adopt(int fd, string what)
+    {
+        var handle = new SafeSocketHandle(fd, ownsHandle: true);
         try
         {
-            return new Socket(new SafeSocketHandle(listener.Fd, ownsHandle: true));
+            var socket = new Socket(handle);
+            ProcessImage.CloseOnExec(fd);
+            return socket;
         }
-        catch (SocketException e)
+        catch (Exception e) when (e is SocketException or IOException)
         {
-            FrontendLog.HandedNotUsed(_logger, $"{kind} listener (descriptor {listener.Fd})", e.Message);
+            handle.SetHandleAsInvalid();
+            FrontendLog.HandedNotUsed(_logger, $"{what} (descriptor {fd})", e.Message);
             return null;
         }
     }
@@ -157,14 +172,8 @@ internal sealed class NbdListener : IAsyncDisposable
     /// <summary>A client handed over between two requests: served from its next request on, no handshake.</summary>
     private bool Resume(HandedSession handed)
     {
-        Socket client;
-        try
+        if (Adopt(handed.Fd, "connection") is not { } client)
         {
-            client = new Socket(new SafeSocketHandle(handed.Fd, ownsHandle: true));
-        }
-        catch (SocketException e)
-        {
-            FrontendLog.HandedNotUsed(_logger, $"connection (descriptor {handed.Fd})", e.Message);
             return false;
         }
         if (!_exports.TryGet(handed.ExportName, out NbdExport export))
@@ -201,7 +210,22 @@ internal sealed class NbdListener : IAsyncDisposable
             await _unixAcceptLoop;
         }
         var connections = _connections.Values.ToList();
-        HandedConnection?[] results = await Task.WhenAll(connections.Select(c => c.Connection.HandOverAsync()));
+        Task<HandedConnection?>[] stopping = [.. connections.Select(c => c.Connection.HandOverAsync())];
+        Task all = Task.WhenAll(stopping);
+        if (await Task.WhenAny(all, Task.Delay(_options.HandoverTimeout, _time)) != all)
+        {
+            for (int i = 0; i < stopping.Length; i++)
+            {
+                if (!stopping[i].IsCompleted)
+                {
+                    connections[i].Connection.Abort();
+                }
+            }
+            await all.WaitAsync(_options.ShutdownTimeout).ContinueWith(static _ => { }, TaskScheduler.Default);
+        }
+        HandedConnection?[] results = [.. stopping.Select(t => t.IsCompletedSuccessfully ? t.Result : null)];
+        // Every connection's requests done (a closed one's included) before the volume is closed under them.
+        await Task.WhenAll(connections.Select(c => c.Running)).WaitAsync(_options.ShutdownTimeout).ContinueWith(static _ => { }, TaskScheduler.Default);
         var sockets = new List<Socket>();
         var listeners = new List<HandedListener>();
         if (_socket is not null)

@@ -148,6 +148,9 @@ internal sealed class Transport : IAsyncDisposable
             return null;
         }
         byte[] pending = [];
+        // TryRead returns nothing for bytes already examined (a batch that ended on half a header
+        // marks them so) unless a read is cancelled: cancel, and every buffered byte comes back.
+        Input.CancelPendingRead();
         if (Input.TryRead(out ReadResult result))
         {
             pending = result.Buffer.ToArray();
