@@ -102,7 +102,9 @@ if reason=$(make_chroot); then
   check "nbd-certs makes a CA in the chroot (OpenSSL from libssl3)" in_chroot 'nbd-certs ca --dir /tmp/ca >/dev/null && [ -s /tmp/ca/ca-cert.pem ]'
   check "user nbd makes a region with nbd-downstairs create, nbd-downstairs info reads it" \
     in_chroot 'install -d -o nbd -g nbd /tmp/nbd && runuser -u nbd -- nbd-downstairs create --data /tmp/nbd/r0 --size 16MiB >/dev/null && nbd-downstairs info --data /tmp/nbd/r0 >/dev/null'
-  if out=$(in_chroot 'systemd-analyze verify nbd-server.service nbd-downstairs@r0.service' 2>&1) && [ -z "$out" ]; then
+  # --man=no: the units' Documentation=man: pages are checked with man(1), which a minbase root lacks
+  # (DebianPackageTests checks that the package carries every page of docs/man).
+  if out=$(in_chroot 'systemd-analyze verify --man=no nbd-server.service nbd-downstairs@r0.service' 2>&1) && [ -z "$out" ]; then
     ok "systemd-analyze verify nbd-server.service nbd-downstairs@r0.service"
   else
     bad "systemd-analyze verify: $out"

@@ -235,7 +235,8 @@ chmod 0644 "$stage$doc/copyright" "$stage$doc"/*.gz
 chmod 0644 "$stage/usr/share/lintian/overrides/$package"
 
 # Depends: the libraries the executables link (dpkg-shlibdeps), adduser for the maintainer
-# scripts, and libssl3, which .NET loads at run time (dlopen) for every TLS link. No ICU: the
+# scripts, libssl3, which .NET loads at run time (dlopen) for every TLS link, and procps for the
+# /bin/kill of nbd-server.service's ExecReload (a minbase root has none). No ICU: the
 # executables are built with InvariantGlobalization.
 mkdir -p "$work/shlibs/debian"
 printf 'Source: %s\n\nPackage: %s\nArchitecture: any\n' "$package" "$package" >"$work/shlibs/debian/control"
@@ -246,7 +247,7 @@ done
 # -l: libmscordbi.so (debugger support) links the runtime's private libmscordaccore.so.
 shlibs=$(cd "$work/shlibs" && dpkg-shlibdeps -O -l"$stage${libdir:-/usr/lib}" "${elf_files[@]}" 2>"$work/shlibdeps.log" | sed -n 's/^shlibs:Depends=//p')
 [ -n "$shlibs" ] || { echo "package-deb.sh: dpkg-shlibdeps failed:" >&2; cat "$work/shlibdeps.log" >&2; exit 1; }
-depends="$shlibs, libssl3, adduser"
+depends="$shlibs, libssl3, adduser, procps"
 
 for s in postinst prerm postrm; do
   install -m 0755 "$pkgsrc/$s" "$stage/DEBIAN/$s"
