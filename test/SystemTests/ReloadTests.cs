@@ -158,4 +158,48 @@ public sealed class ReloadTests
         info = await RealClient.RunAsync("/usr/bin/nbdinfo", ["--json", server.Uri()], TimeSpan.FromSeconds(20));
         Assert.That(info.Output, Does.Contain("\"second\""), "the new image read the config file as it is now");
     }
+
+    [Test]
+    public async Task A_sighup_while_sigterm_drains_is_refused_and_the_server_exits(CancellationToken cancellationToken)
+    {
+        using var scratch = new ScratchDirectory("reload-stop");
+        using var server = await NbdServerProcess.StartAsync("--file", scratch.File("disk.img"), "--size", "16M");
+        // A client stalled half-way through a write keeps the drain going (up to the shutdown timeout).
+        using var client = new System.Net.Sockets.Socket(System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp);
+        await client.ConnectAsync(System.Net.IPAddress.Loopback, server.Port, cancellationToken);
+        byte[] greeting = new byte[18];
+        await client.ReceiveAsync(greeting.AsMemory(), cancellationToken);
+        byte[] hello = new byte[4 + 16 + 4];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(hello, 3); // FIXED_NEWSTYLE | NO_ZEROES
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(hello.AsSpan(4), Nbd.NbdMagic.Option);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(hello.AsSpan(12), 1); // NBD_OPT_EXPORT_NAME
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(hello.AsSpan(16), 4);
+        "vol0"u8.CopyTo(hello.AsSpan(20));
+        await client.SendAsync(hello, cancellationToken);
+        byte[] export = new byte[10];
+        await client.ReceiveAsync(export.AsMemory(), cancellationToken);
+        byte[] write = new byte[Nbd.NbdRequest.Size + 100];
+        new Nbd.NbdRequest(Nbd.NbdMagic.Request, Nbd.CommandFlags.None, Nbd.NbdCommand.Write, 1, 0, 65536).Write(write);
+        await client.SendAsync(write, cancellationToken);
+        await Task.Delay(300, cancellationToken);
+
+        Signal(server.ProcessId, "TERM");
+        await Task.Delay(300, cancellationToken);
+        Signal(server.ProcessId, "HUP");
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!server.HasExited && clock.Elapsed < TimeSpan.FromSeconds(40))
+        {
+            await Task.Delay(100, cancellationToken);
+        }
+
+        Assert.That(server.HasExited, Is.True, $"SIGTERM must end the server, SIGHUP or not:\n{server.Log}");
+        Assert.That(server.Log, Does.Contain("reload (SIGHUP) refused: the server is stopping"));
+        Assert.That(server.Reloads, Is.Zero);
+    }
+
+    private static void Signal(int pid, string signal)
+    {
+        using var kill = System.Diagnostics.Process.Start("kill", [$"-{signal}", pid.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        kill.WaitForExit(5_000);
+    }
 }
