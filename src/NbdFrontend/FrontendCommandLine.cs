@@ -142,7 +142,7 @@ internal static class FrontendCommandLine
                 A replica that returns is caught up by copies that share the disks and links with the
                 guest's IO. The pace bounds them: a rate limit per repaired replica, and the share of
                 the time the repair keeps busy while the guest does IO. A change applies to the running
-                repair within one chunk and to every later one; it lasts until the server restarts
+                repair within one chunk and to every later one; it lasts until the server restarts or reloads
                 (set --repair-rate-limit / --repair-duty-cycle in the config to keep it). Without an
                 option, prints the pace in force and each replica's repair.
                 """,

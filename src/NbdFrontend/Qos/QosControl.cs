@@ -25,7 +25,7 @@ internal sealed record QosReport(QosStatus[] Exports);
 /// The live side of QoS for the control socket: reports every export's limits and counts, and
 /// applies a change given as the query of <c>POST /qos?export=NAME&amp;read-iops=N&amp;...</c>
 /// (export: the first one when not given). A change is all or nothing and logged once; it lasts
-/// until the server restarts (the config's <c>qos-*</c> settings are what a start applies).
+/// until the server restarts or reloads (the config's <c>qos-*</c> settings are what a start applies).
 /// </summary>
 internal sealed class QosControl(IReadOnlyList<(string Export, QosLimiter Limiter)> exports, ILogger logger)
 {
