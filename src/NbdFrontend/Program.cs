@@ -39,6 +39,12 @@ internal static class ServeHost
     {
         // Config file < NBD_SERVER_* environment < command line; a bad setting is one line and exit 2.
         (ServeCommand command, LayeredSettings settings) = ServeCommand.Load(commandLine);
+        if (Environment.GetEnvironmentVariable(Handover.CheckVariable) == "1")
+        {
+            // A reload's trial start (Handover.TestStartAsync): this image and its settings load.
+            Console.Out.WriteLine("nbd-server: reload check passed: the settings load with this image");
+            return 0;
+        }
         Log.Logger = ServiceLogging.Create(command.Verbose, command.LogJson);
         if (settings.ConfigFile is not null)
         {
@@ -165,7 +171,8 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
             return;
         }
         NbdListener? listener = _listener;
-        string? refusal = listener is null ? "the server is not serving" : Handover.CannotReload() ?? preflight.Check();
+        string? refusal = listener is null ? "the server is not serving" : Handover.CannotReload() ?? preflight.Check()
+            ?? await Handover.TestStartAsync(command.Frontend.ReloadCheckTimeout);
         if (refusal is not null || listener is null)
         {
             FrontendLog.ReloadRefused(logger, refusal ?? "");

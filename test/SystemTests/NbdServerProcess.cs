@@ -28,9 +28,11 @@ internal sealed class NbdServerProcess : IDisposable
     /// Starts <c>nbd-server</c> with <paramref name="args"/> plus <c>--listen 127.0.0.1:0</c>, unless
     /// <paramref name="args"/> name a loopback port of their own (a restart where clients reconnect).
     /// </summary>
-    public static async Task<NbdServerProcess> StartAsync(params string[] args)
+    public static Task<NbdServerProcess> StartAsync(params string[] args) => StartImageAsync(Path.Combine(AppContext.BaseDirectory, "nbd-server.dll"), args);
+
+    /// <summary>As <see cref="StartAsync"/>, from the build of nbd-server at <paramref name="dll"/> (a copy a test may break).</summary>
+    public static async Task<NbdServerProcess> StartImageAsync(string dll, params string[] args)
     {
-        string dll = Path.Combine(AppContext.BaseDirectory, "nbd-server.dll");
         string[] listen = args.Contains("--listen") ? [] : ["--listen", "127.0.0.1:0"];
         LoggedProcess process = LoggedProcess.Start("dotnet", [dll, .. args, .. listen]);
         try

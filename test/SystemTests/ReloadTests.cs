@@ -165,6 +165,43 @@ public sealed class ReloadTests
     }
 
     [Test]
+    public async Task A_new_image_that_cannot_start_refuses_the_reload_and_the_running_image_keeps_serving(CancellationToken cancellationToken)
+    {
+        RealClient.Require("/usr/bin/nbdinfo", "nbdinfo");
+        using var scratch = new ScratchDirectory("reload-broken");
+        // The server runs from a copy of its build, which the test then breaks as a bad upgrade would.
+        string image = scratch.File("image");
+        Directory.CreateDirectory(image);
+        foreach (string file in Directory.EnumerateFiles(AppContext.BaseDirectory))
+        {
+            File.Copy(file, Path.Combine(image, Path.GetFileName(file)));
+        }
+        string dll = Path.Combine(image, "nbd-server.dll");
+        using var server = await NbdServerProcess.StartImageAsync(dll, "--file", scratch.File("disk.img"), "--size", "16M");
+        byte[] good = await File.ReadAllBytesAsync(dll, cancellationToken);
+
+        // Replaced, not rewritten: the running image keeps its mapping of the old file.
+        File.Delete(dll);
+        await File.WriteAllBytesAsync(dll, new byte[4096], cancellationToken);
+        Signal(server.ProcessId, "HUP");
+        for (int i = 0; i < 400 && !server.Log.Contains("Reload refused", StringComparison.Ordinal); i++)
+        {
+            await Task.Delay(50, cancellationToken);
+        }
+        Assert.That(server.Log, Does.Contain("Reload refused: the new image's trial start failed (exit code"), server.Log);
+        Assert.That(server.Reloads, Is.Zero);
+        Assert.That(server.HasExited, Is.False);
+        ExternalTool.Result info = await RealClient.RunAsync("/usr/bin/nbdinfo", ["--json", server.Uri()], TimeSpan.FromSeconds(20));
+        Assert.That(info.ExitCode, Is.EqualTo(0), "the running image still serves: " + info);
+
+        // Mended, the same reload goes through.
+        File.Delete(dll);
+        await File.WriteAllBytesAsync(dll, good, cancellationToken);
+        await server.ReloadAsync(TimeSpan.FromSeconds(30));
+        Assert.That(server.Reloads, Is.EqualTo(1));
+    }
+
+    [Test]
     public async Task A_sighup_while_sigterm_drains_is_refused_and_the_server_exits(CancellationToken cancellationToken)
     {
         using var scratch = new ScratchDirectory("reload-stop");

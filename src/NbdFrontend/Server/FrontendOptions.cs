@@ -114,6 +114,12 @@ internal sealed record FrontendOptions
     /// </summary>
     public TimeSpan HandoverTimeout { get; init; } = TimeSpan.FromSeconds(5);
 
+    /// <summary>
+    /// At a reload, how long the trial start of the new image (its executable and settings as they
+    /// are on disk, checked before any client is stopped) may take; slower is a refused reload.
+    /// </summary>
+    public TimeSpan ReloadCheckTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
     /// <summary>Repeated request failures are summarised once per this interval (a storm is a few lines with counts).</summary>
     public TimeSpan LogThrottleInterval { get; init; } = TimeSpan.FromSeconds(5);
 

@@ -75,6 +75,71 @@ internal static class Handover
         }
     }
 
+    /// <summary>
+    /// Set (to 1) for the trial start of <see cref="TestStartAsync"/>: the image loads and checks its
+    /// settings as a reload's new image would, then exits 0 without binding or opening anything.
+    /// </summary>
+    public const string CheckVariable = "NBD_RELOAD_CHECK";
+
+    /// <summary>Longest line of the trial's error output quoted in a refusal.</summary>
+    private const int MaxQuotedChars = 400;
+
+    /// <summary>
+    /// Starts the executable and command line a reload would exec, as they are on disk now, with
+    /// <see cref="CheckVariable"/> set, while the clients are still served. Null when it exited 0
+    /// within <paramref name="timeout"/>, else why not. A broken upgrade (a runtime or assembly that
+    /// no longer loads, a setting the new code refuses) is then a refused reload, not clients left
+    /// with nothing: once they are stopped, a failed exec can only end the process.
+    /// </summary>
+    public static async Task<string?> TestStartAsync(TimeSpan timeout)
+    {
+        string[] argv = ProcessImage.CommandLine();
+        var start = new System.Diagnostics.ProcessStartInfo(Environment.ProcessPath!)
+        {
+            UseShellExecute = false,
+            RedirectStandardInput = true,
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+        };
+        foreach (string argument in argv.Skip(1))
+        {
+            start.ArgumentList.Add(argument);
+        }
+        start.Environment[CheckVariable] = "1";
+        start.Environment.Remove(EnvironmentVariable);
+        start.Environment.Remove("NOTIFY_SOCKET"); // the trial must not speak to systemd for the service
+        using var trial = new System.Diagnostics.Process { StartInfo = start };
+        try
+        {
+            trial.Start();
+        }
+        catch (Exception e) when (e is System.ComponentModel.Win32Exception or InvalidOperationException)
+        {
+            return $"the new image could not be started: {e.Message}";
+        }
+        trial.StandardInput.Close();
+        Task<string> output = trial.StandardOutput.ReadToEndAsync();
+        Task<string> errors = trial.StandardError.ReadToEndAsync();
+        using var deadline = new CancellationTokenSource(timeout);
+        try
+        {
+            await trial.WaitForExitAsync(deadline.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            trial.Kill(entireProcessTree: true);
+            return $"the new image did not finish its trial start within {timeout.TotalSeconds:0} s";
+        }
+        if (trial.ExitCode == 0)
+        {
+            return null;
+        }
+        string said = (await errors).Trim() is { Length: > 0 } e2 ? e2 : (await output).Trim();
+        // The first line: our own errors are one line, and a runtime's crash names its exception there.
+        string first = said.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).FirstOrDefault() ?? "no output";
+        return $"the new image's trial start failed (exit code {trial.ExitCode}): {(first.Length > MaxQuotedChars ? first[..MaxQuotedChars] + "…" : first)}";
+    }
+
     /// <summary>Null when this process can exec itself again, else why not (checked before anything is stopped).</summary>
     public static string? CannotReload() =>
         Environment.ProcessPath is not { } path ? "the process's executable is unknown" : ProcessImage.CannotExecute(path);
