@@ -299,7 +299,11 @@ inc_wait_pid() { # bounded wait for a pid to exit, then SIGKILL
 inc_compare() {
   local rc=0
   dotnet "$INC_BIN_DS" compare "${DS_DIR[0]}" "${DS_DIR[1]}" "${DS_DIR[2]}" >"$W/compare.out" 2>&1 || rc=$?
-  if [ "$rc" = 0 ]; then fact regions_equal yes; else fact regions_equal no; say "compare: $(tail -5 "$W/compare.out" | tr '\n' ' ')"; fi
+  if [ "$rc" = 0 ]; then fact regions_equal yes; return 0; fi
+  fact regions_equal no
+  say "compare: $(tail -5 "$W/compare.out" | tr '\n' ' ')"
+  # What the upstairs did to its replicas, for a failure seen only in CI (bounded: 20 lines).
+  grep -E 'FAULTED|faulted again|live repair|back in service|reconnected|Shutting down|left' "$W/up.log" 2>/dev/null | tail -20 | while IFS= read -r l; do say "up.log: ${l:0:300}"; done || true
 }
 
 # inc_plot SUFFIX NAME [all]: draws the timeline of the fault with that event suffix ("" or _N; with
