@@ -264,6 +264,10 @@ internal sealed class NbdService(ServeCommand command, ReloadPreflight preflight
             await _listener.StopAsync();
         }
         await FlushVolumeAsync(close: false, cancellationToken);
+        if (_volume is NbdServer.ReplicaEngine.ReplicatedVolume replicated)
+        {
+            await replicated.FinishRepairsAsync(cancellationToken);
+        }
     }
 
     public async ValueTask DisposeAsync()

@@ -38,6 +38,12 @@ internal static partial class EngineLog
     [LoggerMessage(EventId = 3010, Level = LogLevel.Information, Message = "Repair pace set: {RateLimit}, duty cycle {DutyCycle:0.##} while the guest does IO")]
     public static partial void RepairPaceSet(ILogger logger, string rateLimit, double dutyCycle);
 
+    [LoggerMessage(EventId = 3011, Level = LogLevel.Information, Message = "Stopping: replica {Replica}'s live repair has {Left} of {Total} extents to go; it gets up to {Seconds:0.#} s to finish")]
+    public static partial void StopWaitsForRepair(ILogger logger, int replica, int left, int total, double seconds);
+
+    [LoggerMessage(EventId = 3012, Level = LogLevel.Warning, Message = "Stopping with replica {Replica} under live repair ({Left} of {Total} extents to go): it is left behind, and the next activation reconciles it")]
+    public static partial void LeftMidRepair(ILogger logger, int replica, int left, int total);
+
     [LoggerMessage(EventId = 3050, Level = LogLevel.Information, Message = "Reconciliation: {Done}/{Total} extent copies made ({Repaired} so far), {Seconds:0} s so far")]
     public static partial void ReconcileProgress(ILogger logger, int done, int total, int repaired, double seconds);
 

@@ -149,6 +149,14 @@ public sealed record EngineOptions
     /// <summary>Share of the time a scrub may keep busy while the guest does IO (paced like repair); flat out when idle.</summary>
     public double ScrubDutyCycle { get; init; } = 0.25;
 
+    /// <summary>
+    /// At a stop (not a reload), how long a live repair in progress may go on to finish. Stopped
+    /// half-way, the replica is left behind: its flush numbers say so and the next activation
+    /// reconciles it, so nothing is lost; but with the guest gone a catch-up often needs only a
+    /// moment more, and replicas left identical make the next start reconcile nothing. 0: stop at once.
+    /// </summary>
+    public TimeSpan StopRepairGrace { get; init; } = TimeSpan.FromSeconds(5);
+
     /// <summary>Largest repair transfer (one ExtentRead / ExtentWrite frame).</summary>
     public int RepairChunkBytes { get; init; } = 4 * 1024 * 1024;
 
@@ -211,6 +219,10 @@ public sealed record EngineOptions
         if (ScrubInterval < TimeSpan.Zero || ScrubInterval > TimeSpan.FromDays(49) || ScrubDutyCycle is <= 0 or > 1)
         {
             throw new ArgumentException($"{nameof(ScrubInterval)} must be 0 (off) to 49 days and {nameof(ScrubDutyCycle)} must be in (0, 1]; got {ScrubInterval} and {ScrubDutyCycle}.");
+        }
+        if (StopRepairGrace < TimeSpan.Zero || StopRepairGrace > TimeSpan.FromHours(1))
+        {
+            throw new ArgumentException($"{nameof(StopRepairGrace)} must be 0 to 1 hour; got {StopRepairGrace}.");
         }
         if (RepairMaxPause < TimeSpan.Zero)
         {

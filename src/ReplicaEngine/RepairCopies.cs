@@ -126,11 +126,15 @@ internal sealed class RepairCopies(Engine engine)
         if (copy.Committing)
         {
             copy.Committing = false;
-            if (!committed && copy.Taken is { } granules)
+            if (!committed)
             {
-                // The commit failed (the replica is being faulted): what the copy wrote is not durable.
+                // The commit failed (the replica is being faulted): what the copy wrote is not durable,
+                // and a copy that took no granules (whole, or only the metadata) is owed just the same.
                 int extent = (int)(copy.First / engine.ExtentBlocks);
-                copy.Target.Changes.Restore(extent, granules);
+                if (copy.Taken is { } granules)
+                {
+                    copy.Target.Changes.Restore(extent, granules);
+                }
                 copy.Target.PendingRepair.Add(extent);
             }
             return;

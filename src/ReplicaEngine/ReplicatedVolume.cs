@@ -497,6 +497,51 @@ public sealed class ReplicatedVolume : IBlockVolume
     /// <summary>Starts a scrub unless one is running (see <see cref="Scrubber"/>).</summary>
     public Task StartScrub() => _startup is not null ? Task.CompletedTask : _scrubber.Start(_stopping.Token);
 
+    /// <summary>
+    /// At a stop (a reload does not wait: its new image repairs again), once the guest is gone: a
+    /// live repair in progress gets <see cref="EngineOptions.StopRepairGrace"/> to finish, so the
+    /// replicas are left identical when it can (see the option for why either outcome is safe).
+    /// </summary>
+    public async Task FinishRepairsAsync(CancellationToken cancellationToken)
+    {
+        TimeSpan grace = _engine.Options.StopRepairGrace;
+        if (_startup is not null || _stopping.IsCancellationRequested)
+        {
+            return;
+        }
+        long started = _engine.Time.GetTimestamp();
+        bool said = false;
+        while (true)
+        {
+            (int Index, int Done, int Total)[] repairing = await _engine.InvokeAsync(() =>
+                _engine.Replicas.Where(r => r.State == ReplicaState.Repairing).Select(r => (r.Index, r.RepairDone, r.RepairTotal)).ToArray());
+            if (repairing.Length == 0)
+            {
+                return;
+            }
+            if (_engine.Time.GetElapsedTime(started) >= grace || cancellationToken.IsCancellationRequested)
+            {
+                foreach ((int index, int done, int total) in repairing)
+                {
+                    EngineLog.LeftMidRepair(_engine.Logger, index, total - done, total);
+                }
+                return;
+            }
+            if (!said)
+            {
+                said = true;
+                foreach ((int index, int done, int total) in repairing)
+                {
+                    EngineLog.StopWaitsForRepair(_engine.Logger, index, total - done, total, grace.TotalSeconds);
+                }
+            }
+            await Task.Delay(StopRepairPoll, _engine.Time, CancellationToken.None);
+        }
+    }
+
+    /// <summary>How often <see cref="FinishRepairsAsync"/> looks whether the repairs are done.</summary>
+    private static readonly TimeSpan StopRepairPoll = TimeSpan.FromMilliseconds(50);
+
     public async ValueTask DisposeAsync()
     {
         if (_stopping.IsCancellationRequested)

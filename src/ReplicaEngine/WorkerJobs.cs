@@ -299,11 +299,15 @@ internal static class ExtentCopier
             }
             ValueTask<JobOutcome>? commit = await engine.InvokeAsync(() =>
             {
-                if (engine.FlushNumber != flushAtRead && attempt < FreshMetaAttempts)
+                bool overtaken = engine.FlushNumber != flushAtRead;
+                if (overtaken && attempt < FreshMetaAttempts)
                 {
                     return (ValueTask<JobOutcome>?)null;
                 }
-                ValueTask<JobOutcome> sent = engine.CommitExtentAsync(target, extent, meta, inPlace);
+                // Still overtaken on the last attempt (flushes faster than a round trip to the source):
+                // committed dirty, so the metadata read is not recorded as current; the target's next
+                // flush stamps the extent, and a comparison of metadata copies it again if they differ.
+                ValueTask<JobOutcome> sent = engine.CommitExtentAsync(target, extent, overtaken ? meta with { Dirty = true } : meta, inPlace);
                 committing?.Invoke(); // in this same turn: nothing can come between the commit and what follows it
                 return sent;
             });

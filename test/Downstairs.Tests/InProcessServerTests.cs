@@ -282,6 +282,58 @@ public sealed class InProcessServerTests
         Assert.That(_host.Region.IsRepairPending(3), Is.False, "a new writer starts without the old writer's marks");
     }
 
+    [Test]
+    public async Task A_flush_a_closed_writer_left_queued_runs_before_the_next_writer_clears_the_repair_marks()
+    {
+        (Stream s, _) = Pair();
+        DownstairsClient first = await DownstairsClient.ConnectAsync(s, Hello(2));
+        Assert.That((await first.MarkRepairPendingAsync(1, [1])).IsOk, Is.True);
+        await first.WriteAsync(2, 0, TestData.Block(4096, 0, 1));        // extent 0: not pending
+        await first.WriteAsync(3, 512 + 7, TestData.Block(4096, 7, 1));  // extent 1: pending, holds stale data
+        // A slow disk: the scheduler is busy, so the first writer's flush waits in the queue.
+        using var disk = new ManualResetEventSlim();
+        var busy = new BlockingJob(disk);
+        _host.Scheduler.Submit(busy);
+        Task<DownstairsResult> flush = first.FlushAsync(4, 9, 2);
+        await WaitForAsync(() => _host.Scheduler.Active.Count >= 2, "the flush is queued behind the busy disk");
+        await first.DisposeAsync();
+        await WaitForAsync(() => _host.Writer is null, "the first writer's connection is gone");
+
+        (Stream s2, _) = Pair();
+        Task<DownstairsClient> connecting = DownstairsClient.ConnectAsync(s2, Hello(3));
+        await Task.Delay(200);
+        Assert.That(connecting.IsCompleted, Is.False, "the new writer is answered only after the jobs queued before it");
+        disk.Set();
+        await using DownstairsClient next = await connecting.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.That(_host.Region.GetExtentMeta(0), Is.EqualTo(new ExtentMeta(2, 9, false)), "the queued flush ran");
+        Assert.That(_host.Region.GetExtentMeta(1).Dirty, Is.True, "and left the extent still to be copied unstamped");
+        Assert.That(_host.Region.IsRepairPending(1), Is.False, "the new writer starts without the old marks");
+        Assert.That(next.Region.Extents[1].Dirty, Is.True, "its Hello reports the extent as the flush left it");
+        _ = flush.ContinueWith(static _ => { }, TaskScheduler.Default);
+    }
+
+    private static async Task WaitForAsync(Func<bool> condition, string what)
+    {
+        for (int i = 0; i < 200 && !condition(); i++)
+        {
+            await Task.Delay(25);
+        }
+        Assert.That(condition(), Is.True, what);
+    }
+
+    /// <summary>A disk operation that takes until the test says so (a barrier: everything after it waits).</summary>
+    private sealed class BlockingJob(ManualResetEventSlim release) : IoJob
+    {
+        public override long FirstBlock => 0;
+
+        public override long EndBlock => long.MaxValue;
+
+        public override JobAccess Access => JobAccess.Barrier;
+
+        public override void Execute() => release.Wait(TimeSpan.FromSeconds(30));
+    }
+
     [TestCase(2, new[] { 1 }, TestName = "ExtentsPending whose count disagrees with its body")]
     [TestCase(1, new[] { 4 }, TestName = "ExtentsPending naming an extent beyond the region")]
     public async Task Malformed_extents_pending_closes_the_connection_and_marks_nothing(int count, int[] extents)

@@ -263,6 +263,7 @@ internal sealed partial class DownstairsConnection
         else
         {
             _writerHello = true;
+            await _host.ClearRepairMarksAsync().WaitAsync(cancellationToken).ConfigureAwait(false);
             DownstairsLog.Negotiated(_logger, Remote, hello.UpstairsId, hello.SessionId, hello.Generation, "read-write");
         }
         var reply = new HelloReply(Wire.ProtocolVersion, hello.ReadOnly, Region.Uuid, Region.Geometry.BlockSize, Region.Geometry.ExtentBlocks,

@@ -40,6 +40,9 @@ internal sealed class RegionHost : IDisposable
 
     public MemoryBudget Memory { get; }
 
+    /// <summary>The connection holding the fence, if any (tests watch a writer leave).</summary>
+    internal DownstairsConnection? Writer => Volatile.Read(ref _writer);
+
     /// <summary>True while <paramref name="connection"/> holds the fence (it gets the writer's memory reserve).</summary>
     public bool IsWriter(DownstairsConnection connection) => Volatile.Read(ref _writer) == connection;
 
@@ -99,8 +102,6 @@ internal sealed class RegionHost : IDisposable
             previous = _writer;
             _writer = connection;
             _others.Remove(connection);
-            // Repair marks belong to the repair that set them; a new writer starts its own.
-            Region.ClearRepairPending();
         }
         DownstairsConnection? evicted = null;
         if (previous is not null && previous != connection)
@@ -120,6 +121,40 @@ internal sealed class RegionHost : IDisposable
         }
         evicted?.Close("evicted: a new writer took over and the other connections were at --max-connections");
         return null;
+    }
+
+    /// <summary>
+    /// A new writer's first step, before its Hello is answered: the repair marks of the writers
+    /// before it are cleared (a new writer's repair sets its own), in the job order. Cleared at once,
+    /// a flush an earlier connection left queued would run after the clear and stamp the extents its
+    /// repair had not copied yet: stale data recorded as current, which a stop before the next
+    /// repair would leave looking equal to the good copies. As a barrier, every job submitted before
+    /// it (by any connection) runs first, and the new writer's jobs, sent after the answer, after it.
+    /// </summary>
+    public Task ClearRepairMarksAsync()
+    {
+        var job = new ClearRepairMarksJob(Region);
+        Scheduler.Submit(job);
+        return job.Done;
+    }
+
+    private sealed class ClearRepairMarksJob(Region region) : IoJob
+    {
+        private readonly TaskCompletionSource _done = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+        public Task Done => _done.Task;
+
+        public override long FirstBlock => 0;
+
+        public override long EndBlock => long.MaxValue;
+
+        public override JobAccess Access => JobAccess.Barrier;
+
+        public override void Execute()
+        {
+            region.ClearRepairPending();
+            _done.TrySetResult();
+        }
     }
 
     public void Unregister(DownstairsConnection connection)
