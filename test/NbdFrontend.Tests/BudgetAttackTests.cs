@@ -106,7 +106,9 @@ public sealed class BudgetAttackTests
         {
             await client.SendRequestAsync(NbdCommand.WriteZeroes, (ulong)i * 65536, 65536, cookie: (ulong)i);
         }
-        await Task.Delay(300);
+        // Waited for (a loaded machine may take a while), then a fifth is given a moment to show.
+        await WaitUntilAsync(() => volume.ZeroesStarted >= 4);
+        await Task.Delay(200);
         Assert.That(volume.ZeroesStarted, Is.EqualTo(4), "256 KiB budget / 64 KiB of zeroes");
 
         volume.Gate.SetResult();

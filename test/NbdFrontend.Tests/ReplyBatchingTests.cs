@@ -54,9 +54,16 @@ public sealed class ReplyBatchingTests
         Assert.That((await client.ReadSimpleReplyAsync(512)).Cookie, Is.EqualTo(7UL));
     }
 
-    /// <summary>Counts the server's flushes: each batch of replies ends with one.</summary>
+    /// <summary>
+    /// Counts the server's sends: written bytes are held here and pass to the client only at a flush
+    /// (each batch of replies ends with one), the way a gather send leaves a socket. The in-process
+    /// pipe beneath makes every write readable at once, so a count taken on the flush alone could
+    /// trail what the client has already read: the handshake's last flush could land after the
+    /// test's baseline (2 instead of 1), or the batch's after its last reply was read (0).
+    /// </summary>
     private sealed class CountingStream(Stream inner) : Stream
     {
+        private readonly MemoryStream _unsent = new();
         private int _flushes;
 
         public int Flushes => Volatile.Read(ref _flushes);
@@ -69,23 +76,32 @@ public sealed class ReplyBatchingTests
 
         public override void Flush()
         {
+            // Counted before the bytes go: the client cannot see a send that is not counted yet.
             Interlocked.Increment(ref _flushes);
+            inner.Write(_unsent.GetBuffer(), 0, (int)_unsent.Length);
+            _unsent.SetLength(0);
             inner.Flush();
         }
 
-        public override Task FlushAsync(CancellationToken cancellationToken)
+        public override async Task FlushAsync(CancellationToken cancellationToken)
         {
             Interlocked.Increment(ref _flushes);
-            return inner.FlushAsync(cancellationToken);
+            await inner.WriteAsync(_unsent.GetBuffer().AsMemory(0, (int)_unsent.Length), cancellationToken);
+            _unsent.SetLength(0);
+            await inner.FlushAsync(cancellationToken);
         }
 
         public override int Read(byte[] buffer, int offset, int count) => inner.Read(buffer, offset, count);
 
         public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => inner.ReadAsync(buffer, cancellationToken);
 
-        public override void Write(byte[] buffer, int offset, int count) => inner.Write(buffer, offset, count);
+        public override void Write(byte[] buffer, int offset, int count) => _unsent.Write(buffer, offset, count);
 
-        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => inner.WriteAsync(buffer, cancellationToken);
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            _unsent.Write(buffer.Span);
+            return ValueTask.CompletedTask;
+        }
 
         public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
 

@@ -299,7 +299,10 @@ public sealed class TransmissionTests
                 await client.SendRequestAsync(NbdCommand.Write, (ulong)i * 65536, 65536, cookie: (ulong)i, payload: Pattern(65536, (byte)i));
             }
         });
-        await Task.Delay(300);
+        // The four the budget admits may take a while to start on a loaded machine: waited for, then
+        // a fifth (which would break the budget) is given a moment to show.
+        await WaitUntilAsync(() => volume.WritesStarted >= 4);
+        await Task.Delay(200);
         Assert.That(volume.WritesStarted, Is.EqualTo(4), "256 KiB budget / 64 KiB writes");
 
         volume.Gate.SetResult();
@@ -375,9 +378,10 @@ public sealed class TransmissionTests
         await using NbdTestClient client = server.Connect();
         await client.ConnectAsync();
         await client.SendRequestAsync(NbdCommand.Write, 0, 512, cookie: 1, payload: Pattern(512, 4));
-        await Task.Delay(100);
+        // In flight (at the volume's gate) before the stop, or the stop would refuse it instead.
+        await WaitUntilAsync(() => volume.WritesStarted == 1);
+        // StopAsync marks every connection as shutting down before it first yields: the next request is refused.
         Task stopping = server.Listener.StopAsync();
-        await Task.Delay(100);
         await client.SendRequestAsync(NbdCommand.Read, 0, 512, cookie: 2);
         (NbdError refused, ulong refusedCookie, _) = await client.ReadSimpleReplyAsync();
         Assert.That((refused, refusedCookie), Is.EqualTo((NbdError.ESHUTDOWN, 2UL)));
@@ -386,5 +390,15 @@ public sealed class TransmissionTests
         Assert.That((drained, drainedCookie), Is.EqualTo((NbdError.None, 1UL)));
         await stopping.WaitAsync(TimeSpan.FromSeconds(15));
         Assert.That(await client.IsClosedAsync(), Is.True);
+    }
+
+    /// <summary>Polls (every 20 ms, at most 10 s) until <paramref name="condition"/> holds; fails if it never does.</summary>
+    private static async Task WaitUntilAsync(Func<bool> condition)
+    {
+        for (int i = 0; i < 500 && !condition(); i++)
+        {
+            await Task.Delay(20);
+        }
+        Assert.That(condition(), Is.True);
     }
 }
