@@ -233,6 +233,10 @@ internal sealed record ServeCommand
         {
             Engine(e => e with { RepairParallelism = ParseInt(parallelism, "--repair-parallelism") });
         }
+        if (Value(ServeSettings.StopRepairGrace) is { } grace)
+        {
+            Engine(e => e with { StopRepairGrace = TimeSpan.FromSeconds(ParseSecondsOrZero(grace, "--stop-repair-grace")) });
+        }
         if (Value(ServeSettings.ChangeRecordMaxBytes) is { } recordBytes)
         {
             Engine(e => e with { ChangeRecordMaxBytes = ByteSize.Parse(recordBytes, "--change-record-max-bytes") });
@@ -366,6 +370,7 @@ internal sealed record ServeCommand
         ["RepairRateLimit"] = "--repair-rate-limit",
         ["RepairDutyCycle"] = "--repair-duty-cycle",
         ["RepairParallelism"] = "--repair-parallelism",
+        ["StopRepairGrace"] = "--stop-repair-grace",
         ["ChangeRecordMaxBytes"] = "--change-record-max-bytes",
         ["ChangeRecordGranuleBytes"] = "--change-record-granule",
         ["LogThrottleInterval"] = "--log-interval",

@@ -40,6 +40,8 @@ internal static class ServeSettings
         "share of the time a repair keeps busy while the guest does IO, 0 < D <= 1 (default 0.5; flat out while the guest is idle)");
     public static readonly Option<string[]> RepairParallelism = Settings.Value("--repair-parallelism", "N",
         "extents one repair copies at a time (default 4)");
+    public static readonly Option<string[]> StopRepairGrace = Settings.Value("--stop-repair-grace", "SECONDS",
+        "at a stop, how long a live repair in progress may go on to finish; past it the replica is left behind and the next start reconciles it (default 5; 0 = stop at once)");
     public static readonly Option<string[]> ChangeRecordMaxBytes = Settings.Value("--change-record-max-bytes", "SIZE",
         "most a changed-block record may mark for a replica out of service; past it the record is dropped and the replica's repair compares extents (default 16GiB; 0 = no record)");
     public static readonly Option<string[]> ChangeRecordGranule = Settings.Value("--change-record-granule", "SIZE",
@@ -113,7 +115,7 @@ internal static class ServeSettings
     public static readonly IReadOnlyList<Option> Replication =
     [
         Generation, Control, MaxGenerationStep, MaxFlushStep, MaxOutstandingJobs, MaxOutstandingBytes, NoProgressTimeout,
-        DegradedWriteTimeout, ScrubInterval, RepairRateLimit, RepairDutyCycle, RepairParallelism, ChangeRecordMaxBytes,
+        DegradedWriteTimeout, ScrubInterval, RepairRateLimit, RepairDutyCycle, RepairParallelism, StopRepairGrace, ChangeRecordMaxBytes,
         ChangeRecordGranule, DownstairsTlsDir, DownstairsTlsName, DownstairsTlsPin, Insecure,
     ];
 

@@ -331,6 +331,47 @@ public sealed partial class LiveRepairTests
         await AssertRegionsIdenticalAsync();
     }
 
+    [TestCase(true, TestName = "A_stop_during_a_live_repair_lets_it_finish_and_the_regions_end_identical")]
+    [TestCase(false, TestName = "A_stop_past_the_repair_grace_leaves_the_replica_behind_and_the_next_start_reconciles_it")]
+    [CancelAfter(150_000)]
+    public async Task A_stop_during_a_live_repair(bool withinGrace, CancellationToken cancellationToken)
+    {
+        // The repair is slowed to 16 MiB/s so the stop finds it running: the 64 MiB rewritten while
+        // replica 1 was out take about 4 s to copy, well inside a 60 s grace and outside a zero one.
+        ReplicatedVolumeFixture volume = await StartVolumeAsync("repair-stop", InterruptedVolumeSize,
+            "--repair-rate-limit", "16", "--stop-repair-grace", withinGrace ? "60" : "0");
+        // No load runs: the bulk writes find the killed replica gone.
+        volume.Downstairs[1].Kill();
+        Note("SIGKILL downstairs 1");
+        await WriteBulkAsync("bulk.vlog", cancellationToken);
+        await WaitForAsync(s => s.States[1] is not ("Active" or "Repairing"), StateTimeout, "replica 1 out of service", cancellationToken);
+        await RestartAndCatchRepairAsync(1, cancellationToken);
+
+        NbdServerProcess upstairs = volume.Upstairs!;
+        Assert.That(await upstairs.StopAsync(ReplicatedVolumeFixture.ProcessTimeout), Is.EqualTo(0), upstairs.Log);
+        Note("nbd-server stopped");
+        if (withinGrace)
+        {
+            Assert.That(upstairs.Log, Does.Contain("Stopping: replica 1's live repair has").And.Contain("Replica 1 back in service after repairing"), upstairs.Log);
+            Assert.That(upstairs.Log, Does.Not.Contain("left behind"));
+            await AssertRegionsIdenticalAsync();
+            return;
+        }
+        Assert.That(upstairs.Log, Does.Contain("Stopping with replica 1 under live repair").And.Contain("left behind"), upstairs.Log);
+        await Task.WhenAll(volume.Downstairs.Select(d => d.StopAsync(ReplicatedVolumeFixture.ProcessTimeout)));
+        ExternalTool.Result differ = await volume.CompareAsync();
+        Assert.That(differ.Output, Does.Not.Contain("IDENTICAL"), "the replica left behind differs until a start reconciles it");
+        // The next activation finds its extents behind (older flush numbers) and copies them.
+        foreach (DownstairsNode d in volume.Downstairs)
+        {
+            await d.StartAsync([], ReplicatedVolumeFixture.ProcessTimeout);
+        }
+        await volume.StartUpstairsAsync();
+        Note("nbd-server started again");
+        AssertVerified(await VerifierProcess.CheckOnlyAsync(volume.Uri, Path.Combine(volume.Scratch, "bulk.vlog"), cancellationToken), "the bulk range after the restart");
+        await AssertRegionsIdenticalAsync();
+    }
+
     /// <summary>The fallback's log line; its exact wording is the engine's (issue 12: "one log line says so").</summary>
     [GeneratedRegex(@"(?i)changed-block record dropped")]
     private static partial Regex ChangeRecordDropped();

@@ -263,7 +263,17 @@ internal sealed partial class DownstairsConnection
         else
         {
             _writerHello = true;
-            await _host.ClearRepairMarksAsync().WaitAsync(cancellationToken).ConfigureAwait(false);
+            try
+            {
+                // Waits for the jobs earlier connections queued (see RegionHost.ClearRepairMarksAsync),
+                // within what is left of the Hello timeout: a stuck disk refuses the Hello, it does
+                // not hold the connection.
+                await _host.ClearRepairMarksAsync().WaitAsync(timeout.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                throw new TimeoutException($"the jobs queued before this Hello did not finish within {_options.HelloTimeout.TotalSeconds:0.#} s");
+            }
             DownstairsLog.Negotiated(_logger, Remote, hello.UpstairsId, hello.SessionId, hello.Generation, "read-write");
         }
         var reply = new HelloReply(Wire.ProtocolVersion, hello.ReadOnly, Region.Uuid, Region.Geometry.BlockSize, Region.Geometry.ExtentBlocks,
