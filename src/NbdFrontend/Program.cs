@@ -35,6 +35,9 @@ return await FrontendCommandLine.Program.RunAsync(args);
 /// <summary>The root command's action: load and validate the settings, then serve until SIGTERM.</summary>
 internal static class ServeHost
 {
+    /// <summary>Time a stop may take beyond the drain and the repair grace: the final flush and closing.</summary>
+    private static readonly TimeSpan StopMargin = TimeSpan.FromSeconds(15);
+
     public static async Task<int> RunAsync(System.CommandLine.ParseResult commandLine)
     {
         // Config file < NBD_SERVER_* environment < command line; a bad setting is one line and exit 2.
@@ -75,6 +78,10 @@ internal static class ServeHost
                     return $"the settings the new image would start with are refused: {e.Message}";
                 }
             }));
+            // The host's own bound on StopAsync (30 s by default) must not cut short what a stop is
+            // given: the drain (ShutdownTimeout), then a running repair's grace, with room for the flush.
+            builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout =
+                command.Frontend.ShutdownTimeout + (command.Engine?.StopRepairGrace ?? TimeSpan.Zero) + StopMargin);
             builder.Services.AddOperations(command.Metrics, command.Http);
             builder.Services.AddHostedService<NbdService>();
             using IHost host = builder.Build();

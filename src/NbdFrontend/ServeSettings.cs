@@ -41,7 +41,7 @@ internal static class ServeSettings
     public static readonly Option<string[]> RepairParallelism = Settings.Value("--repair-parallelism", "N",
         "extents one repair copies at a time (default 4)");
     public static readonly Option<string[]> StopRepairGrace = Settings.Value("--stop-repair-grace", "SECONDS",
-        "at a stop, how long a live repair in progress may go on to finish; past it the replica is left behind and the next start reconciles it (default 5; 0 = stop at once)");
+        "at a stop, how long a live repair in progress may go on to finish; past it the replica is left behind and the next start reconciles it (default 5; 0 = stop at once). A stop takes up to 25 s more than this: keep systemd's TimeoutStopSec (60 in the unit) above that");
     public static readonly Option<string[]> ChangeRecordMaxBytes = Settings.Value("--change-record-max-bytes", "SIZE",
         "most a changed-block record may mark for a replica out of service; past it the record is dropped and the replica's repair compares extents (default 16GiB; 0 = no record)");
     public static readonly Option<string[]> ChangeRecordGranule = Settings.Value("--change-record-granule", "SIZE",
