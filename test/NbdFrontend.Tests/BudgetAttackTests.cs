@@ -56,19 +56,26 @@ public sealed class BudgetAttackTests
         await using var server = new TestServer(OneRequestBudget);
         await using NbdTestClient attacker = server.Connect();
         await attacker.ConnectAsync();
-        // 4 MiB of reads: far more than the pipe to the client holds, so a reply stays unsent.
+        // 4 MiB of reads: far more than the pipe to the client holds, so a reply stays unsent (the
+        // first one already: 64 KiB and its header fill the in-process pipe's 64 KiB).
         for (int i = 0; i < 64; i++)
         {
             await attacker.SendRequestAsync(NbdCommand.Read, 0, 64 * 1024, cookie: (ulong)i);
         }
+        // The server takes the attacker's requests on its own time: until its first read holds the
+        // whole budget, the other client's request could be admitted first, be served at once, and
+        // this test would then drain a healthy connection that never has to time out. (Or the send
+        // timeout already fired: a stalled test thread may first look after that.)
+        await WaitUntilAsync(() => server.Listener.BytesInFlight == 64 * 1024 || SendTimeouts(server) > 0);
 
         await using NbdTestClient other = server.Connect();
         await other.ConnectAsync();
         await other.SendRequestAsync(NbdCommand.Read, 0, 4096, cookie: 5);
         Assert.That((await other.ReadSimpleReplyAsync(4096)).Cookie, Is.EqualTo(5UL), "served once the attacker's unsent reply gave its budget back");
+        Assert.That(SendTimeouts(server), Is.EqualTo(1), "the budget came back through the send timeout, before the other client was served");
 
         Assert.That(await ReadsToEndAsync(attacker), Is.True, "what was already sent can be read, then the connection ends");
-        Assert.That(server.Logger.Warnings.Count(w => w.Contains("send timeout", StringComparison.Ordinal)), Is.EqualTo(1));
+        Assert.That(SendTimeouts(server), Is.EqualTo(1));
         await WaitUntilAsync(() => server.Listener.BytesInFlight == 0);
     }
 
@@ -81,6 +88,8 @@ public sealed class BudgetAttackTests
         byte[] header = new byte[NbdRequest.Size];
         new NbdRequest(NbdMagic.Request, CommandFlags.None, NbdCommand.Write, 1, 0, 64 * 1024).Write(header);
         await attacker.WriteAsync([.. header, .. new byte[100]]);
+        // As above: the stalled write must hold the budget before the other client asks for it.
+        await WaitUntilAsync(() => server.Listener.BytesInFlight == 64 * 1024 || PayloadTimeouts(server) > 0);
 
         await using NbdTestClient other = server.Connect();
         await other.ConnectAsync();
@@ -88,7 +97,7 @@ public sealed class BudgetAttackTests
         Assert.That((await other.ReadSimpleReplyAsync()).Error, Is.EqualTo(NbdError.None), "served once the stalled write gave its budget back");
 
         Assert.That(await attacker.IsClosedAsync(), Is.True);
-        Assert.That(server.Logger.Warnings.Count(w => w.Contains("payload timeout", StringComparison.Ordinal)), Is.EqualTo(1));
+        Assert.That(PayloadTimeouts(server), Is.EqualTo(1));
         await other.SendRequestAsync(NbdCommand.Read, 0, 4096, cookie: 10);
         Assert.That((await other.ReadSimpleReplyAsync(4096)).Data, Is.All.EqualTo(0x5a), "the torn write was never applied over the good one");
         await WaitUntilAsync(() => server.Listener.BytesInFlight == 0);
@@ -139,6 +148,10 @@ public sealed class BudgetAttackTests
             return false;
         }
     }
+
+    private static int SendTimeouts(TestServer server) => server.Logger.Warnings.Count(w => w.Contains("send timeout", StringComparison.Ordinal));
+
+    private static int PayloadTimeouts(TestServer server) => server.Logger.Warnings.Count(w => w.Contains("payload timeout", StringComparison.Ordinal));
 
     private static async Task WaitUntilAsync(Func<bool> condition)
     {
